@@ -1,0 +1,382 @@
+/*
+ * vdisk_native: the few Linux system calls Node's fs module does not offer.
+ *
+ * - preadv2(RWF_NOWAIT): read only if the data is already in the page cache.
+ *   This lets the file driver serve hot data synchronously on the event loop
+ *   (no thread-pool round trip) and send only cold reads to the pool.
+ * - pread/pwrite on the event loop, returning -errno instead of throwing.
+ * - fallocate (punch hole, zero range), lseek SEEK_DATA/SEEK_HOLE, BLKDISCARD,
+ *   BLKZEROOUT, pwritev2(RWF_DSYNC) for FUA, fdatasync: as promises run on the
+ *   libuv thread pool, because each of them may block on the disk.
+ * - Open file description locks (F_OFD_SETLK / F_OFD_GETLK) on single bytes,
+ *   the scheme QEMU's file-posix driver uses, so QEMU and vdisk see each other.
+ * - Block device geometry (BLKGETSIZE64, BLKSSZGET, BLKPBSZGET) and memory
+ *   aligned for O_DIRECT.
+ *
+ * Every function returns a negative errno on failure rather than throwing: the
+ * JavaScript side turns it into a VdiskError with the right errno name, and
+ * no exception object is built on paths that fail routinely (EAGAIN).
+ */
+#include <node_api.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    if ((call) != napi_ok) {                                                   \
+      napi_throw_error(env, NULL, "vdisk_native: " #call " failed");          \
+      return NULL;                                                             \
+    }                                                                          \
+  } while (0)
+
+/* ---- argument helpers ---------------------------------------------------- */
+
+static int get_i64(napi_env env, napi_value v, int64_t *out) {
+  return napi_get_value_int64(env, v, out) == napi_ok;
+}
+
+static napi_value make_i64(napi_env env, int64_t v) {
+  napi_value r;
+  napi_create_int64(env, v, &r);
+  return r;
+}
+
+/* Reads (buffer, bufOffset, length) and checks the window lies inside the
+ * buffer, so a bad call from JavaScript cannot make the kernel touch memory
+ * outside it. */
+static int get_window(napi_env env, napi_value vbuf, napi_value voff,
+                      napi_value vlen, char **ptr, size_t *len) {
+  void *data;
+  size_t size;
+  int64_t off, n;
+  if (napi_get_buffer_info(env, vbuf, &data, &size) != napi_ok) return 0;
+  if (!get_i64(env, voff, &off) || !get_i64(env, vlen, &n)) return 0;
+  if (off < 0 || n < 0 || (uint64_t)off + (uint64_t)n > size) return 0;
+  *ptr = (char *)data + off;
+  *len = (size_t)n;
+  return 1;
+}
+
+/* pread/pwrite until done: the kernel may return short counts for large
+ * requests or on signals. A read that hits end of file returns the count. */
+static int64_t full_pread(int fd, char *p, size_t len, int64_t pos, int flags) {
+  size_t done = 0;
+  while (done < len) {
+    struct iovec iov = {p + done, len - done};
+    ssize_t r = preadv2(fd, &iov, 1, pos + (int64_t)done, flags);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      /* A NOWAIT read that got part of the data and then would block: report
+       * would-block; the caller retries the whole request on the pool. */
+      return -errno;
+    }
+    if (r == 0) break;
+    done += (size_t)r;
+  }
+  return (int64_t)done;
+}
+
+static int64_t full_pwrite(int fd, const char *p, size_t len, int64_t pos,
+                           int flags) {
+  size_t done = 0;
+  while (done < len) {
+    struct iovec iov = {(void *)(p + done), len - done};
+    ssize_t r = pwritev2(fd, &iov, 1, pos + (int64_t)done, flags);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (r == 0) return -EIO;
+    done += (size_t)r;
+  }
+  return (int64_t)done;
+}
+
+/* ---- synchronous calls --------------------------------------------------- */
+
+/* preadNowait(fd, buf, bufOffset, length, position) -> bytes | -errno
+ * -EAGAIN means some of the range is not in the page cache. */
+static napi_value js_pread_nowait(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  int64_t fd, pos;
+  char *p;
+  size_t len;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 5 || !get_i64(env, argv[0], &fd) ||
+      !get_window(env, argv[1], argv[2], argv[3], &p, &len) ||
+      !get_i64(env, argv[4], &pos))
+    return make_i64(env, -EINVAL);
+  return make_i64(env, full_pread((int)fd, p, len, pos, RWF_NOWAIT));
+}
+
+/* preadSync(fd, buf, bufOffset, length, position) -> bytes | -errno */
+static napi_value js_pread_sync(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  int64_t fd, pos;
+  char *p;
+  size_t len;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 5 || !get_i64(env, argv[0], &fd) ||
+      !get_window(env, argv[1], argv[2], argv[3], &p, &len) ||
+      !get_i64(env, argv[4], &pos))
+    return make_i64(env, -EINVAL);
+  return make_i64(env, full_pread((int)fd, p, len, pos, 0));
+}
+
+/* pwriteSync(fd, buf, bufOffset, length, position) -> bytes | -errno */
+static napi_value js_pwrite_sync(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  int64_t fd, pos;
+  char *p;
+  size_t len;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 5 || !get_i64(env, argv[0], &fd) ||
+      !get_window(env, argv[1], argv[2], argv[3], &p, &len) ||
+      !get_i64(env, argv[4], &pos))
+    return make_i64(env, -EINVAL);
+  return make_i64(env, full_pwrite((int)fd, p, len, pos, 0));
+}
+
+/* ofdLock(fd, start, length, type) -> 0 | -errno
+ * type: 0 unlock, 1 shared, 2 exclusive. Never waits. */
+static napi_value js_ofd_lock(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int64_t fd, start, length, type;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4 || !get_i64(env, argv[0], &fd) ||
+      !get_i64(env, argv[1], &start) || !get_i64(env, argv[2], &length) ||
+      !get_i64(env, argv[3], &type))
+    return make_i64(env, -EINVAL);
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = start;
+  fl.l_len = length;
+  fl.l_type = type == 0 ? F_UNLCK : type == 1 ? F_RDLCK : F_WRLCK;
+  if (fcntl((int)fd, F_OFD_SETLK, &fl) < 0) return make_i64(env, -errno);
+  return make_i64(env, 0);
+}
+
+/* ofdTest(fd, start, length, type) -> 0 free | 1 conflict | -errno
+ * Asks whether a lock of the given type could be taken now. */
+static napi_value js_ofd_test(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int64_t fd, start, length, type;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4 || !get_i64(env, argv[0], &fd) ||
+      !get_i64(env, argv[1], &start) || !get_i64(env, argv[2], &length) ||
+      !get_i64(env, argv[3], &type))
+    return make_i64(env, -EINVAL);
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = start;
+  fl.l_len = length;
+  fl.l_type = type == 1 ? F_RDLCK : F_WRLCK;
+  if (fcntl((int)fd, F_OFD_GETLK, &fl) < 0) return make_i64(env, -errno);
+  return make_i64(env, fl.l_type == F_UNLCK ? 0 : 1);
+}
+
+/* blockDeviceInfo(fd) -> [size, logicalBlockSize, physicalBlockSize] | -errno */
+static napi_value js_blockdev_info(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], arr;
+  int64_t fd;
+  uint64_t size = 0;
+  int lbs = 512;
+  unsigned int pbs = 512;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 1 || !get_i64(env, argv[0], &fd)) return make_i64(env, -EINVAL);
+  if (ioctl((int)fd, BLKGETSIZE64, &size) < 0) return make_i64(env, -errno);
+  if (ioctl((int)fd, BLKSSZGET, &lbs) < 0) lbs = 512;
+  if (ioctl((int)fd, BLKPBSZGET, &pbs) < 0) pbs = (unsigned int)lbs;
+  CHECK(napi_create_array_with_length(env, 3, &arr));
+  CHECK(napi_set_element(env, arr, 0, make_i64(env, (int64_t)size)));
+  CHECK(napi_set_element(env, arr, 1, make_i64(env, lbs)));
+  CHECK(napi_set_element(env, arr, 2, make_i64(env, pbs)));
+  return arr;
+}
+
+static void free_aligned(napi_env env, void *data, void *hint) { free(data); }
+
+/* alignedBuffer(size, alignment) -> Buffer whose memory is aligned, for
+ * O_DIRECT. The memory is zeroed so nothing stale can leak to a client. */
+static napi_value js_aligned_buffer(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], buf;
+  int64_t size, align;
+  void *mem = NULL;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 || !get_i64(env, argv[0], &size) ||
+      !get_i64(env, argv[1], &align) || size < 0 || align < 8 ||
+      (align & (align - 1)) != 0) {
+    napi_throw_range_error(env, NULL, "alignedBuffer: bad size or alignment");
+    return NULL;
+  }
+  if (posix_memalign(&mem, (size_t)align, size ? (size_t)size : 1) != 0) {
+    napi_throw_error(env, "ENOMEM", "alignedBuffer: out of memory");
+    return NULL;
+  }
+  memset(mem, 0, size ? (size_t)size : 1);
+  CHECK(napi_create_external_buffer(env, (size_t)size, mem, free_aligned, NULL,
+                                    &buf));
+  return buf;
+}
+
+/* ---- calls run on the thread pool ---------------------------------------- */
+
+enum op {
+  OP_PREAD = 1,
+  OP_PWRITE = 2,     /* flags: 1 = RWF_DSYNC (FUA) */
+  OP_FDATASYNC = 3,
+  OP_FSYNC = 4,
+  OP_FALLOCATE = 5,  /* flags: fallocate mode */
+  OP_SEEK = 6,       /* flags: whence (SEEK_DATA / SEEK_HOLE) */
+  OP_BLKDISCARD = 7,
+  OP_BLKZEROOUT = 8,
+};
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref buf_ref; /* keeps the buffer alive while the thread uses it */
+  int op, fd, flags;
+  char *ptr;
+  size_t len;
+  int64_t pos;
+  int64_t result;
+} request;
+
+static void run_request(napi_env env, void *data) {
+  request *r = (request *)data;
+  switch (r->op) {
+  case OP_PREAD:
+    r->result = full_pread(r->fd, r->ptr, r->len, r->pos, 0);
+    break;
+  case OP_PWRITE:
+    r->result = full_pwrite(r->fd, r->ptr, r->len, r->pos,
+                            (r->flags & 1) ? RWF_DSYNC : 0);
+    break;
+  case OP_FDATASYNC:
+    r->result = fdatasync(r->fd) < 0 ? -errno : 0;
+    break;
+  case OP_FSYNC:
+    r->result = fsync(r->fd) < 0 ? -errno : 0;
+    break;
+  case OP_FALLOCATE:
+    do {
+      r->result = fallocate(r->fd, r->flags, r->pos, (off_t)r->len) < 0 ? -errno : 0;
+    } while (r->result == -EINTR);
+    break;
+  case OP_SEEK: {
+    off_t o = lseek(r->fd, r->pos, r->flags);
+    r->result = o < 0 ? -errno : (int64_t)o;
+    break;
+  }
+  case OP_BLKDISCARD:
+  case OP_BLKZEROOUT: {
+    uint64_t range[2] = {(uint64_t)r->pos, (uint64_t)r->len};
+    int rc = ioctl(r->fd, r->op == OP_BLKDISCARD ? BLKDISCARD : BLKZEROOUT, range);
+    r->result = rc < 0 ? -errno : 0;
+    break;
+  }
+  default:
+    r->result = -EINVAL;
+  }
+}
+
+static void finish_request(napi_env env, napi_status status, void *data) {
+  request *r = (request *)data;
+  napi_value v;
+  if (status == napi_ok) {
+    napi_create_int64(env, r->result, &v);
+  } else {
+    napi_create_int64(env, -ECANCELED, &v);
+  }
+  napi_resolve_deferred(env, r->deferred, v);
+  if (r->buf_ref) napi_delete_reference(env, r->buf_ref);
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+/* submit(op, fd, buf|null, bufOffset, length, position, flags)
+ *   -> Promise<number>: result >= 0, or -errno. Never rejects. */
+static napi_value js_submit(napi_env env, napi_callback_info info) {
+  size_t argc = 7;
+  napi_value argv[7], promise, name;
+  int64_t op, fd, pos, flags, off, len;
+  napi_valuetype t;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 7 || !get_i64(env, argv[0], &op) || !get_i64(env, argv[1], &fd) ||
+      !get_i64(env, argv[3], &off) || !get_i64(env, argv[4], &len) ||
+      !get_i64(env, argv[5], &pos) || !get_i64(env, argv[6], &flags) ||
+      len < 0 || off < 0) {
+    napi_throw_type_error(env, NULL, "submit: bad arguments");
+    return NULL;
+  }
+  request *r = (request *)calloc(1, sizeof *r);
+  if (!r) {
+    napi_throw_error(env, "ENOMEM", "submit: out of memory");
+    return NULL;
+  }
+  r->op = (int)op;
+  r->fd = (int)fd;
+  r->flags = (int)flags;
+  r->pos = pos;
+  r->len = (size_t)len;
+  CHECK(napi_typeof(env, argv[2], &t));
+  if (t != napi_null && t != napi_undefined) {
+    if (!get_window(env, argv[2], argv[3], argv[4], &r->ptr, &r->len)) {
+      free(r);
+      napi_throw_range_error(env, NULL, "submit: window outside buffer");
+      return NULL;
+    }
+    CHECK(napi_create_reference(env, argv[2], 1, &r->buf_ref));
+  } else if (op == OP_PREAD || op == OP_PWRITE) {
+    free(r);
+    napi_throw_type_error(env, NULL, "submit: read/write needs a buffer");
+    return NULL;
+  }
+  CHECK(napi_create_promise(env, &r->deferred, &promise));
+  CHECK(napi_create_string_utf8(env, "vdisk-io", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_async_work(env, NULL, name, run_request, finish_request, r,
+                               &r->work));
+  CHECK(napi_queue_async_work(env, r->work));
+  return promise;
+}
+
+/* ---- module -------------------------------------------------------------- */
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"preadNowait", NULL, js_pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"preadSync", NULL, js_pread_sync, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pwriteSync", NULL, js_pwrite_sync, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdLock", NULL, js_ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdTest", NULL, js_ofd_test, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"blockDeviceInfo", NULL, js_blockdev_info, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"alignedBuffer", NULL, js_aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"submit", NULL, js_submit, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0],
+                             props) != napi_ok)
+    return NULL;
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs what vdisk needs and builds it, doing only what is missing, so
+# `npm start` and `npm test` work on a fresh Debian 12 with Node.js 20 and are
+# quick every time after.
+#
+#   scripts/setup.sh           runtime: build tools, npm ci, native addon, TypeScript
+#   scripts/setup.sh --test    also the real peers the tests drive
+#   scripts/setup.sh --bench   also the servers and fio the benchmarks compare against
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-run}"
+# g++/make/python3 build the native addon (node-gyp).
+packages=(g++ make python3)
+# The tests' peers: nobody here wrote them.
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux coreutils)
+bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
+case "$mode" in
+  run) ;;
+  --test) packages+=("${test_packages[@]}") ;;
+  --bench) packages+=("${bench_packages[@]}") ;;
+  *) echo "usage: $0 [--test|--bench]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+# npm ci when node_modules is missing or older than the lock file.
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci" >&2
+  npm ci --no-audit --no-fund >&2
+fi
+
+# The native addon, when missing or older than its source.
+addon=build/Release/vdisk_native.node
+if [ ! -f "$addon" ] || [ -n "$(find native binding.gyp -newer "$addon" 2>/dev/null | head -1)" ]; then
+  echo "setup: building the native addon" >&2
+  npx --no-install node-gyp rebuild >&2
+fi
+
+# TypeScript, when dist is missing or any source is newer.
+stamp=dist/.built
+if [ ! -f "$stamp" ] || [ -n "$(find src tsconfig.json package.json -newer "$stamp" 2>/dev/null | head -1)" ]; then
+  echo "setup: compiling TypeScript" >&2
+  rm -rf dist
+  npx --no-install tsc -p . >&2
+  touch "$stamp"
+fi

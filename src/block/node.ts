@@ -1,0 +1,500 @@
+/**
+ * The node contract: what every driver and filter is, and the one request
+ * path every caller goes through.
+ *
+ * A BlockNode is a disk: a length in bytes and operations on byte ranges.
+ * Callers (protocol adapters, parent nodes, jobs) call the public methods
+ * (read, write, writeZeroes, discard, flush, truncate, blockStatus, cache).
+ * Those check the request once, make it fit the driver's limits, count it
+ * for drain, and only then call the driver's hook (doRead, doWrite, ...).
+ *
+ * What a driver hook may rely on (the caller's guarantees, as in QEMU's
+ * block_int-common.h):
+ *   - offset and length are safe integers, in range: offset + length <= size;
+ *   - both are multiples of limits.requestAlignment;
+ *   - length <= limits.maxTransfer for doRead / doWrite;
+ *   - no write-like hook is called on a read-only node;
+ *   - the buffer of a write is not modified by anyone until the hook settles,
+ *     and the hook must not modify it either.
+ * What a hook must give: settle only when the operation is complete (a write
+ * is visible to every later read of any caller), throw only VdiskError.
+ */
+import { VdiskError, invalid, toVdiskError } from '../errors.js';
+
+/** Request flags, a bitmask so no object is allocated per request. */
+export const ReqFlags = {
+  NONE: 0,
+  /** Force unit access: the write is durable when the request settles. */
+  FUA: 1,
+  /** writeZeroes may deallocate (punch a hole) instead of writing zeroes. */
+  MAY_UNMAP: 2,
+  /** writeZeroes must fail with ENOTSUP rather than fall back to slow writes. */
+  NO_FALLBACK: 4,
+} as const;
+
+/** Block status flags of an extent. */
+export const Status = {
+  /** Reads of this range return data stored at this node or below. */
+  DATA: 1,
+  /** Reads of this range return zeroes. */
+  ZERO: 2,
+  /** This node (not a backing file) decides the content of this range. */
+  ALLOCATED: 4,
+} as const;
+
+/** One extent of block status, starting at the queried offset. */
+export interface Extent {
+  length: number;
+  flags: number;
+  /** Where in a backing chain the content comes from: 0 = nowhere (unallocated), 1 = this node, 2 = its backing file, ... */
+  depth: number;
+}
+
+export interface BlockLimits {
+  /** Offsets and lengths reaching the driver are multiples of this. */
+  requestAlignment: number;
+  /** The largest read or write the driver is handed at once. */
+  maxTransfer: number;
+  /** The size of I/O the driver is fastest at (advertised to clients). */
+  preferredSize: number;
+}
+
+/** Child roles use QEMU's names. */
+export type ChildRole = 'file' | 'backing' | 'image' | 'test' | 'raw' | 'target';
+
+export interface ChildLink {
+  role: ChildRole;
+  node: BlockNode;
+}
+
+/** Something that holds a node open: a parent node, an export, a job. */
+export interface NodeUser {
+  /** For error messages: "node 'q0' (as file)", "export 'disk0'". */
+  readonly userDescription: string;
+}
+
+/** Largest offset or length vdisk accepts: JavaScript numbers are exact below 2^53. */
+export const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
+
+const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;
+const ZERO_BUFFER = Buffer.alloc(1024 * 1024);
+
+export interface NodeOptions {
+  nodeName: string;
+  readOnly?: boolean;
+}
+
+export abstract class BlockNode {
+  /** QEMU's driver name: 'file', 'raw', 'qcow2', 'null-co', ... */
+  abstract readonly driverName: string;
+  nodeName: string;
+  readOnly: boolean;
+  limits: BlockLimits = { requestAlignment: 1, maxTransfer: DEFAULT_MAX_TRANSFER, preferredSize: 4096 };
+  readonly children: ChildLink[] = [];
+  readonly users = new Set<NodeUser>();
+  /** Set when the driver makes FUA writes durable itself; else FUA is emulated by a flush. */
+  protected nativeFua = false;
+  /** Writes of all-zero buffers become write-zeroes ('unmap': allowed to deallocate). */
+  detectZeroes: 'off' | 'on' | 'unmap' = 'off';
+  /** The length in bytes; drivers set it when they open and truncate. */
+  protected length = 0;
+
+  private inFlight = 0;
+  private drainWaiters: Array<() => void> = [];
+  private closed = false;
+  /** Writes in progress, tracked only when requestAlignment > 1 so read-modify-write can be serialised. */
+  private tracked: Array<{ start: number; end: number; serialising: boolean; done: Promise<void> }> = [];
+
+  constructor(options: NodeOptions) {
+    this.nodeName = options.nodeName;
+    this.readOnly = options.readOnly ?? false;
+  }
+
+  get size(): number {
+    return this.length;
+  }
+
+  /** The file name a person would recognise, for listings and messages. */
+  get filename(): string {
+    return this.children[0]?.node.filename ?? '';
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /** The node a child role points at, if any. */
+  child(role: ChildRole): BlockNode | undefined {
+    for (const c of this.children) if (c.role === role) return c.node;
+    return undefined;
+  }
+
+  // ---- driver hooks ------------------------------------------------------
+
+  protected abstract doRead(offset: number, buf: Buffer): Promise<void>;
+
+  protected doWrite(_offset: number, _buf: Buffer, _flags: number): Promise<void> {
+    return Promise.reject(new VdiskError('ENOTSUP', `node '${this.nodeName}' (${this.driverName}) does not support writes`));
+  }
+
+  /**
+   * Writes zeroes efficiently, or throws ENOTSUP if this driver cannot: the
+   * request path then falls back to writing zero buffers unless NO_FALLBACK.
+   */
+  protected doWriteZeroes(_offset: number, _length: number, _flags: number): Promise<void> {
+    return Promise.reject(new VdiskError('ENOTSUP', 'no efficient write-zeroes'));
+  }
+
+  /** Discard is a hint; the default ignores it. */
+  protected doDiscard(_offset: number, _length: number): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Makes this node's own state durable; children are flushed after it by the request path. */
+  protected doFlush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  protected doTruncate(_size: number): Promise<void> {
+    return Promise.reject(new VdiskError('ENOTSUP', `node '${this.nodeName}' (${this.driverName}) cannot be resized`));
+  }
+
+  /** The default: everything is data owned by this node. */
+  protected doBlockStatus(_offset: number, length: number): Promise<Extent> {
+    return Promise.resolve({ length, flags: Status.DATA | Status.ALLOCATED, depth: 1 });
+  }
+
+  /** Prefetch hint; the default does nothing. */
+  protected doCache(_offset: number, _length: number): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Releases what the driver holds (file descriptors, locks). Children are closed by the graph. */
+  protected doClose(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  // ---- the request path ----------------------------------------------------
+
+  /** Reads buf.length bytes at offset into buf. */
+  async read(offset: number, buf: Buffer, _flags: number = 0): Promise<void> {
+    this.checkRange('read', offset, buf.length, false);
+    if (buf.length === 0) return;
+    this.inFlight++;
+    try {
+      if (this.isAligned(offset, buf.length)) await this.readSplit(offset, buf);
+      else await this.readUnaligned(offset, buf);
+    } catch (err) {
+      throw toVdiskError(err, `read at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Writes buf at offset. With ReqFlags.FUA the data is durable when this settles. */
+  async write(offset: number, buf: Buffer, flags: number = 0): Promise<void> {
+    this.checkRange('write', offset, buf.length, true);
+    if (buf.length === 0) return;
+    if (this.detectZeroes !== 'off' && isAllZero(buf)) {
+      return this.writeZeroes(offset, buf.length, (flags & ReqFlags.FUA) | (this.detectZeroes === 'unmap' ? ReqFlags.MAY_UNMAP : 0));
+    }
+    this.inFlight++;
+    try {
+      if (this.limits.requestAlignment === 1) {
+        await this.writeSplit(offset, buf, flags);
+      } else if (this.isAligned(offset, buf.length)) {
+        const release = await this.serialise(offset, offset + buf.length, false);
+        try {
+          await this.writeSplit(offset, buf, flags);
+        } finally {
+          release();
+        }
+      } else {
+        await this.writeUnaligned(offset, buf, flags);
+      }
+    } catch (err) {
+      throw toVdiskError(err, `write at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Makes a range read as zeroes; MAY_UNMAP allows deallocation, NO_FALLBACK refuses slow paths. */
+  async writeZeroes(offset: number, length: number, flags: number = 0): Promise<void> {
+    this.checkRange('write-zeroes', offset, length, true);
+    if (length === 0) return;
+    this.inFlight++;
+    try {
+      const a = this.limits.requestAlignment;
+      const head = offset % a;
+      const tail = (offset + length) % a;
+      if (head === 0 && tail === 0) {
+        await this.zeroAligned(offset, length, flags);
+      } else {
+        if (flags & ReqFlags.NO_FALLBACK) {
+          throw new VdiskError('ENOTSUP', 'unaligned write-zeroes cannot be fast');
+        }
+        // Unaligned edges are written as zero buffers; the aligned middle goes to the driver.
+        const bodyStart = head === 0 ? offset : offset - head + a;
+        const bodyEnd = offset + length - tail;
+        if (bodyStart >= bodyEnd) {
+          await this.writeUnaligned(offset, zeroes(length), flags);
+        } else {
+          if (head) await this.writeUnaligned(offset, zeroes(bodyStart - offset), flags);
+          await this.zeroAligned(bodyStart, bodyEnd - bodyStart, flags);
+          if (tail) await this.writeUnaligned(bodyEnd, zeroes(tail), flags);
+        }
+      }
+    } catch (err) {
+      throw toVdiskError(err, `write-zeroes at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Tells the node a range is no longer needed; reads of it afterwards are unspecified. */
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkRange('discard', offset, length, true);
+    if (length === 0) return;
+    this.inFlight++;
+    try {
+      // Only the aligned part can be discarded; the edges keep their data (discard is a hint).
+      const a = this.limits.requestAlignment;
+      const start = Math.ceil(offset / a) * a;
+      const end = Math.floor((offset + length) / a) * a;
+      if (end > start) await this.doDiscard(start, end - start);
+    } catch (err) {
+      throw toVdiskError(err, `discard at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Makes every completed write durable, on this node and every node below it. */
+  async flush(): Promise<void> {
+    if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
+    this.inFlight++;
+    try {
+      await this.doFlush();
+      if (this.children.length === 1) await this.children[0].node.flush();
+      else if (this.children.length > 1) await Promise.all(this.children.map((c) => c.node.flush()));
+    } catch (err) {
+      throw toVdiskError(err, `flush on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Changes the length. Growing reads back zeroes in the new part. */
+  async truncate(size: number): Promise<void> {
+    if (!Number.isSafeInteger(size) || size < 0) throw invalid(`invalid size ${size}`);
+    if (this.readOnly) throw new VdiskError('EROFS', `node '${this.nodeName}' is read-only`);
+    if (size % this.limits.requestAlignment !== 0) {
+      throw invalid(`size ${size} is not a multiple of the request alignment ${this.limits.requestAlignment}`);
+    }
+    await this.drain();
+    await this.doTruncate(size);
+  }
+
+  /** Block status of the extent that starts at offset (at most length bytes, at least 1). */
+  async blockStatus(offset: number, length: number): Promise<Extent> {
+    this.checkRange('block-status', offset, length, false);
+    if (length === 0) throw invalid('block status needs a non-zero length');
+    this.inFlight++;
+    try {
+      const a = this.limits.requestAlignment;
+      const start = offset - (offset % a);
+      const end = Math.min(this.length, Math.ceil((offset + length) / a) * a);
+      const ext = await this.doBlockStatus(start, end - start);
+      // Report from offset on, never more than asked or less than one byte.
+      let len = Math.min(ext.length - (offset - start), length);
+      if (!(len > 0)) len = Math.min(length, a - (offset - start));
+      return { length: len, flags: ext.flags, depth: ext.depth };
+    } catch (err) {
+      throw toVdiskError(err, `block status at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Asks the node to prefetch a range; never fails the caller for lack of support. */
+  async cache(offset: number, length: number): Promise<void> {
+    this.checkRange('cache', offset, length, false);
+    if (length === 0) return;
+    this.inFlight++;
+    try {
+      await this.doCache(offset, length);
+    } catch (err) {
+      throw toVdiskError(err, `cache at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.requestDone();
+    }
+  }
+
+  /** Resolves when no request is in progress on this node. */
+  drain(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /** Waits for requests in progress, then releases the driver's resources. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.drain();
+    this.closed = true;
+    await this.doClose();
+  }
+
+  // ---- helpers for the request path ---------------------------------------
+
+  private checkRange(op: string, offset: number, length: number, isWrite: boolean): void {
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw invalid(`${op} on node '${this.nodeName}': offset ${offset} and length ${length} must be non-negative integers below 2^53`);
+    }
+    if (offset + length > this.length) {
+      throw invalid(`${op} on node '${this.nodeName}' past the end: offset ${offset} + length ${length} > size ${this.length}`);
+    }
+    if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
+    if (isWrite && this.readOnly) throw new VdiskError('EROFS', `node '${this.nodeName}' is read-only`);
+  }
+
+  private isAligned(offset: number, length: number): boolean {
+    const a = this.limits.requestAlignment;
+    return a === 1 || (offset % a === 0 && length % a === 0);
+  }
+
+  private requestDone(): void {
+    if (--this.inFlight === 0 && this.drainWaiters.length) {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  private async readSplit(offset: number, buf: Buffer): Promise<void> {
+    const max = this.limits.maxTransfer;
+    if (buf.length <= max) return this.doRead(offset, buf);
+    for (let done = 0; done < buf.length; done += max) {
+      await this.doRead(offset + done, buf.subarray(done, Math.min(buf.length, done + max)));
+    }
+  }
+
+  private async writeSplit(offset: number, buf: Buffer, flags: number): Promise<void> {
+    const max = this.limits.maxTransfer;
+    const driverFlags = this.nativeFua ? flags : flags & ~ReqFlags.FUA;
+    if (buf.length <= max) {
+      await this.doWrite(offset, buf, driverFlags);
+    } else {
+      for (let done = 0; done < buf.length; done += max) {
+        await this.doWrite(offset + done, buf.subarray(done, Math.min(buf.length, done + max)), driverFlags);
+      }
+    }
+    if (flags & ReqFlags.FUA && !this.nativeFua) await this.flushNoCount();
+  }
+
+  private async zeroAligned(offset: number, length: number, flags: number): Promise<void> {
+    const release = this.limits.requestAlignment > 1 ? await this.serialise(offset, offset + length, false) : undefined;
+    try {
+      await this.zeroAlignedLocked(offset, length, flags);
+    } finally {
+      release?.();
+    }
+  }
+
+  private async zeroAlignedLocked(offset: number, length: number, flags: number): Promise<void> {
+    const driverFlags = this.nativeFua ? flags : flags & ~ReqFlags.FUA;
+    try {
+      await this.doWriteZeroes(offset, length, driverFlags);
+    } catch (err) {
+      if (!(err instanceof VdiskError) || err.errno !== 'ENOTSUP' || flags & ReqFlags.NO_FALLBACK) throw err;
+      // No efficient way: write zero buffers, at most 1 MiB at a time.
+      const step = Math.max(this.limits.requestAlignment, Math.min(ZERO_BUFFER.length, this.limits.maxTransfer));
+      for (let done = 0; done < length; done += step) {
+        const n = Math.min(step, length - done);
+        await this.doWrite(offset + done, n <= ZERO_BUFFER.length ? ZERO_BUFFER.subarray(0, n) : Buffer.alloc(n), driverFlags);
+      }
+    }
+    if (flags & ReqFlags.FUA && !this.nativeFua) await this.flushNoCount();
+  }
+
+  private async flushNoCount(): Promise<void> {
+    await this.doFlush();
+    for (const c of this.children) await c.node.flush();
+  }
+
+  /** Reads an unaligned range through an aligned bounce buffer. */
+  private async readUnaligned(offset: number, buf: Buffer): Promise<void> {
+    const a = this.limits.requestAlignment;
+    const start = offset - (offset % a);
+    const end = Math.min(Math.ceil((offset + buf.length) / a) * a, alignUp(this.length, a));
+    const bounce = Buffer.alloc(end - start);
+    await this.readSplit(start, bounce.subarray(0, Math.min(bounce.length, this.length - start)));
+    bounce.copy(buf, 0, offset - start, offset - start + buf.length);
+  }
+
+  /**
+   * Writes an unaligned range by read-modify-write of the aligned blocks it
+   * touches. It is serialised against every overlapping write, or two writes
+   * into different halves of one block would undo each other.
+   */
+  private async writeUnaligned(offset: number, buf: Buffer, flags: number): Promise<void> {
+    const a = this.limits.requestAlignment;
+    const start = offset - (offset % a);
+    const end = Math.ceil((offset + buf.length) / a) * a;
+    if (end > this.length) {
+      throw invalid(`unaligned write at ${offset} on node '${this.nodeName}' reaches into its partial last block`);
+    }
+    const release = await this.serialise(start, end, true);
+    try {
+      const bounce = Buffer.alloc(end - start);
+      const headPartial = offset % a !== 0;
+      const tailPartial = (offset + buf.length) % a !== 0;
+      if (headPartial) await this.readSplit(start, bounce.subarray(0, a));
+      // One block holding both edges was read already as the head.
+      if (tailPartial && !(headPartial && end - a === start)) {
+        await this.readSplit(end - a, bounce.subarray(bounce.length - a));
+      }
+      buf.copy(bounce, offset - start);
+      await this.writeSplit(start, bounce, flags);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Waits until no conflicting write overlaps [start, end), then registers
+   * this one. A read-modify-write (serialising) conflicts with every write;
+   * a plain write conflicts only with read-modify-writes. Used only on nodes
+   * whose requestAlignment is above 1.
+   */
+  private async serialise(start: number, end: number, serialising: boolean): Promise<() => void> {
+    for (;;) {
+      const busy = this.tracked.find((r) => r.start < end && start < r.end && (serialising || r.serialising));
+      if (!busy) break;
+      await busy.done;
+    }
+    let release!: () => void;
+    const entry = { start, end, serialising, done: new Promise<void>((r) => (release = r)) };
+    this.tracked.push(entry);
+    return () => {
+      this.tracked.splice(this.tracked.indexOf(entry), 1);
+      release();
+    };
+  }
+}
+
+function alignUp(n: number, a: number): number {
+  return Math.ceil(n / a) * a;
+}
+
+function isAllZero(buf: Buffer): boolean {
+  for (let done = 0; done < buf.length; done += ZERO_BUFFER.length) {
+    const n = Math.min(ZERO_BUFFER.length, buf.length - done);
+    if (!buf.subarray(done, done + n).equals(ZERO_BUFFER.subarray(0, n))) return false;
+  }
+  return true;
+}
+
+function zeroes(length: number): Buffer {
+  return length <= ZERO_BUFFER.length ? ZERO_BUFFER.subarray(0, length) : Buffer.alloc(length);
+}

@@ -1,0 +1,56 @@
+/**
+ * Entry point of the `vdisk` command: picks the sub-command, reports errors
+ * in one line and sets the exit status. Nothing else.
+ */
+import { VdiskError } from '../errors.js';
+import { flushLog } from '../log.js';
+import { SERVE_USAGE, serveCommand } from './serve.js';
+import { VERSION } from '../version.js';
+
+const USAGE = `Usage: vdisk <command> [options]
+
+Commands:
+  serve     run the daemon (with no options: serve a default disk over NBD)
+  help      show this text, or 'vdisk help serve'
+  version   print the version
+
+Run 'vdisk serve --help' for the daemon's options.
+`;
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'serve':
+      return serveCommand(rest);
+    case 'version':
+    case '--version':
+      process.stdout.write(`vdisk ${VERSION}\n`);
+      return 0;
+    case 'help':
+    case '--help':
+    case '-h':
+    case undefined:
+      process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : USAGE);
+      return command === undefined ? 1 : 0;
+    default:
+      process.stderr.write(`vdisk: unknown command '${command}'\n${USAGE}`);
+      return 1;
+  }
+}
+
+export function run(): void {
+  main(process.argv.slice(2)).then(
+    async (code) => {
+      await flushLog();
+      process.exit(code);
+    },
+    async (err: unknown) => {
+      const message = err instanceof VdiskError || (err as { code?: string })?.code?.startsWith?.('ERR_PARSE_ARGS')
+        ? (err as Error).message
+        : ((err as Error)?.stack ?? String(err));
+      process.stderr.write(`vdisk: ${message}\n`);
+      await flushLog();
+      process.exit(1);
+    },
+  );
+}

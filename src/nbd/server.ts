@@ -1,0 +1,257 @@
+/**
+ * The NBD server: listening sockets (TCP and unix), the exports it serves by
+ * name, and its connections. One server per daemon, as QEMU's
+ * nbd-server-start; exports come and go through the export registry.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import { VdiskError } from '../errors.js';
+import { logEvent } from '../log.js';
+import type { BlockNode } from '../block/node.js';
+import type { BlockExport, ExportDriver, ExportHandle } from '../export/registry.js';
+import { type Members, type Type, bool, check, enumOf, int, str, struct, union, arrayOf, alternate } from '../qapi/schema.js';
+import { NbdConnection } from './connection.js';
+import { NBD_MAX_STRING } from './protocol.js';
+
+/** SocketAddress (flat, as qemu-storage-daemon's --nbd-server takes it). */
+export type SocketAddress =
+  | { type: 'inet'; host: string; port: string | number }
+  | { type: 'unix'; path: string }
+  | { type: 'fd'; str: string };
+
+export interface NbdServerOptions {
+  addr: SocketAddress;
+  /** 0 = unlimited (QEMU's default for nbd-server-start). */
+  'max-connections'?: number;
+  /** Seconds a client may take to finish the handshake (vdisk's addition). */
+  'handshake-timeout'?: number;
+}
+
+const INET_MEMBERS: Members = {
+  host: str,
+  port: alternate('port', [str, int('uint16')]),
+  '*numeric': bool,
+  '*to': int('uint16'),
+  '*ipv4': bool,
+  '*ipv6': bool,
+  '*keep-alive': bool,
+};
+const UNIX_MEMBERS: Members = { path: str, '*abstract': bool, '*tight': bool };
+
+/** SocketAddress: flat union on type. */
+export const SOCKET_ADDRESS: Type = union('SocketAddress', { type: enumOf('SocketAddressType', ['inet', 'unix', 'fd']) }, 'type', {
+  inet: INET_MEMBERS,
+  unix: UNIX_MEMBERS,
+  fd: { str: str },
+});
+
+/** SocketAddressLegacy (nbd-server-start over QMP): the members nested under "data". */
+export const SOCKET_ADDRESS_LEGACY: Type = union('SocketAddressLegacy', { type: enumOf('SocketAddressType', ['inet', 'unix', 'fd']) }, 'type', {
+  inet: { data: struct('InetSocketAddress', INET_MEMBERS) },
+  unix: { data: struct('UnixSocketAddress', UNIX_MEMBERS) },
+  fd: { data: struct('String', { str: str }) },
+});
+
+export const NBD_SERVER_OPTIONS: Type = struct('NbdServerOptions', {
+  addr: SOCKET_ADDRESS,
+  '*tls-creds': str,
+  '*tls-authz': str,
+  '*max-connections': int('uint32'),
+  '*handshake-timeout': int('uint32'),
+});
+
+/** Turns a SocketAddressLegacy ({type, data: {...}}) into the flat form. */
+export function flattenLegacyAddress(addr: Record<string, unknown>): SocketAddress {
+  return { type: addr.type, ...(addr.data as object) } as SocketAddress;
+}
+
+export interface NbdExport {
+  name: string;
+  description?: string;
+  node: BlockNode;
+  writable: boolean;
+  writethrough: boolean;
+  connections: Set<NbdConnection>;
+  /** Set when the export is being removed: no new clients. */
+  closing: boolean;
+}
+
+export class NbdServer {
+  readonly maxConnections: number;
+  readonly handshakeTimeoutMs: number;
+  private readonly exports = new Map<string, NbdExport>();
+  private readonly connections = new Set<NbdConnection>();
+  private readonly listeners: net.Server[] = [];
+  private readonly unixPaths: string[] = [];
+  /** Human-readable addresses, for logs and the start-up banner. */
+  readonly endpoints: string[] = [];
+
+  private constructor(options: NbdServerOptions) {
+    this.maxConnections = options['max-connections'] ?? 0;
+    this.handshakeTimeoutMs = (options['handshake-timeout'] ?? 10) * 1000;
+  }
+
+  /** Starts listening on options.addr. */
+  static async start(options: NbdServerOptions): Promise<NbdServer> {
+    const server = new NbdServer(options);
+    await server.listen(options.addr);
+    return server;
+  }
+
+  /** Listens on one more address (the server may have several). */
+  async listen(addr: SocketAddress): Promise<void> {
+    const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
+    srv.maxConnections = this.maxConnections > 0 ? this.maxConnections : Infinity;
+    if (addr.type === 'unix') await removeStaleSocket(addr.path);
+    await new Promise<void>((resolve, reject) => {
+      srv.once('error', (err: NodeJS.ErrnoException) => {
+        const where = addr.type === 'unix' ? addr.path : addr.type === 'inet' ? `${addr.host}:${addr.port}` : `fd ${addr.str}`;
+        const errno = err.code === 'EADDRINUSE' ? 'EBUSY' : err.code === 'EACCES' ? 'EACCES' : 'EIO';
+        reject(new VdiskError(errno, `Failed to listen on ${where}: ${err.message}`));
+      });
+      if (addr.type === 'unix') srv.listen(addr.path, resolve);
+      else if (addr.type === 'inet') srv.listen({ host: addr.host, port: Number(addr.port) }, resolve);
+      else srv.listen({ fd: Number(addr.str) }, resolve);
+    });
+    srv.on('error', (err) => logEvent('error', 'nbd-listener-error', { error: err.message }));
+    this.listeners.push(srv);
+    let endpoint: string;
+    if (addr.type === 'unix') {
+      this.unixPaths.push(addr.path);
+      endpoint = `unix:${addr.path}`;
+    } else if (addr.type === 'inet') {
+      const a = srv.address() as net.AddressInfo;
+      endpoint = `tcp:${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`;
+    } else {
+      endpoint = `fd:${addr.str}`;
+    }
+    this.endpoints.push(endpoint);
+    logEvent('info', 'nbd-server-listening', { address: endpoint, maxConnections: this.maxConnections || 'unlimited' });
+  }
+
+  /** The TCP port actually bound (useful with port 0). */
+  get tcpPort(): number | undefined {
+    for (const l of this.listeners) {
+      const a = l.address();
+      if (a && typeof a === 'object') return a.port;
+    }
+    return undefined;
+  }
+
+  private accept(socket: net.Socket): void {
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    const conn = new NbdConnection(socket, this, peer);
+    this.connections.add(conn);
+    logEvent('debug', 'nbd-connection-accepted', { connection: conn.id, peer });
+  }
+
+  connectionClosed(conn: NbdConnection): void {
+    this.connections.delete(conn);
+    conn.export?.connections.delete(conn);
+  }
+
+  findExport(name: string): NbdExport | undefined {
+    let exp = this.exports.get(name);
+    // The empty name selects the default export: the only one, or the first one added.
+    if (exp === undefined && name === '') exp = this.exports.values().next().value;
+    return exp && !exp.closing ? exp : undefined;
+  }
+
+  listExports(): NbdExport[] {
+    return [...this.exports.values()].filter((e) => !e.closing);
+  }
+
+  addExport(exp: NbdExport): void {
+    if (this.exports.has(exp.name)) throw new VdiskError('EEXIST', `NBD server already has export named '${exp.name}'`);
+    this.exports.set(exp.name, exp);
+  }
+
+  /** Stops serving an export; with hard, disconnects its clients at once, else waits for them. */
+  async removeExport(exp: NbdExport, hard: boolean): Promise<void> {
+    exp.closing = true;
+    const conns = [...exp.connections];
+    await Promise.all(conns.map((c) => (hard ? (c.destroy(), c.whenClosed()) : c.whenClosed())));
+    this.exports.delete(exp.name);
+  }
+
+  /** Stops listening, finishes requests in flight, closes every connection. */
+  async stop(): Promise<void> {
+    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    this.listeners.length = 0;
+    await Promise.all([...this.connections].map((c) => c.gracefulClose()));
+    for (const p of this.unixPaths) fs.rmSync(p, { force: true });
+    logEvent('info', 'nbd-server-stopped', { endpoints: this.endpoints });
+  }
+}
+
+/** A unix socket file left by a process that died: remove it if nobody answers on it. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new VdiskError('EEXIST', `Failed to listen on ${path}: a file that is not a socket exists there`);
+  const alive = await new Promise<boolean>((resolve) => {
+    const s = net.connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (alive) throw new VdiskError('EBUSY', `Failed to listen on ${path}: another server is listening there`);
+  fs.rmSync(path, { force: true });
+}
+
+/** The nbd type of block-export-add. */
+export function nbdExportDriver(getServer: () => NbdServer | undefined): ExportDriver {
+  return {
+    type: 'nbd',
+    members: {
+      '*name': str,
+      '*description': str,
+      '*bitmaps': arrayOf(str),
+      '*allocation-depth': bool,
+    },
+    async create(exp: BlockExport, options: Record<string, unknown>): Promise<ExportHandle> {
+      const server = getServer();
+      if (!server) throw new VdiskError('ENOENT', 'NBD server not running');
+      const name = (options.name as string | undefined) ?? exp.node.nodeName;
+      if (Buffer.byteLength(name) > NBD_MAX_STRING) throw new VdiskError('EINVAL', `export name '${name}' too long`);
+      const description = options.description as string | undefined;
+      if (description !== undefined && Buffer.byteLength(description) > NBD_MAX_STRING) {
+        throw new VdiskError('EINVAL', `description '${description}' too long`);
+      }
+      if ((options.bitmaps as string[] | undefined)?.length) {
+        throw new VdiskError('ENOTSUP', 'exporting dirty bitmaps over NBD is not supported yet');
+      }
+      if (options['allocation-depth']) {
+        throw new VdiskError('ENOTSUP', 'the qemu:allocation-depth context is not supported yet');
+      }
+      const nbdExp: NbdExport = {
+        name,
+        description,
+        node: exp.node,
+        writable: exp.writable,
+        writethrough: exp.writethrough,
+        connections: new Set(),
+        closing: false,
+      };
+      server.addExport(nbdExp);
+      return {
+        clientCount: () => nbdExp.connections.size,
+        shutdown: (hard) => server.removeExport(nbdExp, hard),
+      };
+    },
+  };
+}
+
+export function checkNbdServerOptions(raw: unknown, mode: 'json' | 'keyval'): NbdServerOptions {
+  const o = check(NBD_SERVER_OPTIONS, raw, '', mode) as Record<string, unknown>;
+  if (o['tls-creds'] !== undefined || o['tls-authz'] !== undefined) {
+    throw new VdiskError('ENOTSUP', 'TLS is not supported yet');
+  }
+  return o as unknown as NbdServerOptions;
+}

@@ -89,6 +89,7 @@ export class NbdConnection {
   private paused = false;
   private corked = false;
   private disconnectRequested = false;
+  private ending = false;
   private closeWaiters: Array<() => void> = [];
   /** A WRITE whose payload is still arriving. */
   private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; filled: number } | undefined;
@@ -622,7 +623,10 @@ export class NbdConnection {
   }
 
   private maybeFinishDisconnect(): void {
-    if (this.inFlight === 0 && this.state !== State.Closed) this.socket.end();
+    if (this.inFlight !== 0 || this.state === State.Closed || this.ending) return;
+    this.ending = true;
+    // Close once every reply is flushed; do not wait for the client to close its side.
+    this.socket.end(() => this.socket.destroy());
   }
 
   private doRead(cookieHi: number, cookieLo: number, flags: number, offset: number, length: number): void {

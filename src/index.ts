@@ -1,0 +1,25 @@
+/**
+ * vdisk as a library: build a block graph (with vdisk's drivers or your own
+ * node classes), export nodes over NBD, and drive it all from code.
+ *
+ *   const daemon = new Daemon();
+ *   daemon.graph.insert(new MyNode({ nodeName: 'm0' }));
+ *   await daemon.nbdServerStart({ addr: { type: 'unix', path: '/tmp/m0.sock' } });
+ *   await daemon.blockExportAdd({ type: 'nbd', id: 'm0', 'node-name': 'm0', writable: true });
+ *
+ * A node class extends BlockNode and implements the hooks it supports
+ * (doRead is required; see src/block/node.ts for the guarantees each gets).
+ */
+export { BlockNode, ReqFlags, Status, MAX_OFFSET } from './block/node.js';
+export type { BlockLimits, ChildLink, ChildRole, Extent, NodeOptions, NodeUser } from './block/node.js';
+export { BlockGraph, checkNodeName } from './block/graph.js';
+export type { CommonOptions, DriverDef, OpenContext } from './block/drivers/index.js';
+export { FileNode, type FileOptions } from './block/drivers/file.js';
+export { RawNode, type RawOptions } from './block/drivers/raw.js';
+export { NullNode, type NullOptions } from './block/drivers/null-co.js';
+export { Daemon, type QmpEvent } from './daemon.js';
+export { BlockExport, ExportRegistry, type ExportDriver, type ExportHandle } from './export/registry.js';
+export { NbdServer, type NbdServerOptions, type SocketAddress } from './nbd/server.js';
+export { VdiskError, type Errno } from './errors.js';
+export { setLogLevel, setLogFormat, type LogLevel } from './log.js';
+export { VERSION } from './version.js';

@@ -11,6 +11,10 @@ export interface VdiskNative {
   preadNowait(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
   preadSync(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
   pwriteSync(fd: number, buf: Buffer, bufOffset: number, length: number, position: number): number;
+  /** lseek with SEEK_DATA / SEEK_HOLE (or any whence) on the calling thread. */
+  seekSync(fd: number, offset: number, whence: number): number;
+  /** setsockopt SO_SNDBUF / SO_RCVBUF (0 = leave as is). */
+  setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): number;
   /** type 0 unlock, 1 shared, 2 exclusive; never waits. */
   ofdLock(fd: number, start: number, length: number, type: 0 | 1 | 2): number;
   /** 1 if a lock of this type would conflict with another open file description. */

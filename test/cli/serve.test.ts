@@ -1,0 +1,118 @@
+/**
+ * `vdisk serve` as a user runs it: the embedded default, clean shutdown on
+ * SIGTERM and SIGINT, start-up errors that name the option at fault, and
+ * image locks that keep a second writer away.
+ */
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { startDaemon } from '../helpers/daemon.js';
+import { VDISK, patternBuffer, requireTool, run, sparseFile, tempDir } from '../helpers/tools.js';
+
+const MiB = 1024 * 1024;
+
+t.test('the embedded default: a sparse disk in the data dir, on TCP and a unix socket', async (t) => {
+  requireTool(t, 'qemu-io');
+  requireTool(t, 'nbdinfo');
+  const dir = tempDir(t);
+  // --port 0: the kernel picks a free port, so tests never collide with a real daemon on 10809.
+  const d = await startDaemon(t, { dir, nbdServer: false, args: ['--data-dir', path.join(dir, 'data'), '--size', '64M', '--port', '0'] });
+  const disk = path.join(dir, 'data', 'disk0.raw');
+  t.equal(fs.statSync(disk).size, 64 * MiB, 'disk0.raw has the requested size');
+  t.equal(fs.statSync(disk).blocks, 0, 'and is sparse');
+  const banner = d.stdout();
+  const tcp = /(nbd:\/\/127\.0\.0\.1:\d+\/disk0)/.exec(banner)?.[1];
+  const unix = /(nbd\+unix:\/\/\/disk0\?socket=\S+)/.exec(banner)?.[1];
+  t.ok(tcp, `the banner shows the TCP URI:\n${banner}`);
+  t.ok(unix, 'and the unix socket URI');
+  t.match(banner, /try: nbdinfo/, 'with a command to try');
+  t.equal(unix, `nbd+unix:///disk0?socket=${path.join(dir, 'data', 'nbd.sock')}`);
+
+  const data = patternBuffer(MiB, 77);
+  fs.writeFileSync(path.join(dir, 'pattern.bin'), data);
+  let r = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 1M 1M', tcp!]);
+  t.equal(r.code, 0, r.stderr);
+  r = await run('nbdinfo', ['--json', unix!]);
+  t.equal(r.code, 0, r.stderr);
+  t.equal(JSON.parse(r.stdout).exports[0].is_read_only, false, 'writable');
+
+  t.equal(await d.stop('SIGTERM'), 0, 'SIGTERM: exit status 0');
+  t.notOk(fs.existsSync(path.join(dir, 'data', 'nbd.sock')), 'the socket file is removed');
+  const onDisk = fs.readFileSync(disk);
+  t.ok(onDisk.subarray(MiB, 2 * MiB).equals(Buffer.alloc(MiB, 0x61)), 'the write is in the disk file');
+  t.match(d.stderr(), /shutdown-complete/, 'the shutdown is logged');
+
+  // A second start reuses the disk (and does not recreate it).
+  const d2 = await startDaemon(t, { dir, nbdServer: false, args: ['--data-dir', path.join(dir, 'data'), '--port', '0'] });
+  const tcp2 = /(nbd:\/\/127\.0\.0\.1:\d+\/disk0)/.exec(d2.stdout())?.[1];
+  r = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x61 1M 1M', tcp2!]);
+  t.equal(r.code, 0, r.stderr);
+  t.notMatch(r.stdout, /verification failed/, 'the data is still there after a restart');
+  t.equal(await d2.stop('SIGINT'), 0, 'SIGINT: exit status 0');
+});
+
+t.test('shutdown waits for requests in flight and answers them', async (t) => {
+  requireTool(t, 'qemu-io');
+  const dir = tempDir(t);
+  const img = sparseFile(path.join(dir, 'a.img'), 256 * MiB);
+  const d = await startDaemon(t, { dir, args: ['--blockdev', `driver=file,node-name=f0,filename=${img}`, '--export', 'type=nbd,id=e0,node-name=f0,name=disk,writable=on'] });
+  // A long stream of writes; SIGTERM arrives in the middle of it.
+  const writer = run('qemu-io', ['-f', 'raw', '-c', 'aio_write -P 0x33 0 64M', '-c', 'aio_write -P 0x34 64M 64M', '-c', 'aio_flush', d.uri('disk')]);
+  await new Promise((r) => setTimeout(r, 150));
+  const code = await d.stop('SIGTERM');
+  t.equal(code, 0, 'exit 0');
+  const w = await writer;
+  // Whatever the client was told was written must be in the file.
+  const out = w.stdout;
+  const file = fs.readFileSync(img);
+  if (/wrote 67108864\/67108864 bytes at offset 0/.test(out)) t.ok(file.subarray(0, 64 * MiB).equals(Buffer.alloc(64 * MiB, 0x33)), 'acknowledged first write is complete on disk');
+  if (/wrote 67108864\/67108864 bytes at offset 67108864/.test(out)) t.ok(file.subarray(64 * MiB, 128 * MiB).equals(Buffer.alloc(64 * MiB, 0x34)), 'acknowledged second write is complete on disk');
+  t.pass(`client saw: ${out.split('\n').filter((l) => l.startsWith('wrote')).join('; ') || 'no completed write'}`);
+});
+
+t.test('start-up errors name the option and the key, and nothing is served', async (t) => {
+  const dir = tempDir(t);
+  const cases: Array<[string[], RegExp]> = [
+    [['--blockdev', 'driver=file,node-name=f0'], /--blockdev #1 .*Parameter 'filename' is missing/],
+    [['--blockdev', 'driver=file,node-name=f0,filename=/nonexistent/x.img'], /--blockdev #1 .*Could not open '\/nonexistent\/x.img': No such file or directory/],
+    [['--blockdev', 'driver=nope,node-name=f0'], /Parameter 'driver' does not accept value 'nope'/],
+    [['--blockdev', 'driver=null-co,node-name=f0,size=big'], /Parameter 'size' expects/],
+    [['--blockdev', 'driver=null-co,node-name=f0,colour=red'], /Parameter 'colour' is unexpected/],
+    [['--blockdev', 'driver=null-co,node-name=0bad'], /Invalid node-name: '0bad'/],
+    [['--blockdev', '{"driver":"null-co",'], /--blockdev #1: invalid JSON/],
+    [['--blockdev', 'driver=null-co,node-name=n0', '--blockdev', 'driver=null-co,node-name=n0'], /--blockdev #2 .*Duplicate nodes with node-name='n0'/],
+    [['--blockdev', 'driver=raw,node-name=r0,file=missing'], /Cannot find device='' nor node-name='missing'/],
+    [['--blockdev', 'driver=null-co,node-name=n0', '--export', 'type=nbd,id=e0,node-name=n0'], /--export #1 .*NBD server not running/],
+    [['--blockdev', 'driver=null-co,node-name=n0', '--nbd-server', 'addr.type=unix', '--export', 'type=nbd,id=e0,node-name=n0'], /--nbd-server #1 .*Parameter 'addr.path' is missing/],
+    [['--blockdev', 'driver=null-co,node-name=n0,read-only=on', '--nbd-server', `addr.type=unix,addr.path=${dir}/s`, '--export', 'type=nbd,id=e0,node-name=n0,writable=on'], /Cannot export read-only node as writable/],
+    [['--log-level', 'loud'], /--log-level/],
+    [['--frobnicate'], /Unknown option '--frobnicate'/],
+  ];
+  for (const [args, expected] of cases) {
+    const r = await run(process.execPath, [VDISK, 'serve', ...args], { cwd: dir, timeoutMs: 20_000 });
+    t.equal(r.code, 1, `exit 1 for ${args.join(' ')}`);
+    t.match(r.stderr, expected, args.join(' '));
+    t.notMatch(r.stdout, /nbd:\/\//, 'no endpoint was announced');
+  }
+  t.notOk(fs.existsSync(path.join(dir, 'vdisk-data')), 'no default data dir was created');
+});
+
+t.test('image locks: one writer at a time, QEMU included', async (t) => {
+  requireTool(t, 'qemu-io');
+  const dir = tempDir(t);
+  const img = sparseFile(path.join(dir, 'a.img'), 8 * MiB);
+  const d = await startDaemon(t, { dir, args: ['--blockdev', `driver=file,node-name=f0,filename=${img}`, '--export', 'type=nbd,id=e0,node-name=f0,writable=on'] });
+  // A second vdisk on the same image.
+  const second = await run(process.execPath, [VDISK, 'serve', '--blockdev', `driver=file,node-name=f0,filename=${img}`], { cwd: dir, timeoutMs: 20_000 });
+  t.equal(second.code, 1);
+  t.match(second.stderr, /Failed to get "write" lock|Failed to get shared "write" lock/, 'a second vdisk cannot open it writable');
+  // QEMU sees vdisk's locks.
+  const q = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 512', img]);
+  t.not(q.code, 0, 'qemu-io cannot open it while vdisk writes it');
+  t.match(q.stderr, /Failed to get .*lock/);
+  const shared = await run('qemu-io', ['-U', '-r', '-f', 'raw', '-c', 'read 0 512', img]);
+  t.equal(shared.code, 0, `qemu-io -U -r (force share) still reads: ${shared.stderr}`);
+  await d.stop();
+  const after = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 512', img]);
+  t.equal(after.code, 0, `after vdisk stops, qemu-io opens it: ${after.stderr}`);
+});

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Reads a TAP stream (tap --reporter=tap) on stdin, echoes it, and prints one
-// last line "N passed, N failed" counting assertions. The test point that
+// last line "N passed, N failed" counting assertions: tap's own final count
+// when it printed one, else this script's count. The test point that
 // closes a subtest is not an assertion of its own, unless the subtest failed
 // with no failing assertion inside (a crash or a timeout): then it counts as
 // one failure.
@@ -46,4 +47,17 @@ rl.on('line', (line) => {
   // A plan line ends a subtest's body; the next test point (less indented) closes it.
   prevPlanIndent = /^\d+\.\.\d+/.test(body) ? indent : -1;
 });
-rl.on('close', () => process.stdout.write(`${passed} passed, ${failed} failed\n`));
+// tap ends with its own count, "# { total: N, pass: P, fail: F }": when present it is the authority.
+let reported;
+rl.on('line', (line) => {
+  const m = /^# \{ total: (\d+)(?:, pass: (\d+))?(?:, fail: (\d+))?/.exec(line);
+  if (m) reported = { pass: Number(m[2] ?? 0), fail: Number(m[3] ?? 0), total: Number(m[1]) };
+});
+rl.on('close', () => {
+  if (reported) {
+    passed = reported.pass;
+    // Assertions neither passed nor failed (todo, skip) are left out; a crash counted above stays counted.
+    failed = Math.max(reported.fail, failed);
+  }
+  process.stdout.write(`${passed} passed, ${failed} failed\n`);
+});

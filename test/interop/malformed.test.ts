@@ -84,6 +84,36 @@ t.test('handshake: garbage, unknown options, oversized options, half a handshake
   half.close();
 });
 
+t.test('a client that never finishes its handshake is dropped after the handshake timeout', async (t) => {
+  requireTool(t, 'qemu-io');
+  const dir = tempDir(t);
+  const img = sparseFile(path.join(dir, 'disk.img'), MiB);
+  const sock = path.join(dir, 'short.sock');
+  const d = await startDaemon(t, {
+    dir,
+    nbdServer: false,
+    args: [
+      '--blockdev', `driver=file,node-name=f0,filename=${img}`,
+      '--nbd-server', `addr.type=unix,addr.path=${sock},handshake-timeout=1`,
+      '--export', 'type=nbd,id=e0,node-name=f0,name=disk',
+    ],
+  });
+  const slow = await RawClient.connect(sock);
+  await slow.greet();
+  const started = Date.now();
+  t.ok(await slow.waitClosed(5000), 'the server hung up');
+  const waited = Date.now() - started;
+  t.ok(waited >= 800 && waited < 4000, `after about a second (${waited} ms)`);
+  t.match(d.stderr(), /nbd-handshake-timeout/, 'and logged why');
+  // A client that completed its handshake is not subject to the timeout.
+  const ok = await RawClient.connect(sock);
+  await ok.go('disk');
+  await new Promise((r) => setTimeout(r, 1500));
+  ok.request(NBD_CMD_READ, 0, 512, 1);
+  t.same(await ok.simpleReply(), { error: 0, cookie: 1 }, 'a connected client is still served after the timeout');
+  ok.close();
+});
+
 t.test('transmission: bad requests get errors and the connection goes on', async (t) => {
   requireTool(t, 'qemu-io');
   const { d, stillServes } = await setup(t);

@@ -35,6 +35,7 @@ t.test('nbdinfo --json: size, flags, block sizes, description', async (t) => {
   t.equal(e.block_size_preferred, 4096);
   t.equal(e.block_size_maximum, 32 * MiB);
   t.same(JSON.parse(rw.stdout).protocol, 'newstyle-fixed');
+  t.same(e.contexts, ['base:allocation'], 'NBD_OPT_LIST_META_CONTEXT lists base:allocation');
   t.equal(JSON.parse(rw.stdout)['TLS'], false);
 
   const ro = await run('nbdinfo', ['--json', d.uri('ro')]);

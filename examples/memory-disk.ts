@@ -22,40 +22,26 @@ export class MemoryNode extends BlockNode {
   }
 
   protected override async doRead(offset: number, buf: Buffer): Promise<void> {
-    for (let done = 0; done < buf.length; ) {
-      const pos = offset + done;
-      const index = Math.floor(pos / CHUNK);
-      const within = pos % CHUNK;
-      const n = Math.min(CHUNK - within, buf.length - done);
+    for (const { index, within, n, done } of pieces(offset, buf.length)) {
       const chunk = this.chunks.get(index);
       if (chunk) chunk.copy(buf, done, within, within + n);
       else buf.fill(0, done, done + n);
-      done += n;
     }
   }
 
   protected override async doWrite(offset: number, buf: Buffer): Promise<void> {
-    for (let done = 0; done < buf.length; ) {
-      const pos = offset + done;
-      const index = Math.floor(pos / CHUNK);
-      const within = pos % CHUNK;
-      const n = Math.min(CHUNK - within, buf.length - done);
+    for (const { index, within, n, done } of pieces(offset, buf.length)) {
       let chunk = this.chunks.get(index);
       if (!chunk) this.chunks.set(index, (chunk = Buffer.alloc(CHUNK)));
       buf.copy(chunk, within, done, done + n);
-      done += n;
     }
   }
 
   /** Whole chunks are dropped; partial ones are zeroed in place. */
   protected override async doWriteZeroes(offset: number, length: number): Promise<void> {
-    for (let pos = offset; pos < offset + length; ) {
-      const index = Math.floor(pos / CHUNK);
-      const within = pos % CHUNK;
-      const n = Math.min(CHUNK - within, offset + length - pos);
+    for (const { index, within, n } of pieces(offset, length)) {
       if (n === CHUNK) this.chunks.delete(index);
       else this.chunks.get(index)?.fill(0, within, within + n);
-      pos += n;
     }
   }
 
@@ -70,6 +56,17 @@ export class MemoryNode extends BlockNode {
     let end = (index + 1) * CHUNK;
     while (end < offset + length && this.chunks.has(end / CHUNK) === has) end += CHUNK;
     return { length: Math.min(end, offset + length) - offset, flags: has ? Status.DATA | Status.ALLOCATED : Status.ZERO | Status.ALLOCATED, depth: 1 };
+  }
+}
+
+/** Splits a byte range into its pieces within 64 KiB chunks. */
+function* pieces(offset: number, length: number): Generator<{ index: number; within: number; n: number; done: number }> {
+  for (let done = 0; done < length; ) {
+    const pos = offset + done;
+    const within = pos % CHUNK;
+    const n = Math.min(CHUNK - within, length - done);
+    yield { index: Math.floor(pos / CHUNK), within, n, done };
+    done += n;
   }
 }
 

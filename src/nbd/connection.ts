@@ -31,6 +31,8 @@ const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 /** Replies queued in the socket but not yet sent; past this the client is not keeping up. */
 const MAX_UNSENT_BYTES = 32 * 1024 * 1024;
 const SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
+/** How long a closing connection may take to deliver its last replies. */
+const GRACEFUL_CLOSE_MS = 10_000;
 /** Most option requests one handshake may send (each one costs a reply). */
 const MAX_OPTIONS = 1000;
 /** Reads at least this long look for holes and send them as hole chunks. */
@@ -136,7 +138,11 @@ export class NbdConnection {
     return new Promise((resolve) => this.closeWaiters.push(resolve));
   }
 
-  /** Stops taking requests, lets those in flight finish and their replies go out, then closes. */
+  /**
+   * Stops taking requests, lets those in flight finish and their replies go
+   * out, then closes. A client that does not read its replies is cut off
+   * after GRACEFUL_CLOSE_MS, so a shutdown never hangs on it.
+   */
   gracefulClose(): Promise<void> {
     if (this.state === State.Closed) return Promise.resolve();
     if (this.exp === undefined) {
@@ -145,6 +151,7 @@ export class NbdConnection {
       this.disconnectRequested = true;
       this.socket.pause();
       this.maybeFinishDisconnect();
+      setTimeout(() => this.destroy(), GRACEFUL_CLOSE_MS).unref();
     }
     return this.whenClosed();
   }
@@ -595,7 +602,6 @@ export class NbdConnection {
       if (!this.canBlockStatus) return { code: P.NBD_EINVAL, message: 'CMD_BLOCK_STATUS not negotiated' };
       if (length === 0) return { code: P.NBD_EINVAL, message: 'need non-zero length' };
     }
-    if (flags & P.NBD_CMD_FLAG_FAST_ZERO && !this.exp!.writable) return { code: P.NBD_EPERM, message: 'export is read-only' };
     return undefined;
   }
 

@@ -8,8 +8,8 @@
  */
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
-import { type InputMode, type Members, type Type, alternate, bool, check, enumOf, str, struct } from '../qapi/schema.js';
-import { BLOCKDEV_REF, type CommonOptions, DRIVERS, type DriverDef } from './drivers/index.js';
+import { type InputMode, type Members, type Type, alternate, bool, check, enumOf, nullType, str, struct } from '../qapi/schema.js';
+import { BLOCKDEV_REF, BLOCKDEV_REF_OR_NULL, type CommonOptions, DRIVERS, type DriverDef } from './drivers/index.js';
 import type { BlockNode, ChildRole, NodeUser } from './node.js';
 
 const NODE_NAME_MAX = 31;
@@ -37,6 +37,8 @@ export class BlockGraph {
   private readonly monitorOwned = new Set<string>();
   private readonly drivers = new Map<string, DriverDef>();
   private autoNameCounter = 0;
+  /** Names taken by nodes still being opened, so an inline child cannot take its parent's name. */
+  private readonly reserved = new Set<string>();
   /** BlockdevOptions, a union on 'driver' (built from the driver table). */
   readonly blockdevOptions: Type;
 
@@ -65,9 +67,10 @@ export class BlockGraph {
     };
     const options: Type = { kind: 'union', name: 'BlockdevOptions', base, discriminator: 'driver', branches: {} };
     const ref = alternate('BlockdevRef', [str, options]);
+    const refOrNull = alternate('BlockdevRefOrNull', [str, options, nullType]);
     for (const d of this.drivers.values()) {
       const members: Members = {};
-      for (const [k, t] of Object.entries(d.members)) members[k] = t === BLOCKDEV_REF ? ref : t;
+      for (const [k, t] of Object.entries(d.members)) members[k] = t === BLOCKDEV_REF ? ref : t === BLOCKDEV_REF_OR_NULL ? refOrNull : t;
       (options as { branches: Record<string, Members> }).branches[d.name] = members;
     }
     return options;
@@ -135,10 +138,19 @@ export class BlockGraph {
     let name = options['node-name'] as string | undefined;
     if (name !== undefined) {
       checkNodeName(name);
-      if (this.nodes.has(name)) throw new VdiskError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+      if (this.nodes.has(name) || this.reserved.has(name)) throw new VdiskError('EEXIST', `Duplicate nodes with node-name='${name}'`);
     } else {
       name = this.autoName();
     }
+    this.reserved.add(name);
+    try {
+      return await this.openNamed(driver, name, options, created);
+    } finally {
+      this.reserved.delete(name);
+    }
+  }
+
+  private async openNamed(driver: DriverDef, name: string, options: Record<string, unknown>, created: BlockNode[]): Promise<BlockNode> {
     const cache = (options.cache ?? {}) as Record<string, boolean>;
     const common: CommonOptions = {
       driver: driver.name,
@@ -177,6 +189,7 @@ export class BlockGraph {
     };
     const node = await driver.open(options, { common, openChild });
     node.detectZeroes = detectZeroes;
+    node.discardEnabled = common.discard === 'unmap';
     node.nodeName = name;
     for (const c of children) c.node.users.add(new ChildEdge(node, c.role));
     this.nodes.set(name, node);
@@ -189,7 +202,7 @@ export class BlockGraph {
       const name = `#block${++this.autoNameCounter}${Math.floor(Math.random() * 100)
         .toString()
         .padStart(2, '0')}`;
-      if (!this.nodes.has(name)) return name;
+      if (!this.nodes.has(name) && !this.reserved.has(name)) return name;
     }
   }
 

@@ -10,7 +10,10 @@
  *
  * What a driver hook may rely on (the caller's guarantees, as in QEMU's
  * block_int-common.h):
- *   - offset and length are safe integers, in range: offset + length <= size;
+ *   - offset and length are safe integers, in range: offset + length <= size,
+ *     except that a read may cover the whole last aligned block when size
+ *     is not aligned, and a growable node may be asked past its end (reads
+ *     there return zeroes, writes grow it);
  *   - both are multiples of limits.requestAlignment;
  *   - length <= limits.maxTransfer for doRead / doWrite;
  *   - no write-like hook is called on a read-only node;
@@ -48,6 +51,12 @@ export interface Extent {
   flags: number;
   /** Where in a backing chain the content comes from: 0 = nowhere (unallocated), 1 = this node, 2 = its backing file, ... */
   depth: number;
+  /** For data: its offset in the file that holds it (qemu-img map's "offset"). */
+  hostOffset?: number;
+  /** For data: stored compressed. */
+  compressed?: boolean;
+  /** The node whose file holds the data, when it is not this one (a backing file). */
+  from?: BlockNode;
 }
 
 export interface BlockLimits {
@@ -94,6 +103,18 @@ export abstract class BlockNode {
   readonly users = new Set<NodeUser>();
   /** Set when the driver makes FUA writes durable itself; else FUA is emulated by a flush. */
   protected nativeFua = false;
+  /**
+   * Writes past the end grow the node, and reads past the end return zeroes
+   * (a host file under a format driver, as in QEMU). Protocol adapters check
+   * their own export size, so clients never grow a node this way.
+   */
+  protected growable = false;
+  /**
+   * discard=unmap: discards reach the driver and write-zeroes may deallocate.
+   * When off (QEMU's discard=ignore), discards are dropped here and MAY_UNMAP
+   * is cleared, as bdrv_co_pdiscard does. The graph sets it from the options.
+   */
+  discardEnabled = true;
   /** Writes of all-zero buffers become write-zeroes ('unmap': allowed to deallocate). */
   detectZeroes: 'off' | 'on' | 'unmap' = 'off';
   /** The length in bytes; drivers set it when they open and truncate. */
@@ -102,6 +123,7 @@ export abstract class BlockNode {
   private inFlight = 0;
   private drainWaiters: Array<() => void> = [];
   private closed = false;
+  private closing: Promise<void> | undefined;
   /** Writes in progress, tracked only when requestAlignment > 1 so read-modify-write can be serialised. */
   private tracked: Array<{ start: number; end: number; serialising: boolean; done: Promise<void> }> = [];
 
@@ -212,6 +234,7 @@ export abstract class BlockNode {
       } else {
         await this.writeUnaligned(offset, buf, flags);
       }
+      if (offset + buf.length > this.length) this.length = offset + buf.length;
     } catch (err) {
       throw toVdiskError(err, `write at ${offset} on node '${this.nodeName}'`);
     } finally {
@@ -223,6 +246,7 @@ export abstract class BlockNode {
   async writeZeroes(offset: number, length: number, flags: number = 0): Promise<void> {
     this.checkRange('write-zeroes', offset, length, true);
     if (length === 0) return;
+    if (!this.discardEnabled) flags &= ~ReqFlags.MAY_UNMAP;
     this.inFlight++;
     try {
       const a = this.limits.requestAlignment;
@@ -230,6 +254,7 @@ export abstract class BlockNode {
       const tail = (offset + length) % a;
       if (head === 0 && tail === 0) {
         await this.zeroAligned(offset, length, flags);
+        if (offset + length > this.length) this.length = offset + length;
       } else {
         if (flags & ReqFlags.NO_FALLBACK) {
           throw new VdiskError('ENOTSUP', 'unaligned write-zeroes cannot be fast');
@@ -255,7 +280,7 @@ export abstract class BlockNode {
   /** Tells the node a range is no longer needed; reads of it afterwards are unspecified. */
   async discard(offset: number, length: number): Promise<void> {
     this.checkRange('discard', offset, length, true);
-    if (length === 0) return;
+    if (length === 0 || !this.discardEnabled) return;
     this.inFlight++;
     try {
       // Only the aligned part can be discarded; the edges keep their data (discard is a hint).
@@ -288,11 +313,13 @@ export abstract class BlockNode {
   /** Changes the length. Growing reads back zeroes in the new part. */
   async truncate(size: number): Promise<void> {
     if (!Number.isSafeInteger(size) || size < 0) throw invalid(`invalid size ${size}`);
+    if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
     if (this.readOnly) throw new VdiskError('EROFS', `node '${this.nodeName}' is read-only`);
     if (size % this.limits.requestAlignment !== 0) {
       throw invalid(`size ${size} is not a multiple of the request alignment ${this.limits.requestAlignment}`);
     }
     await this.drain();
+    if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
     await this.doTruncate(size);
   }
 
@@ -300,6 +327,8 @@ export abstract class BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent> {
     this.checkRange('block-status', offset, length, false);
     if (length === 0) throw invalid('block status needs a non-zero length');
+    // Past the end of a growable node nothing is stored: it reads as zeroes.
+    if (offset >= this.length) return { length, flags: Status.ZERO, depth: 0 };
     this.inFlight++;
     try {
       const a = this.limits.requestAlignment;
@@ -309,7 +338,8 @@ export abstract class BlockNode {
       // Report from offset on, never more than asked or less than one byte.
       let len = Math.min(ext.length - (offset - start), length);
       if (!(len > 0)) len = Math.min(length, a - (offset - start));
-      return { length: len, flags: ext.flags, depth: ext.depth };
+      if (start === offset && len === ext.length) return ext;
+      return { ...ext, length: len, hostOffset: ext.hostOffset === undefined ? undefined : ext.hostOffset + (offset - start) };
     } catch (err) {
       throw toVdiskError(err, `block status at ${offset} on node '${this.nodeName}'`);
     } finally {
@@ -338,11 +368,13 @@ export abstract class BlockNode {
   }
 
   /** Waits for requests in progress, then releases the driver's resources. Idempotent. */
-  async close(): Promise<void> {
-    if (this.closed) return;
-    await this.drain();
-    this.closed = true;
-    await this.doClose();
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      await this.drain();
+      this.closed = true;
+      await this.doClose();
+    })();
+    return this.closing;
   }
 
   // ---- helpers for the request path ---------------------------------------
@@ -351,7 +383,7 @@ export abstract class BlockNode {
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
       throw invalid(`${op} on node '${this.nodeName}': offset ${offset} and length ${length} must be non-negative integers below 2^53`);
     }
-    if (offset + length > this.length) {
+    if (offset + length > this.length && !(this.growable && offset + length <= MAX_OFFSET)) {
       throw invalid(`${op} on node '${this.nodeName}' past the end: offset ${offset} + length ${length} > size ${this.length}`);
     }
     if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
@@ -422,13 +454,20 @@ export abstract class BlockNode {
     for (const c of this.children) await c.node.flush();
   }
 
-  /** Reads an unaligned range through an aligned bounce buffer. */
+  /**
+   * Reads an unaligned range through an aligned bounce buffer. The driver
+   * sees whole aligned blocks even for the partial block at the end of a
+   * node whose size is not aligned (it reads that block short and zero-fills,
+   * as a file opened with O_DIRECT must); what lies wholly past the end of a
+   * growable node is zeroes without asking the driver.
+   */
   private async readUnaligned(offset: number, buf: Buffer): Promise<void> {
     const a = this.limits.requestAlignment;
     const start = offset - (offset % a);
-    const end = Math.min(Math.ceil((offset + buf.length) / a) * a, alignUp(this.length, a));
+    const end = alignUp(offset + buf.length, a);
     const bounce = Buffer.alloc(end - start);
-    await this.readSplit(start, bounce.subarray(0, Math.min(bounce.length, this.length - start)));
+    const stored = Math.min(end, alignUp(this.length, a)) - start;
+    if (stored > 0) await this.readSplit(start, bounce.subarray(0, stored));
     bounce.copy(buf, 0, offset - start, offset - start + buf.length);
   }
 

@@ -31,7 +31,8 @@ export function parseKeyval(text: string, optionName: string): Record<string, un
       throw new VdiskError('EINVAL', `${optionName}: expected key=value at '${text.slice(i)}'`);
     }
     const key = text.slice(i, eq);
-    if (!/^[A-Za-z0-9_.\-]+$/.test(key) || key.split('.').some((p) => p === '')) {
+    // '__proto__' would reach Object.prototype through an ordinary object; no QAPI member has that name.
+    if (!/^[A-Za-z0-9_.\-]+$/.test(key) || key.split('.').some((p) => p === '' || p === '__proto__')) {
       throw new VdiskError('EINVAL', `${optionName}: invalid parameter name '${key}'`);
     }
     let value = '';
@@ -75,8 +76,12 @@ function listify(v: unknown): unknown {
   const keys = Object.keys(obj);
   for (const k of keys) obj[k] = listify(obj[k]);
   if (keys.length > 0 && keys.every((k) => /^\d+$/.test(k))) {
-    const sorted = keys.map(Number).sort((a, b) => a - b);
-    if (sorted.every((n, idx) => n === idx)) return sorted.map((n) => obj[String(n)]);
+    // Indexes are decimal numbers, as QEMU reads them: "00" is element 0.
+    const byIndex = new Map<number, unknown>();
+    for (const k of keys) byIndex.set(Number(k), obj[k]);
+    if (byIndex.size === keys.length && [...byIndex.keys()].every((n) => n < keys.length)) {
+      return Array.from({ length: keys.length }, (_, i) => byIndex.get(i));
+    }
   }
   return obj;
 }

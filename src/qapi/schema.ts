@@ -102,7 +102,9 @@ export function parseSize(text: string): number | undefined {
   const shift = ' kmgtpe'.indexOf(m[2].toLowerCase() || ' ');
   const factor = m[2] === '' || m[2].toLowerCase() === 'b' ? 1 : 1024 ** shift;
   const value = Number(m[1]) * factor;
-  if (!Number.isFinite(value) || (m[1].includes('.') && m[2] === '')) return undefined;
+  if (!Number.isFinite(value)) return undefined;
+  // A fraction needs a unit larger than a byte, unless it is whole ("1.0b").
+  if (m[1].includes('.') && factor === 1 && !Number.isInteger(value)) return undefined;
   return Math.round(value);
 }
 
@@ -128,7 +130,8 @@ export function check(type: Type, value: unknown, path: string, mode: InputMode 
     case 'any':
       return value;
     case 'null':
-      if (value === null) return null;
+      // In keyval syntax an empty value is null (backing= means "no backing file"), as QEMU's visitor.
+      if (value === null || (keyval && value === '')) return null;
       return fail(`Invalid parameter type for '${path}', expected: null`);
     case 'str':
       if (typeof value === 'string') return value;
@@ -154,7 +157,7 @@ export function check(type: Type, value: unknown, path: string, mode: InputMode 
       if (typeof value === 'number') n = value;
       else if (keyval) n = type.name === 'size' ? parseSize(value as string) : parseKeyvalInt(value as string);
       else return fail(`Invalid parameter type for '${path}', expected: integer`);
-      if (n === undefined) return fail(`Parameter '${path}' expects ${type.name === 'size' ? 'a size value' : 'an integer'}`);
+      if (n === undefined) return fail(`Parameter '${path}' expects ${type.name === 'size' ? 'size' : 'integer'}`);
       if (!Number.isInteger(n)) return fail(`Invalid parameter type for '${path}', expected: integer`);
       const [min, max] = INT_RANGES[type.name];
       if (n < min || n > max) return fail(`Parameter '${path}' expects ${type.name === 'int' ? 'integer' : type.name}`);
@@ -181,6 +184,7 @@ export function check(type: Type, value: unknown, path: string, mode: InputMode 
       return out;
     }
     case 'alternate': {
+      if (keyval && value === '' && type.choices.some((c) => c.kind === 'null')) return null;
       for (const choice of type.choices) {
         if (matchesShape(choice, value, mode)) return check(choice, value, path, mode);
       }
@@ -201,7 +205,7 @@ function matchesShape(t: Type, value: unknown, mode: InputMode): boolean {
     case 'bool':
       return typeof value === 'boolean';
     case 'null':
-      return value === null || (mode === 'keyval' && value === 'null');
+      return value === null;
     case 'array':
       return Array.isArray(value);
     case 'struct':

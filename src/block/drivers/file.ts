@@ -87,6 +87,8 @@ export class FileNode extends BlockNode {
   private unmap: boolean;
   /** Until this time (performance.now()), buffered writes go to the pool. */
   private poolWritesUntil = 0;
+  /** RWF_NOWAIT failed with something other than EAGAIN once (tmpfs, some FUSE and network file systems): always use the pool. */
+  private noNowait = false;
 
   private constructor(options: FileOptions) {
     super({ nodeName: options.nodeName, readOnly: options.readOnly });
@@ -134,6 +136,8 @@ export class FileNode extends BlockNode {
         if (this.direct) this.limits.requestAlignment = info[1];
       } else if (st.isFile()) {
         this.length = st.size;
+        // A format driver above may allocate past the end of its file, as in QEMU.
+        this.growable = !this.readOnly;
         // QEMU probes the smallest alignment O_DIRECT accepts; 4096 works wherever O_DIRECT does.
         if (this.direct) this.limits.requestAlignment = 4096;
       } else {
@@ -191,14 +195,21 @@ export class FileNode extends BlockNode {
 
   protected override async doRead(offset: number, buf: Buffer): Promise<void> {
     if (this.direct) return this.readDirect(offset, buf);
-    const n = native.preadNowait(this.fd, buf, 0, buf.length, offset);
-    if (n === buf.length) return;
-    if (n >= 0) {
-      // The file is shorter than the node (shrunk behind our back): the rest reads as zeroes.
-      buf.fill(0, n);
-      return;
+    if (!this.noNowait) {
+      const n = native.preadNowait(this.fd, buf, 0, buf.length, offset);
+      if (n === buf.length) return;
+      if (n >= 0) {
+        // Past the end of the file (a growable node, or a file shrunk behind our back): zeroes.
+        buf.fill(0, n);
+        return;
+      }
+      // EAGAIN: not in the page cache. Anything else (EOPNOTSUPP on tmpfs, ...): the
+      // file system has no non-blocking reads; the pool read below reports real errors.
+      if (n !== EAGAIN) {
+        this.noNowait = true;
+        logEvent('debug', 'file-no-nowait-reads', { filename: this.path, errno: -n });
+      }
     }
-    if (n !== EAGAIN) throw errnoError(n, `read at ${offset} from '${this.path}'`);
     const m = await native.submit(Op.PREAD, this.fd, buf, 0, buf.length, offset, 0);
     if (m < 0) throw errnoError(m, `read at ${offset} from '${this.path}'`);
     if (m < buf.length) buf.fill(0, m);
@@ -235,6 +246,16 @@ export class FileNode extends BlockNode {
   }
 
   protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    if (offset + length > this.length && !this.isBlockDevice) {
+      // A growable file: extending it makes the new part read as zeroes (a hole).
+      const old = this.length;
+      await this.doTruncate(offset + length);
+      if (offset >= old) {
+        if (flags & ReqFlags.FUA) await this.doFlush();
+        return;
+      }
+      length = old - offset;
+    }
     const mayUnmap = this.unmap && (flags & ReqFlags.MAY_UNMAP) !== 0;
     let r = EOPNOTSUPP;
     if (mayUnmap) r = await this.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
@@ -280,17 +301,17 @@ export class FileNode extends BlockNode {
   }
 
   protected override async doBlockStatus(offset: number, length: number): Promise<Extent> {
-    if (this.isBlockDevice) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1 };
+    if (this.isBlockDevice) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: offset };
     const data = native.seekSync(this.fd, offset, SEEK_DATA);
     if (data === ENXIO) {
       // No data from offset to the end of the file (also past a shrunk file's end).
       return { length, flags: Status.ZERO | Status.ALLOCATED, depth: 1 };
     }
-    if (data < 0) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1 };
+    if (data < 0) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: offset };
     if (data > offset) return { length: Math.min(data - offset, length), flags: Status.ZERO | Status.ALLOCATED, depth: 1 };
     const hole = native.seekSync(this.fd, offset, SEEK_HOLE);
     const end = hole > offset ? hole : offset + length;
-    return { length: Math.min(end - offset, length), flags: Status.DATA | Status.ALLOCATED, depth: 1 };
+    return { length: Math.min(end - offset, length), flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: offset };
   }
 
   protected override async doClose(): Promise<void> {
@@ -307,14 +328,30 @@ function openFd(path: string, flags: number): Promise<number> {
   return new Promise((resolve, reject) => fs.open(path, flags, (err, fd) => (err ? reject(err) : resolve(fd))));
 }
 
+/** strerror() texts, so messages read as QEMU's ("Could not open 'x': Is a directory"). */
+const STRERROR: Record<string, string> = {
+  ENOENT: 'No such file or directory',
+  EACCES: 'Permission denied',
+  EPERM: 'Operation not permitted',
+  EISDIR: 'Is a directory',
+  ENOTDIR: 'Not a directory',
+  EROFS: 'Read-only file system',
+  ELOOP: 'Too many levels of symbolic links',
+  ENAMETOOLONG: 'File name too long',
+  EBUSY: 'Device or resource busy',
+  ETXTBSY: 'Text file busy',
+  ENXIO: 'No such device or address',
+  EINVAL: 'Invalid argument',
+};
+
 function openError(path: string, err: unknown): VdiskError {
   const e = err as NodeJS.ErrnoException;
-  const reason = e.code === 'ENOENT' ? 'No such file or directory' : e.code === 'EACCES' ? 'Permission denied' : e.message;
+  const reason = STRERROR[e.code ?? ''] ?? e.message;
   return errnoFromNode(e, `Could not open '${path}': ${reason}`, true);
 }
 
 function errnoFromNode(err: NodeJS.ErrnoException, message: string, exact = false): VdiskError {
   const known = ['ENOENT', 'EACCES', 'EPERM', 'EROFS', 'EINVAL', 'ENOSPC', 'EIO', 'EBUSY', 'EFBIG'];
-  const errno = known.includes(err.code ?? '') ? (err.code as 'EIO') : 'EIO';
+  const errno = known.includes(err.code ?? '') ? (err.code as 'EIO') : err.code === 'EISDIR' || err.code === 'ENOTDIR' ? 'EINVAL' : 'EIO';
   return new VdiskError(errno, exact ? message : `${message}: ${err.message}`, { cause: err });
 }

@@ -5,6 +5,10 @@
  */
 import type { Members } from '../../qapi/schema.js';
 import { bool, enumOf, int, str } from '../../qapi/schema.js';
+import fs from 'node:fs';
+import { VdiskError } from '../../errors.js';
+import { Qcow2Node } from './qcow2/qcow2.js';
+import { isQcow2 } from './qcow2/format.js';
 import type { BlockNode, ChildRole } from '../node.js';
 import { FileNode } from './file.js';
 import { NullNode } from './null-co.js';
@@ -37,6 +41,8 @@ export interface DriverDef {
 
 /** Placeholder type for a child reference, replaced by the BlockdevRef alternate in graph.ts. */
 export const BLOCKDEV_REF = { kind: 'any' } as const;
+/** Placeholder for BlockdevRefOrNull (a reference, or null for "none"). */
+export const BLOCKDEV_REF_OR_NULL = { kind: 'any' } as const;
 
 export const DRIVERS: DriverDef[] = [
   {
@@ -67,6 +73,8 @@ export const DRIVERS: DriverDef[] = [
     name: 'raw',
     members: { file: BLOCKDEV_REF, '*offset': int('int'), '*size': int('int') },
     async open(o, { common, openChild }) {
+      nonNegative(o, 'offset');
+      nonNegative(o, 'size');
       const file = await openChild(o.file, 'file');
       return new RawNode({
         nodeName: common.nodeName,
@@ -78,9 +86,27 @@ export const DRIVERS: DriverDef[] = [
     },
   },
   {
+    name: 'qcow2',
+    members: {
+      file: BLOCKDEV_REF,
+      '*backing': BLOCKDEV_REF_OR_NULL,
+    },
+    async open(o, { common, openChild }) {
+      const file = await openChild(o.file, 'file');
+      let backing: BlockNode | null | undefined;
+      if (o.backing === null) backing = null;
+      else if (o.backing !== undefined) backing = await openChild(o.backing, 'backing');
+      return Qcow2Node.open({ nodeName: common.nodeName, file, backing, readOnly: common.readOnly }, async (filename, format) => {
+        // The backing file named in the header: read-only, in the format it was recorded with.
+        return openChild({ driver: format ?? probeFormat(filename), 'read-only': true, file: { driver: 'file', filename, 'read-only': true } }, 'backing');
+      });
+    },
+  },
+  {
     name: 'null-co',
     members: { '*size': int('int'), '*latency-ns': int('uint64'), '*read-zeroes': bool },
     async open(o, { common }) {
+      nonNegative(o, 'size');
       return new NullNode({
         nodeName: common.nodeName,
         size: o.size as number | undefined,
@@ -90,3 +116,26 @@ export const DRIVERS: DriverDef[] = [
     },
   },
 ];
+
+/** QAPI says 'int' where QEMU's option parser takes only sizes; refuse negatives with QEMU's words. */
+function nonNegative(o: Record<string, unknown>, key: string): void {
+  const v = o[key];
+  if (typeof v === 'number' && v < 0) throw new VdiskError('EINVAL', `Parameter '${key}' expects a non-negative number below 2^64`);
+}
+
+/** Guesses an image's format from its first bytes: qcow2 or raw (what QEMU probes for backing files). */
+export function probeFormat(filename: string): string {
+  let fd: number;
+  try {
+    fd = fs.openSync(filename, 'r');
+  } catch (err) {
+    throw new VdiskError('ENOENT', `Could not open backing file '${filename}': ${(err as Error).message}`);
+  }
+  try {
+    const b = Buffer.alloc(4);
+    fs.readSync(fd, b, 0, 4, 0);
+    return isQcow2(b) ? 'qcow2' : 'raw';
+  } finally {
+    fs.closeSync(fd);
+  }
+}

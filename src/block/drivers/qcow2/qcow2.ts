@@ -1,0 +1,790 @@
+/**
+ * The qcow2 format driver.
+ *
+ * Guest clusters map through the L1 table (in memory) and L2 tables (an LRU
+ * cache) to host clusters of the `file` child; unallocated clusters read
+ * from the `backing` child, or as zeroes.
+ *
+ * Metadata is written back, not through: a write into a new cluster writes
+ * the data at once and changes the L2 table in memory; flush (and cache
+ * eviction) writes metadata in an order that keeps the image consistent at
+ * every point, on disk and in the page cache alike:
+ *   1. refcount blocks (only increments are ever pending), then sync;
+ *   2. L2 tables, then sync, then L1 entries and the header;
+ *   3. sync; only now are refcount decrements applied (a cluster that lost
+ *      its last reference becomes free, and may be reused).
+ * So a crash at any point loses unflushed writes at worst and leaks clusters
+ * at worst; refcounts on disk never drop below the references to them.
+ *
+ * Concurrency: a guest cluster being allocated (or copied on write, or
+ * zeroed, or discarded) is locked; other requests on that cluster wait and
+ * then look again. Reads never wait: they see the cluster before or after
+ * the change, never in between, because the L2 entry changes only after the
+ * data is written. Freed clusters are not reused while a write that started
+ * before they were freed may still be in flight (epochs).
+ *
+ * The dirty bit is set while the image is open writable (v3) and cleared on
+ * a clean close; an image opened dirty has its refcounts rebuilt first.
+ */
+import path from 'node:path';
+import { promisify } from 'node:util';
+import zlib from 'node:zlib';
+import { VdiskError } from '../../../errors.js';
+import { logEvent } from '../../../log.js';
+import { BlockNode, type Extent, ReqFlags, Status } from '../../node.js';
+import {
+  type DecodedL2,
+  EntryKind,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  type Qcow2Header,
+  decodeL2,
+  encodeEntry,
+  l1Offset,
+  parseHeader,
+  serializeHeader,
+} from './format.js';
+import { Refcounts } from './refcounts.js';
+
+const inflateRaw = promisify(zlib.inflateRaw);
+
+/** Memory for cached L2 tables at most (covers 256 GiB of guest disk with 64 KiB clusters). */
+const L2_CACHE_BYTES = 32 * 1024 * 1024;
+
+interface CachedL2 {
+  offset: number;
+  buf: Buffer;
+  dirty: boolean;
+}
+
+export interface Qcow2Options {
+  nodeName: string;
+  file: BlockNode;
+  /** undefined: open the backing file named in the header; null: none; a node: that one. */
+  backing: BlockNode | null | undefined;
+  readOnly?: boolean;
+}
+
+/** Opens the backing file named in an image header (the graph supplies this). */
+export type BackingOpener = (filename: string, format: string | undefined) => Promise<BlockNode>;
+
+export class Qcow2Node extends BlockNode {
+  readonly driverName = 'qcow2';
+  header!: Qcow2Header;
+  readonly file: BlockNode;
+  backing: BlockNode | undefined;
+  private clusterBits = 16;
+  private clusterSize = 65536;
+  private l2Entries = 8192;
+  private l1!: Buffer;
+  /** L1 indices whose entry changed in memory since the last write-back. */
+  private l1Dirty = new Set<number>();
+  refcounts!: Refcounts;
+  private readonly l2Cache = new Map<number, CachedL2>();
+  private readonly l2Loading = new Map<number, Promise<CachedL2>>();
+  private l2CachedBytes = 0;
+  /** L2 table offsets in use (from L1), for the metadata overlap check. */
+  private readonly l2Clusters = new Set<number>();
+  /** Guest clusters being allocated or rewritten: others wait on these. */
+  private readonly clusterLocks = new Map<number, Promise<void>>();
+  /** L1 indices whose L2 table is being allocated. */
+  private readonly l2Allocating = new Map<number, Promise<void>>();
+  /** Writes in flight, by the epoch they started in; a flush starts a new epoch. */
+  private epoch = 0;
+  private readonly writesByEpoch = new Map<number, number>();
+  private headerDirty = false;
+  /** Last decompressed cluster, as QEMU keeps one. */
+  private compressedCache: { offset: number; data: Buffer } | undefined;
+  private flushing: Promise<void> | undefined;
+
+  private constructor(options: Qcow2Options) {
+    super({ nodeName: options.nodeName, readOnly: options.readOnly || options.file.readOnly });
+    this.file = options.file;
+    this.nativeFua = false;
+  }
+
+  static async open(options: Qcow2Options, openBacking: BackingOpener): Promise<Qcow2Node> {
+    const node = new Qcow2Node(options);
+    await node.load(options, openBacking);
+    return node;
+  }
+
+  override get filename(): string {
+    return this.file.filename;
+  }
+
+  get clusterBytes(): number {
+    return this.clusterSize;
+  }
+
+  private async load(options: Qcow2Options, openBacking: BackingOpener): Promise<void> {
+    const file = this.file;
+    const first = Buffer.alloc(Math.min(file.size, 2 * 1024 * 1024));
+    await file.read(0, first);
+    const h = parseHeader(first, file.size);
+    this.header = h;
+    this.clusterBits = h.clusterBits;
+    this.clusterSize = 2 ** h.clusterBits;
+    this.l2Entries = this.clusterSize / 8;
+    this.length = h.size;
+    this.limits = { requestAlignment: 1, maxTransfer: 32 * 1024 * 1024, preferredSize: Math.max(4096, Math.min(this.clusterSize, 65536)) };
+    this.children.push({ role: 'file', node: file });
+
+    if (h.incompatibleFeatures & INCOMPAT_CORRUPT && !this.readOnly) {
+      throw new VdiskError('EIO', `qcow2: image '${file.filename}' is marked corrupt; it can only be opened read-only (repair with 'vdisk img check -r all')`, {
+        code: 'VDISK_QCOW2_CORRUPT',
+      });
+    }
+    this.l1 = Buffer.alloc(h.l1Size * 8);
+    if (h.l1Size) await file.read(h.l1TableOffset, this.l1);
+    for (let i = 0; i < h.l1Size; i++) {
+      const off = this.l1Entry(i);
+      if (off === 0) continue;
+      if (off % this.clusterSize !== 0) throw corrupt(`L2 table offset ${off} (L1 entry ${i}) is not cluster aligned`);
+      if (off + this.clusterSize > file.size) throw corrupt(`L2 table offset ${off} (L1 entry ${i}) is past the end of the image (${file.size})`);
+      this.l2Clusters.add(off / this.clusterSize);
+    }
+    this.refcounts = await Refcounts.load(file, {
+      clusterBits: h.clusterBits,
+      refcountOrder: h.refcountOrder,
+      tableOffset: h.refcountTableOffset,
+      tableClusters: h.refcountTableClusters,
+    });
+
+    if (options.backing === null) this.backing = undefined;
+    else if (options.backing) this.backing = options.backing;
+    else if (h.backingFile) {
+      const dir = path.dirname(file.filename);
+      const name = h.backingFile.startsWith('json:') || path.isAbsolute(h.backingFile) ? h.backingFile : path.join(dir, h.backingFile);
+      this.backing = await openBacking(name, h.backingFormat);
+    }
+    if (this.backing) this.children.push({ role: 'backing', node: this.backing });
+
+    if (!this.readOnly) {
+      if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+        logEvent('warn', 'qcow2-repairing-dirty-image', { filename: file.filename });
+        const { checkImage } = await import('./check.js');
+        await checkImage(this, { repair: 'all' });
+      }
+      // A writer must clear the autoclear bits of features it does not keep up to date: vdisk keeps
+      // none of them yet (persistent bitmaps come with the bitmap work), so QEMU will know.
+      h.autoclearFeatures = 0n;
+      if (h.version === 3) h.incompatibleFeatures |= INCOMPAT_DIRTY;
+      await this.writeHeader();
+      await file.flush();
+    }
+  }
+
+  /** The L2 table offset of an L1 entry (0: none). */
+  l1Entry(index: number): number {
+    return l1Offset(this.l1.readUInt32BE(index * 8), this.l1.readUInt32BE(index * 8 + 4));
+  }
+
+  get l1Size(): number {
+    return this.header.l1Size;
+  }
+
+  get l2EntriesPerTable(): number {
+    return this.l2Entries;
+  }
+
+  private async writeHeader(): Promise<void> {
+    const h = this.header;
+    h.refcountTableOffset = this.refcounts.layout.tableOffset;
+    h.refcountTableClusters = this.refcounts.layout.tableClusters;
+    await this.file.write(0, serializeHeader(h));
+    this.headerDirty = false;
+  }
+
+  // ---- L2 cache -------------------------------------------------------------
+
+  /** The L2 table at a host offset, from the cache or the file. */
+  async l2Table(offset: number): Promise<CachedL2> {
+    const hit = this.l2Cache.get(offset);
+    if (hit) {
+      this.l2Cache.delete(offset);
+      this.l2Cache.set(offset, hit);
+      return hit;
+    }
+    let p = this.l2Loading.get(offset);
+    if (!p) {
+      p = (async () => {
+        const buf = Buffer.alloc(this.clusterSize);
+        await this.file.read(offset, buf);
+        const existing = this.l2Cache.get(offset);
+        if (existing) return existing;
+        const t = { offset, buf, dirty: false };
+        await this.cacheL2(t);
+        return t;
+      })().finally(() => this.l2Loading.delete(offset));
+      this.l2Loading.set(offset, p);
+    }
+    return p;
+  }
+
+  private async cacheL2(t: CachedL2): Promise<void> {
+    this.l2Cache.set(t.offset, t);
+    this.l2CachedBytes += this.clusterSize;
+    if (this.l2CachedBytes <= L2_CACHE_BYTES) return;
+    for (const [off, old] of this.l2Cache) {
+      if (this.l2CachedBytes <= L2_CACHE_BYTES) break;
+      if (old === t) continue;
+      if (old.dirty) {
+        // The refcounts of clusters it references must be on disk before it is.
+        if (this.refcounts.dirty) {
+          await this.refcounts.writeBack();
+          await this.file.flush();
+        }
+        old.dirty = false;
+        await this.file.write(old.offset, old.buf);
+      }
+      if (this.l2Cache.get(off) === old) {
+        this.l2Cache.delete(off);
+        this.l2CachedBytes -= this.clusterSize;
+      }
+    }
+  }
+
+  // ---- lookups --------------------------------------------------------------------
+
+  /** Decodes the L2 entry of a guest cluster, loading its table if needed. */
+  private async entry(guestCluster: number): Promise<DecodedL2> {
+    const l1Index = Math.floor(guestCluster / this.l2Entries);
+    const l2Off = this.l1Entry(l1Index);
+    if (l2Off === 0) return UNALLOCATED;
+    const t = await this.l2Table(l2Off);
+    return this.decodeAt(t.buf, guestCluster % this.l2Entries, guestCluster);
+  }
+
+  private decodeAt(buf: Buffer, i: number, guestCluster: number): DecodedL2 {
+    const e = decodeL2(buf.readUInt32BE(i * 8), buf.readUInt32BE(i * 8 + 4), this.clusterBits, this.header.version === 3);
+    if (e.kind === EntryKind.Normal || (e.kind === EntryKind.Zero && e.offset !== 0)) {
+      if (e.offset % this.clusterSize !== 0) {
+        throw corrupt(`L2 entry for guest offset ${guestCluster * this.clusterSize} points to unaligned host offset ${e.offset}`);
+      }
+      if (this.isMetadata(e.offset / this.clusterSize)) {
+        throw corrupt(`L2 entry for guest offset ${guestCluster * this.clusterSize} points into metadata at host offset ${e.offset}`);
+      }
+    }
+    return e;
+  }
+
+  private isMetadata(cluster: number): boolean {
+    if (cluster === 0) return true;
+    const l1First = this.header.l1TableOffset / this.clusterSize;
+    if (cluster >= l1First && cluster < l1First + Math.ceil((this.header.l1Size * 8) / this.clusterSize)) return true;
+    return this.l2Clusters.has(cluster) || this.refcounts.metadataClusters.has(cluster);
+  }
+
+  // ---- reads ---------------------------------------------------------------------
+
+  protected override async doRead(offset: number, buf: Buffer): Promise<void> {
+    const cs = this.clusterSize;
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      const cluster = Math.floor(pos / cs);
+      const within = pos % cs;
+      // Extend over following clusters that map contiguously (one file read for a long run).
+      const e = await this.entry(cluster);
+      let n = Math.min(cs - within, buf.length - done);
+      if (e.kind === EntryKind.Normal) {
+        for (let k = 1; done + n < buf.length; k++) {
+          const next = await this.entry(cluster + k);
+          if (next.kind !== EntryKind.Normal || next.offset !== e.offset + k * cs) break;
+          n = Math.min(n + cs, buf.length - done);
+        }
+        await this.file.read(e.offset + within, buf.subarray(done, done + n));
+      } else if (e.kind === EntryKind.Zero) {
+        buf.fill(0, done, done + n);
+      } else if (e.kind === EntryKind.Compressed) {
+        const data = await this.decompress(e, cluster);
+        data.copy(buf, done, within, within + n);
+      } else {
+        await this.readBacking(pos, buf.subarray(done, done + n));
+      }
+      done += n;
+    }
+  }
+
+  /** Reads from the backing file, zeroes where there is none or past its end. */
+  private async readBacking(offset: number, buf: Buffer): Promise<void> {
+    const b = this.backing;
+    if (!b || offset >= b.size) {
+      buf.fill(0);
+      return;
+    }
+    const inside = Math.min(buf.length, b.size - offset);
+    await b.read(offset, buf.subarray(0, inside));
+    if (inside < buf.length) buf.fill(0, inside);
+  }
+
+  private async decompress(e: DecodedL2, guestCluster: number): Promise<Buffer> {
+    if (this.compressedCache?.offset === e.offset) return this.compressedCache.data;
+    const input = Buffer.alloc(e.compressedLength);
+    // Compressed data may end short of its last sector at the end of the file.
+    const avail = Math.max(0, Math.min(input.length, this.file.size - e.offset));
+    if (avail === 0) throw corrupt(`compressed cluster for guest offset ${guestCluster * this.clusterSize} at host offset ${e.offset} is past the end of the image`);
+    await this.file.read(e.offset, input.subarray(0, avail));
+    let data: Buffer;
+    try {
+      data = await inflateRaw(input.subarray(0, avail), { finishFlush: zlib.constants.Z_SYNC_FLUSH });
+    } catch (err) {
+      throw corrupt(`compressed cluster for guest offset ${guestCluster * this.clusterSize} at host offset ${e.offset} does not inflate: ${(err as Error).message}`);
+    }
+    if (data.length < this.clusterSize) {
+      throw corrupt(`compressed cluster for guest offset ${guestCluster * this.clusterSize} inflates to ${data.length} bytes, not ${this.clusterSize}`);
+    }
+    data = data.subarray(0, this.clusterSize);
+    this.compressedCache = { offset: e.offset, data };
+    return data;
+  }
+
+  // ---- writes ---------------------------------------------------------------------
+
+  protected override async doWrite(offset: number, buf: Buffer, _flags: number): Promise<void> {
+    const epoch = this.beginWrite();
+    try {
+      const cs = this.clusterSize;
+      let done = 0;
+      while (done < buf.length) {
+        const pos = offset + done;
+        const cluster = Math.floor(pos / cs);
+        const within = pos % cs;
+        const e = await this.entry(cluster);
+        if (e.kind === EntryKind.Normal && e.copied && !this.clusterLocks.has(cluster)) {
+          // In place: extend over contiguous in-place clusters.
+          let n = Math.min(cs - within, buf.length - done);
+          for (let k = 1; done + n < buf.length; k++) {
+            const next = await this.entry(cluster + k);
+            if (next.kind !== EntryKind.Normal || !next.copied || this.clusterLocks.has(cluster + k) || next.offset !== e.offset + k * cs) break;
+            n = Math.min(n + cs, buf.length - done);
+          }
+          this.checkOverlap(e.offset, within + n);
+          await this.file.write(e.offset + within, buf.subarray(done, done + n));
+          done += n;
+        } else {
+          done += await this.allocatingWrite(cluster, within, buf, done);
+        }
+      }
+    } finally {
+      this.endWrite(epoch);
+    }
+  }
+
+  private beginWrite(): number {
+    const e = this.epoch;
+    this.writesByEpoch.set(e, (this.writesByEpoch.get(e) ?? 0) + 1);
+    return e;
+  }
+
+  private endWrite(epoch: number): void {
+    const n = this.writesByEpoch.get(epoch)! - 1;
+    if (n === 0) this.writesByEpoch.delete(epoch);
+    else this.writesByEpoch.set(epoch, n);
+  }
+
+  /** Refuses a data write that would land on metadata (a corrupt L2 entry). */
+  private checkOverlap(hostOffset: number, length: number): void {
+    const first = Math.floor(hostOffset / this.clusterSize);
+    const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) {
+      if (this.isMetadata(c)) {
+        const reason = `refusing a data write at host offset ${c * this.clusterSize}: it holds metadata`;
+        void this.markCorrupt(reason);
+        throw corrupt(reason);
+      }
+    }
+  }
+
+  /** Waits until no one holds the lock on a guest cluster, then takes it. */
+  private async lockCluster(cluster: number): Promise<() => void> {
+    for (;;) {
+      const held = this.clusterLocks.get(cluster);
+      if (!held) break;
+      await held;
+    }
+    let release!: () => void;
+    this.clusterLocks.set(cluster, new Promise<void>((r) => (release = r)));
+    return () => {
+      this.clusterLocks.delete(cluster);
+      release();
+    };
+  }
+
+  /**
+   * Writes into a cluster that needs a new host cluster: unallocated, zero,
+   * compressed, or shared (no COPIED flag). The parts of the cluster the
+   * write does not cover are filled from what the cluster read before
+   * (backing file, zeroes, compressed or shared data). Returns the bytes of
+   * `buf` consumed (up to the end of the cluster).
+   */
+  private async allocatingWrite(cluster: number, within: number, buf: Buffer, done: number): Promise<number> {
+    const cs = this.clusterSize;
+    const n = Math.min(cs - within, buf.length - done);
+    const unlock = await this.lockCluster(cluster);
+    try {
+      // Look again: another request may have allocated it while we waited.
+      const e = await this.entry(cluster);
+      if (e.kind === EntryKind.Normal && e.copied) {
+        this.checkOverlap(e.offset + within, n);
+        await this.file.write(e.offset + within, buf.subarray(done, done + n));
+        return n;
+      }
+      const table = await this.l2ForWrite(cluster);
+      const whole = within === 0 && n === cs;
+      // A preallocated zero cluster with refcount 1 can be reused in place.
+      const reuse = e.kind === EntryKind.Zero && e.offset !== 0 && e.copied;
+      const host = reuse ? e.offset : (await this.refcounts.allocate(1)) * cs;
+      if (!reuse && this.isMetadata(host / cs)) throw corrupt(`allocator returned metadata cluster ${host / cs}`);
+      // A cluster past the end of the file has never been written: it reads as zeroes already.
+      const fresh = !reuse && host >= this.file.size;
+      const oldIsZero = e.kind === EntryKind.Zero || (e.kind === EntryKind.Unallocated && !this.backing);
+      if (whole || (fresh && oldIsZero)) {
+        await this.file.write(host + within, buf.subarray(done, done + n));
+      } else {
+        const data = Buffer.alloc(cs);
+        await this.fillOld(e, cluster, data);
+        buf.copy(data, within, done, done + n);
+        await this.file.write(host, data);
+      }
+      // The data is in place: now the mapping may point at it.
+      encodeEntry(table.buf, (cluster % this.l2Entries) * 8, host, true);
+      table.dirty = true;
+      if (!reuse) this.releaseOld(e);
+      return n;
+    } finally {
+      unlock();
+    }
+  }
+
+  /** The content a cluster had before a write that replaces it. */
+  private async fillOld(e: DecodedL2, cluster: number, data: Buffer): Promise<void> {
+    const cs = this.clusterSize;
+    switch (e.kind) {
+      case EntryKind.Zero:
+        return;
+      case EntryKind.Compressed:
+        (await this.decompress(e, cluster)).copy(data);
+        return;
+      case EntryKind.Normal:
+        await this.file.read(e.offset, data);
+        return;
+      case EntryKind.Unallocated:
+        if (this.backing) await this.readBacking(cluster * cs, data.subarray(0, Math.min(cs, this.length - cluster * cs)));
+    }
+  }
+
+  /** Drops the reference an old entry held (after the next durable flush). */
+  private releaseOld(e: DecodedL2): void {
+    if (e.kind === EntryKind.Normal || (e.kind === EntryKind.Zero && e.offset !== 0)) {
+      this.refcounts.release(e.offset / this.clusterSize, 1, this.epoch);
+    } else if (e.kind === EntryKind.Compressed) {
+      const first = Math.floor(e.offset / this.clusterSize);
+      const last = Math.floor((e.offset + e.compressedLength - 1) / this.clusterSize);
+      for (let c = first; c <= last; c++) this.refcounts.release(c, 1, this.epoch);
+      if (this.compressedCache?.offset === e.offset) this.compressedCache = undefined;
+    }
+  }
+
+  /** The L2 table for a guest cluster, allocating a new (zeroed) one if there is none. */
+  private async l2ForWrite(cluster: number): Promise<CachedL2> {
+    const l1Index = Math.floor(cluster / this.l2Entries);
+    for (;;) {
+      const off = this.l1Entry(l1Index);
+      if (off !== 0) {
+        const t = await this.l2Table(off);
+        // A table shared with a snapshot (no COPIED flag in L1) would need copying first.
+        if (!(this.l1.readUInt32BE(l1Index * 8) & 0x80000000)) await this.copyL2(l1Index, t);
+        else return t;
+        continue;
+      }
+      const pending = this.l2Allocating.get(l1Index);
+      if (pending) {
+        await pending;
+        continue;
+      }
+      let done!: () => void;
+      this.l2Allocating.set(l1Index, new Promise<void>((r) => (done = r)));
+      try {
+        const host = (await this.refcounts.allocate(1)) * this.clusterSize;
+        const t: CachedL2 = { offset: host, buf: Buffer.alloc(this.clusterSize), dirty: true };
+        this.l2Clusters.add(host / this.clusterSize);
+        await this.cacheL2(t);
+        encodeEntry(this.l1, l1Index * 8, host, true);
+        this.l1Dirty.add(l1Index);
+        return t;
+      } finally {
+        this.l2Allocating.delete(l1Index);
+        done();
+      }
+    }
+  }
+
+  /** Copies an L2 table whose refcount is above one (shared with an internal snapshot). */
+  private async copyL2(l1Index: number, old: CachedL2): Promise<void> {
+    const cs = this.clusterSize;
+    const host = (await this.refcounts.allocate(1)) * cs;
+    const t: CachedL2 = { offset: host, buf: Buffer.from(old.buf), dirty: true };
+    // Entries of a copied table no longer have refcount one for sure: clear COPIED, references go up by one.
+    for (let i = 0; i < this.l2Entries; i++) {
+      const e = decodeL2(t.buf.readUInt32BE(i * 8), t.buf.readUInt32BE(i * 8 + 4), this.clusterBits, this.header.version === 3);
+      if (e.kind === EntryKind.Normal || (e.kind === EntryKind.Zero && e.offset)) {
+        await this.refcounts.addReference(e.offset / cs);
+        encodeEntry(t.buf, i * 8, e.offset, false, e.kind === EntryKind.Zero);
+      } else if (e.kind === EntryKind.Compressed) {
+        for (let c = Math.floor(e.offset / cs); c <= Math.floor((e.offset + e.compressedLength - 1) / cs); c++) await this.refcounts.addReference(c);
+      }
+    }
+    this.l2Clusters.add(host / cs);
+    await this.cacheL2(t);
+    encodeEntry(this.l1, l1Index * 8, host, true);
+    this.l1Dirty.add(l1Index);
+    this.refcounts.release(old.offset / cs, 1, this.epoch);
+  }
+
+  // ---- zeroes and discard -------------------------------------------------------------
+
+  protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    if (this.header.version < 3) {
+      // No zero flag in version 2: with no backing file, deallocating gives zeroes.
+      if (this.backing || !(flags & ReqFlags.MAY_UNMAP)) throw new VdiskError('ENOTSUP', 'qcow2 v2: no zero clusters');
+    }
+    const cs = this.clusterSize;
+    const head = offset % cs;
+    const tail = (offset + length) % cs;
+    // Partial clusters: zero them with ordinary writes (the request path falls back on ENOTSUP).
+    if (head !== 0 || tail !== 0) {
+      const firstWhole = head ? offset - head + cs : offset;
+      const endWhole = offset + length - tail;
+      if (firstWhole >= endWhole) throw new VdiskError('ENOTSUP', 'qcow2: a zero range inside one cluster is written as data');
+      if (flags & ReqFlags.NO_FALLBACK) throw new VdiskError('ENOTSUP', 'qcow2: partial clusters cannot be zeroed fast');
+      if (head) await this.write(offset, Buffer.alloc(firstWhole - offset));
+      await this.zeroClusters(firstWhole / cs, (endWhole - firstWhole) / cs, flags);
+      if (tail) await this.write(endWhole, Buffer.alloc(tail));
+      return;
+    }
+    await this.zeroClusters(offset / cs, length / cs, flags);
+  }
+
+  /** Marks whole clusters as reading zero; with MAY_UNMAP their host clusters are released. */
+  private async zeroClusters(first: number, count: number, flags: number): Promise<void> {
+    const unmap = (flags & ReqFlags.MAY_UNMAP) !== 0;
+    const v3 = this.header.version === 3;
+    for (let c = first; c < first + count; c++) {
+      const e = await this.entry(c);
+      if (e.kind === EntryKind.Zero && (!unmap || e.offset === 0)) continue;
+      // Unallocated with no backing file already reads as zero.
+      if (e.kind === EntryKind.Unallocated && !this.backing) continue;
+      const unlock = await this.lockCluster(c);
+      try {
+        const cur = await this.entry(c);
+        const table = await this.l2ForWrite(c);
+        const i = (c % this.l2Entries) * 8;
+        const keep = !unmap && cur.kind === EntryKind.Normal && cur.copied;
+        if (!v3) encodeEntry(table.buf, i, 0, false);
+        else if (keep) encodeEntry(table.buf, i, cur.offset, true, true);
+        else encodeEntry(table.buf, i, 0, false, true);
+        table.dirty = true;
+        if (!keep) this.releaseOld(cur);
+      } finally {
+        unlock();
+      }
+    }
+  }
+
+  protected override async doDiscard(offset: number, length: number): Promise<void> {
+    const cs = this.clusterSize;
+    // Only whole clusters can be discarded; discard is a hint, so partial ones are left alone.
+    const first = Math.ceil(offset / cs);
+    const end = Math.floor((offset + length) / cs);
+    if (end <= first) return;
+    if (this.backing && this.header.version === 3) {
+      // With a backing file, a discarded cluster must not show the backing data: make it a zero cluster.
+      return this.zeroClusters(first, end - first, ReqFlags.MAY_UNMAP);
+    }
+    for (let c = first; c < end; c++) {
+      const e = await this.entry(c);
+      if (e.kind === EntryKind.Unallocated) continue;
+      if (this.backing) {
+        // v2 with a backing file: no zero flag, and deallocating would expose the backing data. Leave it.
+        continue;
+      }
+      const unlock = await this.lockCluster(c);
+      try {
+        const cur = await this.entry(c);
+        const table = await this.l2ForWrite(c);
+        encodeEntry(table.buf, (c % this.l2Entries) * 8, 0, false);
+        table.dirty = true;
+        this.releaseOld(cur);
+      } finally {
+        unlock();
+      }
+    }
+  }
+
+  // ---- block status -------------------------------------------------------------------
+
+  protected override async doBlockStatus(offset: number, length: number): Promise<Extent> {
+    const cs = this.clusterSize;
+    const cluster = Math.floor(offset / cs);
+    const e = await this.entry(cluster);
+    const kindOf = (x: DecodedL2) => (x.kind === EntryKind.Zero ? EntryKind.Zero : x.kind);
+    // Extend over clusters of the same kind (and, for data, contiguous on the host: qemu-img map shows runs).
+    let n = Math.min(cs - (offset % cs), length);
+    while (n < length) {
+      const c = Math.floor((offset + n) / cs);
+      const next = await this.entry(c);
+      if (kindOf(next) !== kindOf(e)) break;
+      if (e.kind === EntryKind.Normal && next.offset !== e.offset + (c - cluster) * cs) break;
+      if (e.kind === EntryKind.Compressed) break;
+      n = Math.min(n + cs, length);
+    }
+    switch (e.kind) {
+      case EntryKind.Normal:
+        return { length: n, flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: e.offset + (offset % cs) };
+      case EntryKind.Compressed:
+        return { length: n, flags: Status.DATA | Status.ALLOCATED, depth: 1, compressed: true };
+      case EntryKind.Zero:
+        return { length: n, flags: Status.ZERO | Status.ALLOCATED, depth: 1 };
+      default: {
+        const b = this.backing;
+        if (!b) return { length: n, flags: Status.ZERO, depth: 0 };
+        if (offset >= b.size) return { length: n, flags: Status.ZERO, depth: 0 };
+        const inner = await b.blockStatus(offset, Math.min(n, b.size - offset));
+        return {
+          length: inner.length,
+          flags: inner.flags & ~Status.ALLOCATED,
+          depth: inner.depth === 0 ? 0 : inner.depth + 1,
+          hostOffset: inner.hostOffset,
+          compressed: inner.compressed,
+          from: inner.from ?? b,
+        };
+      }
+    }
+  }
+
+  // ---- resize -------------------------------------------------------------------------
+
+  protected override async doTruncate(size: number): Promise<void> {
+    if (size < this.length) throw new VdiskError('ENOTSUP', 'qcow2: shrinking an image is not supported');
+    if (size % 512 !== 0) throw new VdiskError('EINVAL', 'qcow2: the size must be a multiple of 512');
+    const needed = Math.ceil(size / this.clusterSize / this.l2Entries);
+    if (needed > this.header.l1Size) await this.growL1(needed);
+    this.header.size = size;
+    this.length = size;
+    // The header is written at once so a grown image opens grown even without a flush.
+    await this.flushMetadata();
+    await this.writeHeader();
+  }
+
+  /** Moves the L1 table to a bigger place; the old one is released after the next flush. */
+  private async growL1(entries: number): Promise<void> {
+    const cs = this.clusterSize;
+    const clusters = Math.ceil((entries * 8) / cs);
+    const host = (await this.refcounts.allocate(clusters)) * cs;
+    const table = Buffer.alloc(clusters * cs);
+    this.l1.copy(table);
+    const old = { offset: this.header.l1TableOffset, clusters: Math.ceil((this.header.l1Size * 8) / cs) };
+    // Everything the new table points to must be on disk before the header points to the table.
+    await this.flushMetadata();
+    await this.file.write(host, table.subarray(0, entries * 8));
+    await this.file.flush();
+    this.l1 = table.subarray(0, entries * 8);
+    this.header.l1TableOffset = host;
+    this.header.l1Size = entries;
+    await this.writeHeader();
+    await this.file.flush();
+    for (let i = 0; i < old.clusters; i++) this.refcounts.release(old.offset / cs + i, 1, this.epoch);
+  }
+
+  // ---- flush and close ------------------------------------------------------------------
+
+  protected override doFlush(): Promise<void> {
+    // One metadata write-back at a time; a flush that arrives during one waits and runs its own.
+    const run = (this.flushing ?? Promise.resolve()).then(() => this.flushMetadata());
+    this.flushing = run.finally(() => {
+      if (this.flushing === run) this.flushing = undefined;
+    });
+    return run;
+  }
+
+  /** Writes metadata back in the crash-safe order (see the top of this file). */
+  async flushMetadata(): Promise<void> {
+    if (this.readOnly) return;
+    const flushEpoch = this.epoch++;
+    if (this.refcounts.dirty) {
+      await this.refcounts.writeBack();
+      if (this.refcounts.tableMoved) {
+        await this.file.flush();
+        this.refcounts.tableMoved = false;
+        this.headerDirty = true;
+      }
+      await this.file.flush();
+    }
+    let l2Written = false;
+    for (const t of this.l2Cache.values()) {
+      if (!t.dirty) continue;
+      t.dirty = false;
+      await this.file.write(t.offset, t.buf);
+      l2Written = true;
+    }
+    if (this.l1Dirty.size) {
+      if (l2Written) await this.file.flush();
+      const indices = [...this.l1Dirty].sort((a, b) => a - b);
+      this.l1Dirty.clear();
+      for (const i of indices) await this.file.write(this.header.l1TableOffset + i * 8, this.l1.subarray(i * 8, i * 8 + 8));
+    }
+    if (this.headerDirty) await this.writeHeader();
+    if (this.refcounts.hasPendingReleases) {
+      // The references are gone on disk once this sync is done; then the clusters may be freed.
+      await this.file.flush();
+      let oldest = this.epoch;
+      for (const e of this.writesByEpoch.keys()) oldest = Math.min(oldest, e);
+      const freed = await this.refcounts.applyReleases(Math.min(oldest, flushEpoch + 1));
+      await this.refcounts.writeBack();
+      for (const c of freed) {
+        this.l2Clusters.delete(c);
+        // Give the space back to the file system where the file node allows it.
+        await this.file.discard(c * this.clusterSize, this.clusterSize).catch(() => undefined);
+      }
+    }
+  }
+
+  protected override async doClose(): Promise<void> {
+    if (this.readOnly) return;
+    await this.flushMetadata();
+    // Anything still pending (released during the flush) is applied now: nothing is in flight any more.
+    if (this.refcounts.hasPendingReleases) await this.flushMetadata();
+    await this.file.flush();
+    this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+    await this.writeHeader();
+    await this.file.flush();
+  }
+
+  /** Marks the image corrupt on disk (QEMU's qcow2_signal_corruption), so nobody writes it again. */
+  async markCorrupt(reason: string): Promise<void> {
+    logEvent('error', 'qcow2-image-corrupt', { filename: this.file.filename, reason });
+    if (this.readOnly || this.header.version < 3) return;
+    this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+    await this.writeHeader().catch(() => undefined);
+    this.readOnly = true;
+  }
+
+  /** For check and repair: every loaded L2 table, and direct access to the L1 table. */
+  get l1Table(): Buffer {
+    return this.l1;
+  }
+
+  /** For repair: replaces an L1 entry's value in memory and marks it for write-back. */
+  setL1Entry(index: number, offset: number, copied: boolean): void {
+    encodeEntry(this.l1, index * 8, offset, copied);
+    this.l1Dirty.add(index);
+  }
+}
+
+const UNALLOCATED: DecodedL2 = { kind: EntryKind.Unallocated, offset: 0, copied: false, compressedLength: 0 };
+
+function corrupt(message: string): VdiskError {
+  return new VdiskError('EIO', `qcow2: ${message}`, { code: 'VDISK_QCOW2_CORRUPT' });
+}

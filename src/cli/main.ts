@@ -3,7 +3,8 @@
  * in one line and sets the exit status. Nothing else.
  */
 import { VdiskError } from '../errors.js';
-import { flushLog } from '../log.js';
+import { type LogLevel, flushLog, setLogLevel } from '../log.js';
+import { IMG_USAGE, imgCommand } from './img/index.js';
 import { SERVE_USAGE, serveCommand } from './serve.js';
 import { VERSION } from '../version.js';
 
@@ -11,6 +12,8 @@ const USAGE = `Usage: vdisk <command> [options]
 
 Commands:
   serve     run the daemon (with no options: serve a default disk over NBD)
+  img       image tools with qemu-img's syntax: create, info, check, compare,
+            convert, map, rebase, resize ('vdisk img help')
   help      show this text, or 'vdisk help serve'
   version   print the version
 
@@ -22,6 +25,10 @@ export async function main(argv: string[]): Promise<number> {
   switch (command) {
     case 'serve':
       return serveCommand(rest);
+    case 'img':
+      // A tool, not a daemon: only warnings and errors unless asked (VDISK_LOG_LEVEL=info shows progress events).
+      setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
+      return imgCommand(rest);
     case 'version':
     case '--version':
       process.stdout.write(`vdisk ${VERSION}\n`);
@@ -30,7 +37,7 @@ export async function main(argv: string[]): Promise<number> {
     case '--help':
     case '-h':
     case undefined:
-      process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : USAGE);
+      process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : rest[0] === 'img' ? IMG_USAGE : USAGE);
       return command === undefined ? 1 : 0;
     default:
       process.stderr.write(`vdisk: unknown command '${command}'\n${USAGE}`);

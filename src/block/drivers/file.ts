@@ -305,10 +305,10 @@ export class FileNode extends BlockNode {
     const data = native.seekSync(this.fd, offset, SEEK_DATA);
     if (data === ENXIO) {
       // No data from offset to the end of the file (also past a shrunk file's end).
-      return { length, flags: Status.ZERO | Status.ALLOCATED, depth: 1 };
+      return { length, flags: Status.ZERO | Status.ALLOCATED, depth: 1, hostOffset: offset };
     }
     if (data < 0) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: offset };
-    if (data > offset) return { length: Math.min(data - offset, length), flags: Status.ZERO | Status.ALLOCATED, depth: 1 };
+    if (data > offset) return { length: Math.min(data - offset, length), flags: Status.ZERO | Status.ALLOCATED, depth: 1, hostOffset: offset };
     const hole = native.seekSync(this.fd, offset, SEEK_HOLE);
     const end = hole > offset ? hole : offset + length;
     return { length: Math.min(end - offset, length), flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: offset };

@@ -63,6 +63,11 @@ export interface Qcow2Options {
   /** undefined: open the backing file named in the header; null: none; a node: that one. */
   backing: BlockNode | null | undefined;
   readOnly?: boolean;
+  /**
+   * Opened by check/repair (QEMU's BDRV_O_CHECK): a corrupt image may be
+   * opened writable and a dirty one is not repaired on open.
+   */
+  forCheck?: boolean;
 }
 
 /** Opens the backing file named in an image header (the graph supplies this). */
@@ -130,7 +135,7 @@ export class Qcow2Node extends BlockNode {
     this.limits = { requestAlignment: 1, maxTransfer: 32 * 1024 * 1024, preferredSize: Math.max(4096, Math.min(this.clusterSize, 65536)) };
     this.children.push({ role: 'file', node: file });
 
-    if (h.incompatibleFeatures & INCOMPAT_CORRUPT && !this.readOnly) {
+    if (h.incompatibleFeatures & INCOMPAT_CORRUPT && !this.readOnly && !options.forCheck) {
       throw new VdiskError('EIO', `qcow2: image '${file.filename}' is marked corrupt; it can only be opened read-only (repair with 'vdisk img check -r all')`, {
         code: 'VDISK_QCOW2_CORRUPT',
       });
@@ -161,7 +166,7 @@ export class Qcow2Node extends BlockNode {
     if (this.backing) this.children.push({ role: 'backing', node: this.backing });
 
     if (!this.readOnly) {
-      if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      if (h.incompatibleFeatures & INCOMPAT_DIRTY && !options.forCheck) {
         logEvent('warn', 'qcow2-repairing-dirty-image', { filename: file.filename });
         const { checkImage } = await import('./check.js');
         await checkImage(this, { repair: 'all' });
@@ -769,6 +774,34 @@ export class Qcow2Node extends BlockNode {
     this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
     await this.writeHeader().catch(() => undefined);
     this.readOnly = true;
+  }
+
+  /** After a repair left no corruption: clears the corrupt bit (QEMU's qcow2_mark_consistent). */
+  async markConsistent(): Promise<void> {
+    if (this.readOnly || !(this.header.incompatibleFeatures & INCOMPAT_CORRUPT)) return;
+    this.header.incompatibleFeatures &= ~INCOMPAT_CORRUPT;
+    await this.writeHeader();
+    await this.file.flush();
+  }
+
+  /**
+   * Records a new backing file name and format in the header (rebase), or
+   * none. The caller has made the content right; this only rewrites cluster 0.
+   */
+  async setBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    if (this.readOnly) throw new VdiskError('EROFS', `node '${this.nodeName}' is read-only`);
+    const h = this.header;
+    const old = { file: h.backingFile, format: h.backingFormat };
+    h.backingFile = name;
+    h.backingFormat = name === undefined ? undefined : format;
+    try {
+      await this.writeHeader();
+    } catch (err) {
+      h.backingFile = old.file;
+      h.backingFormat = old.format;
+      throw err;
+    }
+    await this.file.flush();
   }
 
   /** For check and repair: every loaded L2 table, and direct access to the L1 table. */

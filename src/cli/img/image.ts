@@ -1,0 +1,145 @@
+/**
+ * What every `vdisk img` sub-command shares: opening an image the way
+ * qemu-img does (a path with its format probed or given by -f, or a
+ * `json:{...}` blockdev description), sizes written the way qemu-img writes
+ * them, and the -p progress line.
+ */
+import fs from 'node:fs';
+import { BlockGraph } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
+import { probeFormat } from '../../block/drivers/index.js';
+import { VdiskError } from '../../errors.js';
+import { parseSize } from '../../qapi/schema.js';
+
+/** Formats `vdisk img` can open and create. */
+export const IMAGE_FORMATS = ['raw', 'qcow2'];
+
+export interface OpenImageOptions {
+  /** -f: the format; probed when absent. */
+  format?: string;
+  readOnly?: boolean;
+  /** -U: open even if another process holds the image's lock. */
+  forceShare?: boolean;
+  /** Do not open the backing file named in a qcow2 header. */
+  noBacking?: boolean;
+  /** cache.direct=on for the image file (-t none / -T none). */
+  direct?: boolean;
+  /** discard=unmap, so write-zeroes may deallocate and discards reach the file. */
+  unmap?: boolean;
+}
+
+export interface OpenedImage {
+  graph: BlockGraph;
+  node: BlockNode;
+  format: string;
+  /** The file node under the format node (its file name and disk usage). */
+  file: BlockNode;
+  close(): Promise<void>;
+}
+
+let imageCounter = 0;
+
+/** Opens an image as qemu-img does; the caller closes it. */
+export async function openImage(filename: string, options: OpenImageOptions = {}): Promise<OpenedImage> {
+  const graph = new BlockGraph();
+  const nodeName = `img${imageCounter++}`;
+  let blockdev: Record<string, unknown>;
+  if (filename.startsWith('json:')) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(filename.slice(5));
+    } catch (err) {
+      throw new VdiskError('EINVAL', `Could not parse the JSON options of '${filename}': ${(err as Error).message}`);
+    }
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+      throw new VdiskError('EINVAL', `json: options must be an object: '${filename}'`);
+    }
+    blockdev = { ...(parsed as Record<string, unknown>), 'node-name': nodeName };
+    if (options.readOnly) blockdev['read-only'] = true;
+  } else {
+    if (!fs.existsSync(filename)) {
+      throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
+    }
+    const format = options.format ?? probeFormat(filename);
+    checkFormat(format);
+    const file: Record<string, unknown> = { driver: 'file', filename };
+    if (options.forceShare) file['force-share'] = true;
+    if (options.direct) file.cache = { direct: true };
+    blockdev = { driver: format, 'node-name': nodeName, file };
+    if (options.readOnly) blockdev['read-only'] = true;
+    if (options.noBacking && format === 'qcow2') blockdev.backing = null;
+  }
+  if (options.unmap) blockdev.discard = 'unmap';
+  const node = await graph.add(blockdev);
+  const file = node.child('file') ?? node;
+  return {
+    graph,
+    node,
+    format: node.driverName,
+    file,
+    close: () => graph.closeAll(),
+  };
+}
+
+export function checkFormat(format: string): void {
+  if (!IMAGE_FORMATS.includes(format)) throw new VdiskError('EINVAL', `Unknown file format '${format}'`);
+}
+
+/** Parses an image size as qemu-img does (suffixes k, M, G, T, P, E; B for bytes). */
+export function parseImageSize(text: string): number {
+  const n = /^\d/.test(text.trim()) ? parseSize(text) : undefined;
+  if (n === undefined || n > Number.MAX_SAFE_INTEGER) {
+    throw new VdiskError(
+      'EINVAL',
+      'Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
+    );
+  }
+  return n;
+}
+
+/** A byte count as qemu-img prints it: three significant digits and a binary unit ("324 KiB", "1.5 GiB"). */
+export function humanSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  // QEMU's size_to_str: pick the unit so that the number stays below 1000.
+  let i = 0;
+  if (bytes > 0) i = Math.max(0, Math.floor((Math.floor(Math.log2(bytes / (1000 / 1024))) + 1 - 1) / 10));
+  i = Math.min(i, units.length - 1);
+  const value = bytes / 2 ** (i * 10);
+  return `${formatG3(value)} ${units[i]}`;
+}
+
+/** printf("%0.3g"): three significant digits, no trailing zeros. */
+function formatG3(v: number): string {
+  if (v === 0) return '0';
+  return String(Number(v.toPrecision(3)));
+}
+
+/** Bytes the file takes on disk (st_blocks), as qemu-img's "disk size" / actual-size. */
+export function allocatedBytes(filename: string): number {
+  try {
+    return fs.statSync(filename).blocks * 512;
+  } catch {
+    return 0;
+  }
+}
+
+/** qemu-img's -p line: "    (12.34/100%)" rewritten in place, to stdout. */
+export class Progress {
+  private last = -1;
+  constructor(private readonly enabled: boolean) {}
+
+  update(done: number, total: number): void {
+    if (!this.enabled) return;
+    const pct = total === 0 ? 100 : Math.min(100, (done * 100) / total);
+    // Redraw only when the shown value changes by a whole percent (or at the end), as qemu-img does.
+    if (pct !== 100 && Math.floor(pct) === Math.floor(this.last)) return;
+    this.last = pct;
+    process.stdout.write(`    (${pct.toFixed(2)}/100%)\r`);
+  }
+
+  finish(): void {
+    if (!this.enabled) return;
+    if (this.last !== 100) process.stdout.write('    (100.00/100%)\r');
+    process.stdout.write('\n');
+  }
+}

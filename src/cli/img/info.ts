@@ -1,0 +1,133 @@
+/**
+ * `vdisk img info`: what an image is, in qemu-img's words and JSON fields.
+ *
+ *   vdisk img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILENAME
+ *
+ * The image is opened read-only without its backing file (info must work on
+ * an image whose backing file is missing); --backing-chain then opens each
+ * backing file by the name and format its overlay records.
+ */
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from '../../block/drivers/qcow2/format.js';
+import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
+import { VdiskError } from '../../errors.js';
+import { parseImgArgs } from './args.js';
+import { allocatedBytes, humanSize, openImage } from './image.js';
+
+export const INFO_USAGE = `Usage: vdisk img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILENAME
+`;
+
+/** ImageInfo as qemu-img 7.2 prints it (member order included). */
+export interface ImageInfo {
+  'backing-filename-format'?: string;
+  'virtual-size': number;
+  filename: string;
+  'cluster-size'?: number;
+  format: string;
+  'actual-size': number;
+  'format-specific'?: { type: string; data: Record<string, unknown> };
+  'full-backing-filename'?: string;
+  'backing-filename'?: string;
+  'dirty-flag': boolean;
+}
+
+export async function infoCommand(argv: string[]): Promise<number> {
+  const { flags, positionals } = parseImgArgs(
+    argv,
+    { f: 'value', output: 'value', 'backing-chain': 'bool', U: 'bool', 'force-share': 'bool', 'image-opts': 'bool' },
+    INFO_USAGE,
+  );
+  if (positionals.length !== 1) throw new VdiskError('EINVAL', `Expecting one image file name\n${INFO_USAGE}`);
+  const output = outputFormat(flags.output as string | undefined);
+  const forceShare = Boolean(flags.U || flags['force-share']);
+  const chain: ImageInfo[] = [];
+  let filename: string | undefined = positionals[0];
+  let format = flags.f as string | undefined;
+  const seen = new Set<string>();
+  while (filename !== undefined) {
+    if (seen.has(filename)) throw new VdiskError('EINVAL', `Backing file '${filename}' creates an infinite loop.`);
+    seen.add(filename);
+    const info = await imageInfo(filename, format, forceShare);
+    chain.push(info);
+    if (!flags['backing-chain']) break;
+    filename = info['full-backing-filename'];
+    format = info['backing-filename-format'];
+  }
+  if (output === 'json') {
+    const doc = flags['backing-chain'] ? chain : chain[0];
+    process.stdout.write(JSON.stringify(doc, null, 4) + '\n');
+  } else {
+    process.stdout.write(chain.map(humanInfo).join('\n'));
+  }
+  return 0;
+}
+
+export function outputFormat(value: string | undefined): 'human' | 'json' {
+  if (value === undefined || value === 'human') return 'human';
+  if (value === 'json') return 'json';
+  throw new VdiskError('EINVAL', "--output must be used with human or json as argument.");
+}
+
+export async function imageInfo(filename: string, format: string | undefined, forceShare: boolean): Promise<ImageInfo> {
+  const img = await openImage(filename, { format, readOnly: true, forceShare, noBacking: true });
+  try {
+    const node = img.node;
+    const actual = allocatedBytes(img.file.filename);
+    if (!(node instanceof Qcow2Node)) {
+      return { 'virtual-size': node.size, filename, format: img.format, 'actual-size': actual, 'dirty-flag': false };
+    }
+    const h = node.header;
+    const info: Partial<ImageInfo> = {};
+    if (h.backingFile !== undefined && h.backingFormat !== undefined) info['backing-filename-format'] = h.backingFormat;
+    Object.assign(info, { 'virtual-size': node.size, filename, 'cluster-size': node.clusterBytes, format: 'qcow2', 'actual-size': actual });
+    info['format-specific'] = {
+      type: 'qcow2',
+      data:
+        h.version === 3
+          ? {
+              compat: '1.1',
+              'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
+              'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
+              'refcount-bits': 2 ** h.refcountOrder,
+              corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+              'extended-l2': (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n,
+            }
+          : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 },
+    };
+    if (h.backingFile !== undefined) {
+      info['full-backing-filename'] = h.backingFile.startsWith('json:') ? h.backingFile : pathCombine(filename, h.backingFile);
+      info['backing-filename'] = h.backingFile;
+    }
+    info['dirty-flag'] = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+    return info as ImageInfo;
+  } finally {
+    await img.close();
+  }
+}
+
+/** QEMU's path_combine: a relative name is taken relative to the directory of the image that names it. */
+export function pathCombine(base: string, name: string): string {
+  if (name.startsWith('/')) return name;
+  const slash = base.lastIndexOf('/');
+  return slash < 0 ? name : base.slice(0, slash + 1) + name;
+}
+
+function humanInfo(i: ImageInfo): string {
+  const lines = [
+    `image: ${i.filename}`,
+    `file format: ${i.format}`,
+    `virtual size: ${humanSize(i['virtual-size'])} (${i['virtual-size']} bytes)`,
+    `disk size: ${humanSize(i['actual-size'])}`,
+  ];
+  if (i['cluster-size'] !== undefined) lines.push(`cluster_size: ${i['cluster-size']}`);
+  if (i['backing-filename'] !== undefined) {
+    const full = i['full-backing-filename'];
+    lines.push(`backing file: ${i['backing-filename']}${full !== undefined && full !== i['backing-filename'] ? ` (actual path: ${full})` : ''}`);
+    if (i['backing-filename-format'] !== undefined) lines.push(`backing file format: ${i['backing-filename-format']}`);
+  }
+  const fs = i['format-specific'];
+  if (fs) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${k.replace(/-/g, ' ')}: ${v}`);
+  }
+  return lines.join('\n') + '\n';
+}

@@ -14,7 +14,8 @@
  * show the backing file's data, as qemu-img assumes the same base.
  *
  * Speed: N (default 8) requests run at once, each up to 2 MiB, like
- * qemu-img's coroutines; the target is flushed once at the end.
+ * qemu-img's coroutines. The target's cache mode (-t) is qemu-img's default
+ * 'unsafe' (nothing is flushed); -t writeback flushes once at the end.
  */
 import type { BlockNode } from '../../block/node.js';
 import { ReqFlags, Status } from '../../block/node.js';
@@ -23,7 +24,7 @@ import { logEvent } from '../../log.js';
 import { parseSize } from '../../qapi/schema.js';
 import { type Flags, parseImgArgs } from './args.js';
 import { createCommandSpec, createImage } from './create.js';
-import { type OpenedImage, Progress, checkFormat, openImage } from './image.js';
+import { type OpenedImage, Progress, cacheMode, checkFormat, openImage } from './image.js';
 
 export const CONVERT_USAGE = `Usage: vdisk img convert [-p] [-q] [-n] [-f FMT] [-O FMT] [-B BACKING -F BACKING_FMT] [-o OPTIONS]
                          [-S SPARSE_SIZE] [-m N] [-W] [-t CACHE] [-T CACHE] [-U] SOURCE... TARGET
@@ -59,14 +60,15 @@ export async function convertCommand(argv: string[]): Promise<number> {
   let target: OpenedImage | undefined;
   try {
     for (const name of sourceNames) {
-      sources.push(await openImage(name, { format: flags.f as string | undefined, readOnly: true, forceShare, direct: flags.T === 'none' }));
+      sources.push(await openImage(name, { format: flags.f as string | undefined, readOnly: true, forceShare, direct: cacheMode(flags.T as string | undefined, 'writeback').direct }));
     }
     const total = sources.reduce((n, s) => n + s.node.size, 0);
     if (!flags.n) {
       const spec = createCommandSpec(flags as Flags, outFormat, targetName, total);
       await createImage(spec, { openBacking: true });
     }
-    target = await openImage(targetName, { format: outFormat, unmap: true, direct: flags.t === 'none' });
+    // qemu-img's default target cache mode is 'unsafe': no flush at all (a convert that dies is run again).
+    target = await openImage(targetName, { format: outFormat, unmap: true, ...cacheMode(flags.t as string | undefined, 'unsafe') });
     if (flags.n && target.node.size < total) throw new VdiskError('EINVAL', 'output file is smaller than input file');
     // A target we just made (without a backing file) reads as zeroes: zero ranges need no writing.
     const targetIsZero = (!flags.n && flags.B === undefined) || Boolean(flags['target-is-zero']);
@@ -137,8 +139,10 @@ export class Copier {
       return p;
     };
     const worker = async () => {
+      // One buffer per worker for the whole copy: a fresh 2 MiB buffer per extent costs more in GC than the copy.
+      const buf = Buffer.allocUnsafe(CHUNK);
       try {
-        for (let e = await take(); e; e = await take()) await this.copyExtent(source, base, e.off, e.length, e.flags, e.depth);
+        for (let e = await take(); e; e = await take()) await this.copyExtent(source, base, e.off, e.length, e.flags, e.depth, buf);
       } catch (err) {
         failed ??= err;
       }
@@ -147,14 +151,14 @@ export class Copier {
     if (failed !== undefined) throw failed;
   }
 
-  private async copyExtent(source: BlockNode, base: number, off: number, length: number, flags: number, depth: number): Promise<void> {
+  private async copyExtent(source: BlockNode, base: number, off: number, length: number, flags: number, depth: number, scratch: Buffer): Promise<void> {
     const dst = base + off;
     if (this.o.topOnly && depth !== 1) {
       // Not allocated in the source's top layer: the target's backing file provides it.
     } else if (flags & Status.ZERO) {
       if (!this.o.targetIsZero) await this.target.writeZeroes(dst, length, ReqFlags.MAY_UNMAP);
     } else {
-      const buf = Buffer.allocUnsafe(length);
+      const buf = scratch.subarray(0, length);
       await source.read(off, buf);
       await this.writeSparse(dst, buf);
     }

@@ -26,6 +26,24 @@ export interface OpenImageOptions {
   direct?: boolean;
   /** discard=unmap, so write-zeroes may deallocate and discards reach the file. */
   unmap?: boolean;
+  /** cache.no-flush=on: flushes do nothing (qemu-img's cache mode 'unsafe'). */
+  noFlush?: boolean;
+}
+
+/** qemu-img's -t/-T cache modes as file options: direct I/O and whether flushes reach the disk. */
+export function cacheMode(mode: string | undefined, fallback: string): { direct: boolean; noFlush: boolean } {
+  switch (mode ?? fallback) {
+    case 'unsafe':
+      return { direct: false, noFlush: true };
+    case 'writeback':
+    case 'writethrough':
+      return { direct: false, noFlush: false };
+    case 'none':
+    case 'directsync':
+      return { direct: true, noFlush: false };
+    default:
+      throw new VdiskError('EINVAL', `Invalid cache option: ${mode}`);
+  }
 }
 
 export interface OpenedImage {
@@ -64,7 +82,7 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     checkFormat(format);
     const file: Record<string, unknown> = { driver: 'file', filename };
     if (options.forceShare) file['force-share'] = true;
-    if (options.direct) file.cache = { direct: true };
+    if (options.direct || options.noFlush) file.cache = { direct: options.direct ?? false, 'no-flush': options.noFlush ?? false };
     blockdev = { driver: format, 'node-name': nodeName, file };
     if (options.readOnly) blockdev['read-only'] = true;
     if (options.noBacking && format === 'qcow2') blockdev.backing = null;

@@ -299,7 +299,7 @@ export class Qcow2Node extends BlockNode {
           if (next.kind !== EntryKind.Normal || next.offset !== e.offset + k * cs) break;
           n = Math.min(n + cs, buf.length - done);
         }
-        await this.file.read(e.offset + within, buf.subarray(done, done + n));
+        await this.readHost(e.offset + within, buf.subarray(done, done + n));
       } else if (e.kind === EntryKind.Zero) {
         buf.fill(0, done, done + n);
       } else if (e.kind === EntryKind.Compressed) {
@@ -310,6 +310,17 @@ export class Qcow2Node extends BlockNode {
       }
       done += n;
     }
+  }
+
+  /**
+   * Reads data clusters from the file. The file may end inside the last
+   * cluster (qemu-img and vdisk write only the part of a new cluster that
+   * holds data): what lies past the end reads as zeroes.
+   */
+  private async readHost(offset: number, buf: Buffer): Promise<void> {
+    const inFile = Math.max(0, Math.min(buf.length, this.file.size - offset));
+    if (inFile > 0) await this.file.read(offset, inFile === buf.length ? buf : buf.subarray(0, inFile));
+    if (inFile < buf.length) buf.fill(0, inFile);
   }
 
   /** Reads from the backing file, zeroes where there is none or past its end. */
@@ -369,7 +380,7 @@ export class Qcow2Node extends BlockNode {
           await this.file.write(e.offset + within, buf.subarray(done, done + n));
           done += n;
         } else {
-          done += await this.allocatingWrite(cluster, within, buf, done);
+          done += await this.allocatingWriteRun(cluster, within, buf, done);
         }
       }
     } finally {
@@ -463,6 +474,80 @@ export class Qcow2Node extends BlockNode {
     }
   }
 
+  /**
+   * Writes into a run of clusters that all need new host clusters, with one
+   * contiguous allocation and one data write for the whole-cluster part (a
+   * 2 MiB write is one pwrite, not 32, and sequential guest writes stay
+   * sequential in the file). Clusters are locked in ascending order, as every
+   * multi-cluster locker here does, so two runs cannot deadlock. Returns the
+   * bytes of `buf` consumed; 0 if the first cluster no longer needs a new
+   * host cluster (the caller looks again).
+   */
+  private async allocatingWriteRun(cluster: number, within: number, buf: Buffer, done: number): Promise<number> {
+    const cs = this.clusterSize;
+    const remaining = buf.length - done;
+    const inTable = this.l2Entries - (cluster % this.l2Entries);
+    const maxClusters = Math.min(Math.ceil((within + remaining) / cs), inTable);
+    let k = 1;
+    while (k < maxClusters && !this.clusterLocks.has(cluster + k) && needsNewCluster(await this.entry(cluster + k))) k++;
+    if (k === 1) return this.allocatingWrite(cluster, within, buf, done);
+
+    const unlocks: Array<() => void> = [];
+    try {
+      for (let i = 0; i < k; i++) unlocks.push(await this.lockCluster(cluster + i));
+      // Look again under the locks: others may have written these clusters while we waited.
+      const old: DecodedL2[] = [];
+      for (let i = 0; i < k; i++) {
+        const e = await this.entry(cluster + i);
+        if (!needsNewCluster(e)) break;
+        old.push(e);
+      }
+      if (old.length === 0) return 0;
+      const count = old.length;
+      const end = Math.min(within + remaining, count * cs); // bytes from the run's start that the write covers
+      const table = await this.l2ForWrite(cluster);
+      const first = await this.refcounts.allocate(count);
+      for (let i = 0; i < count; i++) {
+        if (this.isMetadata(first + i)) throw corrupt(`allocator returned metadata cluster ${first + i}`);
+      }
+      const host = first * cs;
+      // Clusters past the end of the file have never been written: they read as zeroes already.
+      const fresh = host >= this.file.size;
+      const needsFill = (e: DecodedL2) => !(fresh && (e.kind === EntryKind.Zero || (e.kind === EntryKind.Unallocated && !this.backing)));
+      const headPartial = within !== 0 && needsFill(old[0]);
+      const tailPartial = end % cs !== 0 && needsFill(old[count - 1]);
+      const writes: Array<Promise<void>> = [];
+      // The part of the run written straight from the caller's buffer.
+      const from = headPartial ? cs : within;
+      const to = tailPartial ? end - (end % cs) : end;
+      if (to > from) writes.push(this.file.write(host + from, buf.subarray(done + from - within, done + to - within)));
+      if (headPartial) writes.push(this.writeFilled(old[0], cluster, host, within, buf.subarray(done, done + Math.min(cs, end) - within)));
+      if (tailPartial && !(headPartial && count === 1)) {
+        const last = count - 1;
+        const start = Math.max(last * cs, within); // a run of one cluster starts inside it
+        writes.push(this.writeFilled(old[last], cluster + last, host + last * cs, start - last * cs, buf.subarray(done + start - within, done + end - within)));
+      }
+      await Promise.all(writes);
+      // The data is in place: now the mappings may point at it.
+      for (let i = 0; i < count; i++) {
+        encodeEntry(table.buf, ((cluster + i) % this.l2Entries) * 8, host + i * cs, true);
+        this.releaseOld(old[i]);
+      }
+      table.dirty = true;
+      return end - within;
+    } finally {
+      for (const unlock of unlocks) unlock();
+    }
+  }
+
+  /** Writes one whole new host cluster: its old content with `part` laid over at `within`. */
+  private async writeFilled(e: DecodedL2, cluster: number, host: number, within: number, part: Buffer): Promise<void> {
+    const data = Buffer.alloc(this.clusterSize);
+    await this.fillOld(e, cluster, data);
+    part.copy(data, within);
+    await this.file.write(host, data);
+  }
+
   /** The content a cluster had before a write that replaces it. */
   private async fillOld(e: DecodedL2, cluster: number, data: Buffer): Promise<void> {
     const cs = this.clusterSize;
@@ -473,7 +558,7 @@ export class Qcow2Node extends BlockNode {
         (await this.decompress(e, cluster)).copy(data);
         return;
       case EntryKind.Normal:
-        await this.file.read(e.offset, data);
+        await this.readHost(e.offset, data);
         return;
       case EntryKind.Unallocated:
         if (this.backing) await this.readBacking(cluster * cs, data.subarray(0, Math.min(cs, this.length - cluster * cs)));
@@ -814,6 +899,11 @@ export class Qcow2Node extends BlockNode {
     encodeEntry(this.l1, index * 8, offset, copied);
     this.l1Dirty.add(index);
   }
+}
+
+/** A write into this cluster needs a new host cluster (it cannot go in place). */
+function needsNewCluster(e: DecodedL2): boolean {
+  return !(e.kind === EntryKind.Normal && e.copied);
 }
 
 const UNALLOCATED: DecodedL2 = { kind: EntryKind.Unallocated, offset: 0, copied: false, compressedLength: 0 };

@@ -11,6 +11,7 @@ import type { BlockNode } from './block/node.js';
 import { type BlockExport, ExportRegistry } from './export/registry.js';
 import { type NbdServerOptions, NbdServer, checkNbdServerOptions, nbdExportDriver } from './nbd/server.js';
 import type { InputMode } from './qapi/schema.js';
+import { JobManager } from './jobs/job.js';
 
 export interface QmpEvent {
   event: string;
@@ -20,6 +21,7 @@ export interface QmpEvent {
 export class Daemon extends EventEmitter {
   readonly graph = new BlockGraph();
   readonly exports = new ExportRegistry(this.graph);
+  readonly jobs = new JobManager();
   private nbd: NbdServer | undefined;
   private shuttingDown: Promise<void> | undefined;
 
@@ -27,6 +29,7 @@ export class Daemon extends EventEmitter {
     super();
     this.exports.registerDriver(nbdExportDriver(() => this.nbd));
     this.exports.on('event', (e: QmpEvent) => this.emit('event', e));
+    this.jobs.on('event', (e: QmpEvent) => this.emit('event', e));
   }
 
   get nbdServer(): NbdServer | undefined {
@@ -77,6 +80,7 @@ export class Daemon extends EventEmitter {
   shutdown(): Promise<void> {
     this.shuttingDown ??= (async () => {
       logEvent('info', 'shutdown-started', {});
+      await this.jobs.cancelAll();
       if (this.nbd) {
         const server = this.nbd;
         this.nbd = undefined;

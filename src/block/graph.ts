@@ -190,6 +190,7 @@ export class BlockGraph {
     const node = await driver.open(options, { common, openChild });
     node.detectZeroes = detectZeroes;
     node.discardEnabled = common.discard === 'unmap';
+    node.cacheMode = { direct: common.direct, noFlush: common.noFlush };
     node.nodeName = name;
     for (const c of children) c.node.users.add(new ChildEdge(node, c.role));
     this.nodes.set(name, node);

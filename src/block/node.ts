@@ -115,6 +115,8 @@ export abstract class BlockNode {
    * is cleared, as bdrv_co_pdiscard does. The graph sets it from the options.
    */
   discardEnabled = true;
+  /** cache.direct and cache.no-flush as opened (reported by query-named-block-nodes). */
+  cacheMode = { direct: false, noFlush: false };
   /** Writes of all-zero buffers become write-zeroes ('unmap': allowed to deallocate). */
   detectZeroes: 'off' | 'on' | 'unmap' = 'off';
   /** The length in bytes; drivers set it when they open and truncate. */

@@ -17,10 +17,12 @@ import { LOG_LEVELS, type LogLevel, flushLog, logEvent, setLogFormat, setLogLeve
 import { checkNbdServerOptions } from '../nbd/server.js';
 import { parseOptionArg } from '../qapi/keyval.js';
 import { parseSize } from '../qapi/schema.js';
+import { QMP_COMMANDS } from '../qmp/commands/index.js';
+import { QmpServer, parseQmpAddress } from '../qmp/server.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
-With no --blockdev/--export/--nbd-server, serves the embedded default: a sparse
+With none of --blockdev/--export/--nbd-server/--qmp/--config, serves the embedded default: a sparse
 raw disk <data-dir>/disk0.raw exported writable as 'disk0' over NBD on
 127.0.0.1:10809 and on the unix socket <data-dir>/nbd.sock.
 
@@ -30,6 +32,10 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --export OPTS       add an export, e.g. type=nbd,id=e0,node-name=f0,writable=on
   --nbd-server OPTS   listen for NBD clients, e.g. addr.type=unix,addr.path=/run/vdisk.sock
                       (repeat to listen on several addresses)
+  --qmp ADDR          QMP control port: unix:PATH (created mode 0600) or tcp:HOST:PORT
+                      (loopback only); repeat for several
+  --config FILE       one JSON document: {"blockdev": [...], "nbd-server": [...],
+                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
   --size SIZE         size of a new default disk (default: 10G)
   --port PORT         TCP port of the embedded default (default: 10809)
@@ -52,6 +58,8 @@ export async function serveCommand(argv: string[]): Promise<number> {
       size: { type: 'string' },
       port: { type: 'string' },
       pidfile: { type: 'string' },
+      qmp: { type: 'string', multiple: true },
+      config: { type: 'string' },
       'log-level': { type: 'string' },
       'log-format': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -75,21 +83,75 @@ export async function serveCommand(argv: string[]): Promise<number> {
   }
 
   const daemon = new Daemon();
-  const explicit = values.blockdev || values.export || values['nbd-server'];
+  const config = values.config === undefined ? undefined : readConfig(values.config);
+  const explicit = values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
+  const pidfile = values.pidfile ?? (config?.pidfile as string | undefined);
+  const qmp = new QmpServer(daemon, QMP_COMMANDS);
   try {
+    if (config) await setUpFromConfig(daemon, qmp, values.config!, config);
     if (explicit) await setUpFromOptions(daemon, values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
     else await setUpDefault(daemon, values['data-dir'] ?? 'vdisk-data', values.size, values.port);
+    for (const text of values.qmp ?? []) await withLabel('--qmp', text, () => qmp.listen(parseQmpAddress(text)));
   } catch (err) {
+    await qmp.close().catch(() => undefined);
     await daemon.shutdown().catch(() => undefined);
     throw err;
   }
 
-  if (values.pidfile) fs.writeFileSync(values.pidfile, `${process.pid}\n`);
-  printEndpoints(daemon, !explicit);
+  if (pidfile) fs.writeFileSync(pidfile, `${process.pid}\n`);
+  printEndpoints(daemon, qmp, !explicit);
 
-  await waitForSignal(daemon);
-  if (values.pidfile) fs.rmSync(values.pidfile, { force: true });
+  await waitForStop(daemon, qmp);
+  if (pidfile) fs.rmSync(pidfile, { force: true });
   return 0;
+}
+
+/** --config FILE: one JSON document with the same objects as the options. */
+function readConfig(file: string): Record<string, unknown> {
+  let doc: unknown;
+  try {
+    doc = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new VdiskError('EINVAL', `--config ${file}: ${(err as Error).message}`);
+  }
+  if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw new VdiskError('EINVAL', `--config ${file}: expected a JSON object`);
+  const known = ['blockdev', 'nbd-server', 'export', 'qmp', 'pidfile'];
+  for (const key of Object.keys(doc)) {
+    if (!known.includes(key)) throw new VdiskError('EINVAL', `--config ${file}: unknown key '${key}' (expected ${known.join(', ')})`);
+  }
+  return doc as Record<string, unknown>;
+}
+
+/** Applies a config document in the same order as options: nodes, NBD server, exports, QMP. */
+async function setUpFromConfig(daemon: Daemon, qmp: QmpServer, file: string, config: Record<string, unknown>): Promise<void> {
+  const list = (key: string): unknown[] => {
+    const v = config[key];
+    return v === undefined ? [] : Array.isArray(v) ? v : [v];
+  };
+  for (const [i, o] of list('blockdev').entries()) await withLabel(`--config ${file}: blockdev[${i}]`, JSON.stringify(o), () => daemon.blockdevAdd(o));
+  for (const [i, o] of list('nbd-server').entries()) {
+    await withLabel(`--config ${file}: nbd-server[${i}]`, JSON.stringify(o), async () => {
+      if (!daemon.nbdServer) await daemon.nbdServerStart(o);
+      else await daemon.nbdServer.listen(checkNbdServerOptions(o, 'json').addr);
+    });
+  }
+  for (const [i, o] of list('export').entries()) await withLabel(`--config ${file}: export[${i}]`, JSON.stringify(o), () => daemon.blockExportAdd(o));
+  for (const [i, o] of list('qmp').entries()) {
+    await withLabel(`--config ${file}: qmp[${i}]`, JSON.stringify(o), () => {
+      if (typeof o !== 'string') throw new VdiskError('EINVAL', 'expected a string unix:PATH or tcp:HOST:PORT');
+      return qmp.listen(parseQmpAddress(o));
+    });
+  }
+}
+
+/** Runs one setup step and names its source in any error. */
+async function withLabel(label: string, text: string, apply: () => Promise<unknown>): Promise<void> {
+  try {
+    await apply();
+  } catch (err) {
+    if (err instanceof VdiskError) throw new VdiskError(err.errno, `${label} (${text}): ${err.message}`, { code: err.code, cause: err });
+    throw err;
+  }
 }
 
 /** Applies the options in qemu-storage-daemon's order: nodes, then the server, then exports. */
@@ -151,9 +213,12 @@ async function setUpDefault(daemon: Daemon, dataDir: string, sizeText: string | 
 }
 
 /** One line per endpoint, with the command a person would run next. */
-function printEndpoints(daemon: Daemon, isDefault: boolean): void {
+function printEndpoints(daemon: Daemon, qmp: QmpServer, isDefault: boolean): void {
   const server = daemon.nbdServer;
   const lines: string[] = [];
+  for (const ep of qmp.endpoints) {
+    lines.push(`vdisk: QMP on ${ep}${ep.startsWith('unix:') ? `    try: vdisk qmp --socket ${ep.slice(5)} query-named-block-nodes` : ''}`);
+  }
   for (const exp of daemon.exports.list()) {
     const node = exp.node;
     lines.push(`vdisk: export '${exp.id}': node '${node.nodeName}' (${node.driverName}, ${formatSize(node.size)}, ${exp.writable ? 'writable' : 'read-only'}) ${node.filename}`);
@@ -167,7 +232,7 @@ function printEndpoints(daemon: Daemon, isDefault: boolean): void {
       lines.push(`  ${uri}    try: ${hint}`);
     }
   }
-  if (!server) lines.push('vdisk: no NBD server (add --nbd-server addr.type=...)');
+  if (!server && qmp.endpoints.length === 0) lines.push('vdisk: no NBD server (add --nbd-server addr.type=...)');
   if (isDefault) lines.push('vdisk: stop with Ctrl-C or SIGTERM; the disk stays in the data directory.');
   process.stdout.write(lines.join('\n') + '\n');
 }
@@ -183,24 +248,29 @@ function formatSize(n: number): string {
   return `${v} ${units[i]}`;
 }
 
-/** Serves until SIGINT or SIGTERM, then shuts down cleanly; a second signal exits at once. */
-function waitForSignal(daemon: Daemon): Promise<void> {
+/**
+ * Serves until SIGINT, SIGTERM or QMP 'quit', then shuts down cleanly; a
+ * second signal exits at once.
+ */
+function waitForStop(daemon: Daemon, qmp: QmpServer): Promise<void> {
   return new Promise((resolve) => {
     let stopping = false;
-    const onSignal = (signal: NodeJS.Signals): void => {
+    const stop = (why: Record<string, unknown>): void => {
       if (stopping) {
-        logEvent('warn', 'shutdown-forced', { signal });
+        logEvent('warn', 'shutdown-forced', why);
         process.exit(1);
       }
       stopping = true;
-      logEvent('info', 'signal-received', { signal });
-      daemon
-        .shutdown()
+      logEvent('info', 'stop-requested', why);
+      qmp
+        .close()
+        .then(() => daemon.shutdown())
         .catch((err) => logEvent('error', 'shutdown-failed', { error: (err as Error).message }))
         .then(() => flushLog())
         .then(() => resolve());
     };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', () => stop({ signal: 'SIGINT' }));
+    process.on('SIGTERM', () => stop({ signal: 'SIGTERM' }));
+    qmp.onQuit = () => stop({ qmp: 'quit' });
   });
 }

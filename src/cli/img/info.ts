@@ -7,11 +7,10 @@
  * an image whose backing file is missing); --backing-chain then opens each
  * backing file by the name and format its overlay records.
  */
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from '../../block/drivers/qcow2/format.js';
-import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
+import { imageInfo as nodeImageInfo } from '../../block/info.js';
 import { VdiskError } from '../../errors.js';
 import { parseImgArgs } from './args.js';
-import { allocatedBytes, humanSize, openImage } from './image.js';
+import { humanSize, openImage } from './image.js';
 
 export const INFO_USAGE = `Usage: vdisk img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILENAME
 `;
@@ -70,45 +69,10 @@ export function outputFormat(value: string | undefined): 'human' | 'json' {
 export async function imageInfo(filename: string, format: string | undefined, forceShare: boolean): Promise<ImageInfo> {
   const img = await openImage(filename, { format, readOnly: true, forceShare, noBacking: true });
   try {
-    const node = img.node;
-    const actual = allocatedBytes(img.file.filename);
-    if (!(node instanceof Qcow2Node)) {
-      return { 'virtual-size': node.size, filename, format: img.format, 'actual-size': actual, 'dirty-flag': false };
-    }
-    const h = node.header;
-    const info: Partial<ImageInfo> = {};
-    if (h.backingFile !== undefined && h.backingFormat !== undefined) info['backing-filename-format'] = h.backingFormat;
-    Object.assign(info, { 'virtual-size': node.size, filename, 'cluster-size': node.clusterBytes, format: 'qcow2', 'actual-size': actual });
-    info['format-specific'] = {
-      type: 'qcow2',
-      data:
-        h.version === 3
-          ? {
-              compat: '1.1',
-              'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
-              'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
-              'refcount-bits': 2 ** h.refcountOrder,
-              corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
-              'extended-l2': (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n,
-            }
-          : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 },
-    };
-    if (h.backingFile !== undefined) {
-      info['full-backing-filename'] = h.backingFile.startsWith('json:') ? h.backingFile : pathCombine(filename, h.backingFile);
-      info['backing-filename'] = h.backingFile;
-    }
-    info['dirty-flag'] = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
-    return info as ImageInfo;
+    return nodeImageInfo(img.node, filename) as ImageInfo;
   } finally {
     await img.close();
   }
-}
-
-/** QEMU's path_combine: a relative name is taken relative to the directory of the image that names it. */
-export function pathCombine(base: string, name: string): string {
-  if (name.startsWith('/')) return name;
-  const slash = base.lastIndexOf('/');
-  return slash < 0 ? name : base.slice(0, slash + 1) + name;
 }
 
 function humanInfo(i: ImageInfo): string {

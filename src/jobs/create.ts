@@ -1,0 +1,130 @@
+/**
+ * blockdev-create's job (type 'create'): formats an image in the background
+ * and concludes; QEMU gives it auto-dismiss off, so the client dismisses it.
+ *
+ * Drivers: file (a new host file of a size, optionally preallocated), qcow2
+ * (formats an existing node, usually a file node), and raw (vdisk's
+ * addition: sizes a node for use as a raw image; QEMU has nothing to do
+ * there and lacks the branch).
+ */
+import fs from 'node:fs';
+import type { BlockGraph } from '../block/graph.js';
+import type { BlockNode } from '../block/node.js';
+import { checkCreateOptions, createQcow2 } from '../block/drivers/qcow2/create.js';
+import { VdiskError } from '../errors.js';
+import { Op, native } from '../native.js';
+import { type Type, any, bool, enumOf, int, str, union } from '../qapi/schema.js';
+import { Job } from './job.js';
+
+/** BlockdevCreateOptions: a flat union on driver. */
+export const BLOCKDEV_CREATE_OPTIONS: Type = union('BlockdevCreateOptions', { driver: enumOf('BlockdevDriver', ['file', 'qcow2', 'raw']) }, 'driver', {
+  file: {
+    filename: str,
+    size: int('size'),
+    '*preallocation': enumOf('PreallocMode', ['off', 'metadata', 'falloc', 'full']),
+    '*nocow': bool,
+    '*extent-size-hint': int('size'),
+  },
+  qcow2: {
+    file: any,
+    '*data-file': any,
+    '*data-file-raw': bool,
+    '*extended-l2': bool,
+    size: int('size'),
+    '*version': enumOf('BlockdevQcow2Version', ['v2', 'v3']),
+    '*backing-file': str,
+    '*backing-fmt': str,
+    '*encrypt': any,
+    '*cluster-size': int('size'),
+    '*preallocation': enumOf('PreallocMode', ['off', 'metadata', 'falloc', 'full']),
+    '*lazy-refcounts': bool,
+    '*refcount-bits': int('int'),
+    '*compression-type': enumOf('Qcow2CompressionType', ['zlib', 'zstd']),
+  },
+  raw: { file: any, size: int('size') },
+});
+
+export class CreateJob extends Job {
+  readonly type = 'create';
+
+  constructor(
+    id: string,
+    private readonly graph: BlockGraph,
+    private readonly options: Record<string, unknown>,
+  ) {
+    super({ id, autoDismiss: false });
+    this.progressTotal = 1;
+    // Refuse what can be refused before the job exists (QEMU checks these at submit, too).
+    const o = options;
+    if (o.driver === 'qcow2') {
+      if (o['data-file'] !== undefined || o['data-file-raw']) throw new VdiskError('ENOTSUP', 'External data files are not supported by vdisk');
+      if (o.encrypt !== undefined) throw new VdiskError('ENOTSUP', 'Encrypted images are not supported by vdisk');
+      if (o['extended-l2']) throw new VdiskError('ENOTSUP', 'Extended L2 entries are not supported by vdisk');
+      if (o['compression-type'] === 'zstd') throw new VdiskError('ENOTSUP', 'Compression type zstd is not supported by vdisk');
+      if (o.preallocation !== undefined && o.preallocation !== 'off') throw new VdiskError('ENOTSUP', `preallocation=${o.preallocation} is not supported for qcow2 by vdisk`);
+    }
+    if (o.driver === 'file' && o.preallocation === 'metadata') throw new VdiskError('EINVAL', "Unsupported preallocation mode 'metadata'");
+    if (o.driver !== 'file' && typeof o.file !== 'string') throw new VdiskError('EINVAL', "Parameter 'file' expects the node-name of an existing node");
+  }
+
+  protected async run(): Promise<void> {
+    const o = this.options;
+    switch (o.driver) {
+      case 'file':
+        await createFile(o.filename as string, o.size as number, (o.preallocation as string | undefined) ?? 'off');
+        break;
+      case 'qcow2': {
+        const file = this.node(o.file as string);
+        const version = o.version === 'v2' ? 2 : 3;
+        const create = {
+          size: o.size as number,
+          clusterSize: o['cluster-size'] as number | undefined,
+          version: version as 2 | 3,
+          refcountBits: o['refcount-bits'] as number | undefined,
+          lazyRefcounts: o['lazy-refcounts'] as boolean | undefined,
+          backingFile: o['backing-file'] as string | undefined,
+          backingFormat: o['backing-fmt'] as string | undefined,
+        };
+        checkCreateOptions(create);
+        await createQcow2(file, create);
+        break;
+      }
+      case 'raw': {
+        const file = this.node(o.file as string);
+        await file.truncate(o.size as number);
+        await file.flush();
+        break;
+      }
+    }
+    this.progressCurrent = 1;
+  }
+
+  private node(name: string): BlockNode {
+    const node = this.graph.find(name);
+    if (node.readOnly) throw new VdiskError('EROFS', `node '${name}' is read-only`);
+    return node;
+  }
+}
+
+/** Creates (or empties) a host file of a size; falloc/full also reserve its blocks. */
+async function createFile(filename: string, size: number, preallocation: string): Promise<void> {
+  let fd: number;
+  try {
+    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
+  } catch (err) {
+    throw new VdiskError('EIO', `Could not create '${filename}': ${(err as Error).message}`);
+  }
+  try {
+    fs.ftruncateSync(fd, size);
+    if (preallocation === 'falloc' || preallocation === 'full') {
+      const r = preallocation === 'falloc' ? await native.submit(Op.FALLOCATE, fd, null, 0, size, 0, 0) : -1;
+      if (r !== 0) {
+        const zero = Buffer.alloc(Math.min(size, 4 << 20));
+        for (let off = 0; off < size; off += zero.length) fs.writeSync(fd, zero, 0, Math.min(zero.length, size - off), off);
+      }
+    }
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}

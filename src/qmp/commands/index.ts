@@ -1,0 +1,12 @@
+/**
+ * The QMP command table: one module per area, each a list of commands with
+ * their argument schema and handler. A later capability adds its module here.
+ */
+import type { QmpCommand } from '../server.js';
+import { BLOCK_COMMANDS } from './block.js';
+import { CORE_COMMANDS } from './core.js';
+import { EXPORT_COMMANDS } from './exports.js';
+import { JOB_COMMANDS } from './jobs.js';
+import { NBD_COMMANDS } from './nbd.js';
+
+export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS];

@@ -1,0 +1,252 @@
+/**
+ * The QMP control port: QEMU's monitor protocol on unix and TCP sockets.
+ *
+ * Each connection is a QmpSession: the greeting, capabilities negotiation,
+ * then commands run strictly one after another (replies in request order,
+ * as QEMU does without out-of-band execution). Events go to every session
+ * that has negotiated. Commands are a table (src/qmp/commands/), each with an
+ * argument schema checked before its handler runs, so a bad argument never
+ * has a side effect.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import { VdiskError, toVdiskError } from '../errors.js';
+import { logEvent } from '../log.js';
+import { type Type, arrayOf, check, enumOf, struct } from '../qapi/schema.js';
+import type { Daemon, QmpEvent } from '../daemon.js';
+import { VERSION } from '../version.js';
+import { QmpJsonStream, formatJson } from './json.js';
+
+/** What a command handler gets. */
+export interface QmpContext {
+  daemon: Daemon;
+  server: QmpServer;
+  session: QmpSession;
+}
+
+export interface QmpCommand {
+  name: string;
+  /** The arguments' type: a struct (or a union, for "boxed" commands such as blockdev-add). */
+  args: Type;
+  run(args: Record<string, unknown>, ctx: QmpContext): Promise<unknown> | unknown;
+}
+
+/** The QEMU version vdisk's QMP presents (the one its commands and replies follow). */
+export const QMP_VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: `vdisk ${VERSION}` };
+
+export type QmpAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+
+/** Parses --qmp's value: unix:PATH or tcp:HOST:PORT. */
+export function parseQmpAddress(text: string): QmpAddress {
+  if (text.startsWith('unix:') && text.length > 5) return { type: 'unix', path: text.slice(5) };
+  const m = /^tcp:(.*):(\d+)$/.exec(text);
+  if (m) {
+    const port = Number(m[2]);
+    if (port > 65535) throw new VdiskError('EINVAL', `--qmp: port ${port} is out of range`);
+    return { type: 'inet', host: m[1].replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port };
+  }
+  throw new VdiskError('EINVAL', `--qmp: expected unix:PATH or tcp:HOST:PORT, not '${text}'`);
+}
+
+export class QmpServer {
+  private readonly listeners: net.Server[] = [];
+  private readonly sessions = new Set<QmpSession>();
+  private readonly commands = new Map<string, QmpCommand>();
+  /** Called by 'quit' after its reply is on its way. */
+  onQuit: () => void = () => undefined;
+  private readonly forward = (e: QmpEvent) => this.broadcast(e);
+
+  constructor(
+    readonly daemon: Daemon,
+    commands: QmpCommand[],
+  ) {
+    for (const c of commands) this.commands.set(c.name, c);
+    daemon.on('event', this.forward);
+  }
+
+  /** Where the control port listens: unix:PATH or tcp:HOST:PORT. */
+  get endpoints(): string[] {
+    return this.listeners.map((l) => {
+      const a = l.address();
+      return typeof a === 'string' ? `unix:${a}` : a ? `tcp:${a.address}:${a.port}` : '';
+    });
+  }
+
+  command(name: string): QmpCommand | undefined {
+    return this.commands.get(name);
+  }
+
+  commandNames(): string[] {
+    return ['qmp_capabilities', ...this.commands.keys()];
+  }
+
+  /** Listens on an address; a unix socket is created with mode 0600 (only its owner may control the daemon). */
+  async listen(addr: QmpAddress, allowRemote = false): Promise<net.Server> {
+    if (addr.type === 'inet' && !allowRemote && !isLoopback(addr.host)) {
+      throw new VdiskError('EPERM', `--qmp: refusing to listen on ${addr.host}: QMP has no authentication; use a loopback address or a unix socket`);
+    }
+    const server = net.createServer((socket) => this.accept(socket));
+    if (addr.type === 'unix') await removeStaleSocket(addr.path);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err) => reject(toVdiskError(err, `QMP listen on ${describe(addr)}`)));
+      if (addr.type === 'unix') {
+        const umask = process.umask(0o177);
+        server.listen(addr.path, () => {
+          process.umask(umask);
+          resolve();
+        });
+        server.once('error', () => process.umask(umask));
+      } else {
+        server.listen(addr.port, addr.host, () => resolve());
+      }
+    });
+    if (addr.type === 'unix') fs.chmodSync(addr.path, 0o600);
+    this.listeners.push(server);
+    logEvent('info', 'qmp-listening', { address: describe(addr, server) });
+    return server;
+  }
+
+  private accept(socket: net.Socket): void {
+    const session = new QmpSession(this, socket);
+    this.sessions.add(session);
+    socket.once('close', () => this.sessions.delete(session));
+  }
+
+  /** Sends an event to every session in command mode. */
+  broadcast(e: QmpEvent): void {
+    const us = Math.round((performance.timeOrigin + performance.now()) * 1000);
+    const msg = { timestamp: { seconds: Math.floor(us / 1e6), microseconds: us % 1e6 }, event: e.event, data: e.data };
+    for (const s of this.sessions) s.sendEvent(msg);
+  }
+
+  async close(): Promise<void> {
+    this.daemon.off('event', this.forward);
+    for (const l of this.listeners) {
+      const addr = l.address();
+      await new Promise<void>((r) => l.close(() => r()));
+      if (typeof addr === 'string') fs.rmSync(addr, { force: true });
+    }
+    for (const s of this.sessions) s.close();
+  }
+}
+
+export class QmpSession {
+  private negotiated = false;
+  private readonly stream = new QmpJsonStream();
+  /** Commands run one at a time, in order. */
+  private queue: Promise<void> = Promise.resolve();
+  private closed = false;
+
+  constructor(
+    private readonly server: QmpServer,
+    private readonly socket: net.Socket,
+  ) {
+    socket.setEncoding('utf8');
+    socket.on('data', (text: string) => {
+      for (const r of this.stream.feed(text)) {
+        if ('error' in r) this.enqueue(() => this.send({ error: { class: 'GenericError', desc: r.error } }));
+        else this.enqueue(() => this.handle(r.value));
+      }
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => (this.closed = true));
+    this.send({ QMP: { version: QMP_VERSION, capabilities: ['oob'] } });
+  }
+
+  private enqueue(fn: () => Promise<void> | void): void {
+    this.queue = this.queue.then(fn).catch((err) => logEvent('error', 'qmp-internal-error', { error: (err as Error).stack }));
+  }
+
+  send(msg: unknown): void {
+    if (this.closed || this.socket.destroyed) return;
+    this.socket.write(formatJson(msg) + '\r\n');
+  }
+
+  sendEvent(msg: unknown): void {
+    // Before negotiation events are dropped, not queued (as QEMU).
+    if (this.negotiated) this.send(msg);
+  }
+
+  close(): void {
+    this.socket.end();
+  }
+
+  private async handle(msg: unknown): Promise<void> {
+    if (typeof msg !== 'object' || msg === null || Array.isArray(msg)) {
+      return this.send({ error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } });
+    }
+    const req = msg as Record<string, unknown>;
+    const hasId = Object.hasOwn(req, 'id');
+    const reply = (body: Record<string, unknown>) => this.send(hasId ? { ...body, id: req.id } : body);
+    const fail = (desc: string, cls = 'GenericError') => reply({ error: { class: cls, desc } });
+    for (const key of Object.keys(req)) {
+      if (key !== 'execute' && key !== 'arguments' && key !== 'id') return fail(`QMP input member '${key}' is unexpected`);
+    }
+    if (!Object.hasOwn(req, 'execute')) return fail("QMP input lacks member 'execute'");
+    if (typeof req.execute !== 'string') return fail("QMP input member 'execute' must be a string");
+    const args = req.arguments ?? {};
+    if (typeof args !== 'object' || args === null || Array.isArray(args)) return fail("QMP input member 'arguments' must be an object");
+    const name = req.execute;
+
+    if (name === 'qmp_capabilities') {
+      if (this.negotiated) return fail('Capabilities negotiation is already complete, command ignored', 'CommandNotFound');
+      try {
+        const checked = check(CAPABILITIES_ARGS, args, '', 'json') as { enable?: string[] };
+        if (checked.enable?.length) return fail(`Capability ${checked.enable.join(',')} not available`);
+      } catch (err) {
+        return fail((err as Error).message);
+      }
+      this.negotiated = true;
+      return reply({ return: {} });
+    }
+    if (!this.negotiated) return fail("Expecting capabilities negotiation with 'qmp_capabilities'", 'CommandNotFound');
+    const command = this.server.command(name);
+    if (!command) return fail(`The command ${name} has not been found`, 'CommandNotFound');
+    let result: unknown;
+    try {
+      const checked = check(command.args, args, '', 'json') as Record<string, unknown>;
+      result = await command.run(checked, { daemon: this.server.daemon, server: this.server, session: this });
+    } catch (err) {
+      const e = toVdiskError(err, `QMP command ${name}`);
+      logEvent('debug', 'qmp-command-failed', { command: name, error: e.message });
+      return fail(e.message, e.qmpClass);
+    }
+    logEvent('debug', 'qmp-command', { command: name });
+    reply({ return: result ?? {} });
+  }
+}
+
+const CAPABILITIES_ARGS = struct('qmp_capabilities', { '*enable': arrayOf(enumOf('QMPCapability', ['oob'])) });
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
+function describe(addr: QmpAddress, server?: net.Server): string {
+  if (addr.type === 'unix') return `unix:${addr.path}`;
+  const a = server?.address();
+  const port = a && typeof a === 'object' ? a.port : addr.port;
+  return `tcp:${addr.host}:${port}`;
+}
+
+/**
+ * A socket file left by a crashed daemon would make listen fail: remove it if
+ * nobody answers on it. One that answers belongs to a live daemon: refuse.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  try {
+    if (!fs.statSync(path).isSocket()) return;
+  } catch {
+    return;
+  }
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) throw new VdiskError('EBUSY', `QMP socket ${path} is in use by a running process`);
+  fs.rmSync(path, { force: true });
+}

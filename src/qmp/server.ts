@@ -121,17 +121,19 @@ export class QmpServer {
 
   async close(): Promise<void> {
     this.daemon.off('event', this.forward);
-    for (const l of this.listeners) {
+    // Sessions first: a listener's close() waits for every connection it accepted to end.
+    for (const s of this.sessions) s.close();
+    for (const l of this.listeners.splice(0)) {
       const addr = l.address();
       await new Promise<void>((r) => l.close(() => r()));
       if (typeof addr === 'string') fs.rmSync(addr, { force: true });
     }
-    for (const s of this.sessions) s.close();
   }
 }
 
 export class QmpSession {
   private negotiated = false;
+  private oob = false;
   private readonly stream = new QmpJsonStream();
   /** Commands run one at a time, in order. */
   private queue: Promise<void> = Promise.resolve();
@@ -167,8 +169,11 @@ export class QmpSession {
     if (this.negotiated) this.send(msg);
   }
 
+  /** Ends the connection: pending output is flushed, and the socket goes away even if the peer lingers. */
   close(): void {
+    this.closed = true;
     this.socket.end();
+    setTimeout(() => this.socket.destroy(), 1000).unref();
   }
 
   private async handle(msg: unknown): Promise<void> {
@@ -180,7 +185,13 @@ export class QmpSession {
     const reply = (body: Record<string, unknown>) => this.send(hasId ? { ...body, id: req.id } : body);
     const fail = (desc: string, cls = 'GenericError') => reply({ error: { class: cls, desc } });
     for (const key of Object.keys(req)) {
-      if (key !== 'execute' && key !== 'arguments' && key !== 'id') return fail(`QMP input member '${key}' is unexpected`);
+      if (key !== 'execute' && key !== 'arguments' && key !== 'id' && !(key === 'exec-oob' && this.oob)) return fail(`QMP input member '${key}' is unexpected`);
+    }
+    if (Object.hasOwn(req, 'exec-oob')) {
+      if (Object.hasOwn(req, 'execute')) return fail("QMP input member 'execute' is unexpected");
+      if (typeof req['exec-oob'] !== 'string') return fail("QMP input member 'exec-oob' must be a string");
+      // No vdisk command is meant to run out of band (QEMU has only migrate-recover and a test command).
+      return fail(`The command ${req['exec-oob']} does not support OOB`);
     }
     if (!Object.hasOwn(req, 'execute')) return fail("QMP input lacks member 'execute'");
     if (typeof req.execute !== 'string') return fail("QMP input member 'execute' must be a string");
@@ -192,7 +203,9 @@ export class QmpSession {
       if (this.negotiated) return fail('Capabilities negotiation is already complete, command ignored', 'CommandNotFound');
       try {
         const checked = check(CAPABILITIES_ARGS, args, '', 'json') as { enable?: string[] };
-        if (checked.enable?.length) return fail(`Capability ${checked.enable.join(',')} not available`);
+        // 'oob' is offered and may be enabled (QEMU's Python client does when offered); it only
+        // makes 'exec-oob' a known member, since no command here runs out of band.
+        this.oob = checked.enable?.includes('oob') ?? false;
       } catch (err) {
         return fail((err as Error).message);
       }

@@ -174,6 +174,8 @@ export async function qmpCommand(argv: string[]): Promise<number> {
   try {
     if (positionals.length === 0 && !values.events) return await shell(client, show);
     let status = 0;
+    // Events the command itself causes may arrive before its reply: print them all, in order.
+    if (values.events) client.onEvent = (m) => process.stdout.write(show(m) + '\n');
     if (positionals.length > 0) {
       const [command, ...rest] = positionals;
       const reply = await withTimeout(client.execute(command, rest.length ? parseCommandArgs(rest) : undefined), values.events ? 30 : (timeout ?? 30));
@@ -185,7 +187,6 @@ export async function qmpCommand(argv: string[]): Promise<number> {
       }
     }
     if (values.events) {
-      client.onEvent = (m) => process.stdout.write(show(m) + '\n');
       await new Promise<void>((resolve) => {
         client.onClose = resolve;
         process.once('SIGINT', resolve);

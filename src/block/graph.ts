@@ -174,7 +174,8 @@ export class BlockGraph {
       let child: BlockNode;
       if (typeof ref === 'string') {
         const existing = this.nodes.get(ref);
-        if (!existing) throw new VdiskError('ENOENT', `Cannot find device='' nor node-name='${ref}'`);
+        // A child reference is looked up as a device and as a node name, as QEMU's bdrv_lookup_bs.
+        if (!existing) throw new VdiskError('ENOENT', `Cannot find device='${ref}' nor node-name='${ref}'`);
         child = existing;
       } else {
         const inline = { ...(ref as Record<string, unknown>) };

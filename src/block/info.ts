@@ -8,6 +8,9 @@ import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2
 import { Qcow2Node } from './drivers/qcow2/qcow2.js';
 import type { BlockNode } from './node.js';
 
+/** Drivers whose QEMU counterpart implements bdrv_get_info (so ImageInfo has dirty-flag). */
+const DRIVERS_WITH_INFO = new Set(['file', 'raw', 'qcow2']);
+
 export interface ImageInfo {
   'backing-image'?: ImageInfo;
   'backing-filename-format'?: string;
@@ -19,7 +22,7 @@ export interface ImageInfo {
   'format-specific'?: { type: string; data: Record<string, unknown> };
   'full-backing-filename'?: string;
   'backing-filename'?: string;
-  'dirty-flag': boolean;
+  'dirty-flag'?: boolean;
 }
 
 /** Bytes a file takes on disk (st_blocks), qemu-img's "disk size" / actual-size. */
@@ -44,18 +47,16 @@ export function pathCombine(base: string, name: string): string {
  * backing-image (query-named-block-nodes without flat).
  */
 export function imageInfo(node: BlockNode, filename: string = node.filename, backing = false): ImageInfo {
-  const actual = allocatedBytes(node.child('file')?.filename ?? node.filename);
-  const base = (format: string): ImageInfo => {
-    const i: ImageInfo = { 'virtual-size': node.size, filename, format, 'dirty-flag': false };
-    if (actual !== undefined) {
-      // actual-size sits before dirty-flag in QEMU's order.
-      delete (i as Partial<ImageInfo>)['dirty-flag'];
-      i['actual-size'] = actual;
-      i['dirty-flag'] = false;
-    }
-    return i;
-  };
-  if (!(node instanceof Qcow2Node)) return base(node.driverName);
+  // A node on no host file (null-co) takes no space, as QEMU reports it.
+  const hostFile = node.child('file') ?? (node.driverName === 'file' ? node : undefined);
+  const actual = hostFile ? allocatedBytes(hostFile.filename) : 0;
+  if (!(node instanceof Qcow2Node)) {
+    const i: Partial<ImageInfo> = { 'virtual-size': node.size, filename, format: node.driverName };
+    if (actual !== undefined) i['actual-size'] = actual;
+    // Only drivers with QEMU's get_info report a dirty flag.
+    if (DRIVERS_WITH_INFO.has(node.driverName)) i['dirty-flag'] = false;
+    return i as ImageInfo;
+  }
   const h = node.header;
   const info: Partial<ImageInfo> = {};
   const backingNode = node.child('backing');

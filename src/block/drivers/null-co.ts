@@ -18,16 +18,19 @@ export interface NullOptions {
 export class NullNode extends BlockNode {
   readonly driverName = 'null-co';
   private readonly latencyMs: number;
+  private readonly sizeGiven: boolean;
 
   constructor(options: NullOptions) {
     super({ nodeName: options.nodeName, readOnly: options.readOnly });
     this.length = options.size ?? 1 << 30;
+    this.sizeGiven = options.size !== undefined;
     this.latencyMs = (options.latencyNs ?? 0) / 1e6;
     this.nativeFua = true;
   }
 
+  /** QEMU names a node without a file by the options it was given: json:{"driver": "null-co", "size": N}. */
   override get filename(): string {
-    return 'null-co://';
+    return this.sizeGiven ? `json:{"driver": "null-co", "size": ${this.length}}` : 'json:{"driver": "null-co"}';
   }
 
   private delay(): Promise<void> | undefined {

@@ -117,7 +117,7 @@ t.test('keyval strings through parseKeyval and add(opts, "keyval")', async (t) =
   await refuses(t, g.add(parseKeyval('driver=nope,node-name=k9', 'x'), 'keyval'), "Parameter 'driver' does not accept value 'nope'");
   await refuses(t, g.add(parseKeyval('driver=raw,node-name=k9,file.driver=file', 'x'), 'keyval'), "Parameter 'file.filename' is missing");
   await refuses(t, g.add(parseKeyval('driver=raw,node-name=k9', 'x'), 'keyval'), "Parameter 'file' is missing");
-  await refuses(t, g.add(parseKeyval('driver=raw,node-name=k9,file=nope', 'x'), 'keyval'), "Cannot find device='' nor node-name='nope'");
+  await refuses(t, g.add(parseKeyval('driver=raw,node-name=k9,file=nope', 'x'), 'keyval'), "Cannot find device='nope' nor node-name='nope'");
   await refuses(t, g.add(parseKeyval('driver=null-co,node-name=k9,size=-5x', 'x'), 'keyval'), /^Parameter 'size' expects /);
   await refuses(t, g.add(parseKeyval('driver=null-co,node-name=k9,detect-zeroes=sometimes', 'x'), 'keyval'), "Parameter 'detect-zeroes' does not accept value 'sometimes'");
   t.equal(g.get('k9'), undefined);

@@ -81,7 +81,7 @@ t.test('start-up errors name the option and the key, and nothing is served', asy
     [['--blockdev', 'driver=null-co,node-name=0bad'], /Invalid node-name: '0bad'/],
     [['--blockdev', '{"driver":"null-co",'], /--blockdev #1: invalid JSON/],
     [['--blockdev', 'driver=null-co,node-name=n0', '--blockdev', 'driver=null-co,node-name=n0'], /--blockdev #2 .*Duplicate nodes with node-name='n0'/],
-    [['--blockdev', 'driver=raw,node-name=r0,file=missing'], /Cannot find device='' nor node-name='missing'/],
+    [['--blockdev', 'driver=raw,node-name=r0,file=missing'], /Cannot find device='missing' nor node-name='missing'/],
     [['--blockdev', 'driver=null-co,node-name=n0', '--export', 'type=nbd,id=e0,node-name=n0'], /--export #1 .*NBD server not running/],
     [['--blockdev', 'driver=null-co,node-name=n0', '--nbd-server', 'addr.type=unix', '--export', 'type=nbd,id=e0,node-name=n0'], /--nbd-server #1 .*Parameter 'addr.path' is missing/],
     [['--blockdev', 'driver=null-co,node-name=n0,read-only=on', '--nbd-server', `addr.type=unix,addr.path=${dir}/s`, '--export', 'type=nbd,id=e0,node-name=n0,writable=on'], /Cannot export read-only node as writable/],
@@ -115,4 +115,42 @@ t.test('image locks: one writer at a time, QEMU included', async (t) => {
   await d.stop();
   const after = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 512', img]);
   t.equal(after.code, 0, `after vdisk stops, qemu-io opens it: ${after.stderr}`);
+});
+
+t.test('--config: the same objects as the options, in one JSON document', async (t) => {
+  requireTool(t, 'nbdinfo');
+  const dir = tempDir(t);
+  const img = sparseFile(path.join(dir, 'c.img'), 4 * MiB);
+  const config = path.join(dir, 'vdisk.json');
+  fs.writeFileSync(
+    config,
+    JSON.stringify({
+      blockdev: [{ driver: 'raw', 'node-name': 'c0', file: { driver: 'file', filename: img } }],
+      'nbd-server': { addr: { type: 'unix', path: path.join(dir, 'c.sock') } },
+      export: [{ type: 'nbd', id: 'c0', 'node-name': 'c0', writable: true }],
+      qmp: [`unix:${path.join(dir, 'q.sock')}`],
+      pidfile: path.join(dir, 'pid'),
+    }),
+  );
+  const d = await startDaemon(t, { dir, nbdServer: false, args: ['--config', config] });
+  const r = await run('nbdinfo', ['--json', `nbd+unix:///c0?socket=${path.join(dir, 'c.sock')}`]);
+  t.equal(r.code, 0, r.stderr);
+  t.equal(JSON.parse(r.stdout).exports[0]['export-size'], 4 * MiB, 'the export of the config is served');
+  t.equal(fs.readFileSync(path.join(dir, 'pid'), 'utf8').trim(), String(d.proc.pid), 'the pidfile of the config');
+  t.ok(fs.existsSync(path.join(dir, 'q.sock')), 'and its QMP socket');
+  t.equal(await d.stop(), 0);
+  t.notOk(fs.existsSync(path.join(dir, 'pid')), 'the pidfile is removed at exit');
+
+  const bad = path.join(dir, 'bad.json');
+  fs.writeFileSync(bad, JSON.stringify({ blockdev: [{ driver: 'raw', 'node-name': 'b0', file: { driver: 'file', filename: img, bogus: 1 } }] }));
+  let e = await run(process.execPath, [VDISK, 'serve', '--config', bad]);
+  t.equal(e.code, 1);
+  t.match(e.stderr, /--config .*bad\.json: blockdev\[0\] .*Parameter 'file\.bogus' is unexpected/, 'the error names the file, the entry and the key');
+  fs.writeFileSync(bad, JSON.stringify({ blockdevs: [] }));
+  e = await run(process.execPath, [VDISK, 'serve', '--config', bad]);
+  t.match(e.stderr, /unknown key 'blockdevs'/);
+  fs.writeFileSync(bad, '{"blockdev": [');
+  e = await run(process.execPath, [VDISK, 'serve', '--config', bad]);
+  t.equal(e.code, 1, 'malformed JSON');
+  t.match(e.stderr, /--config .*bad\.json: /);
 });

@@ -67,7 +67,7 @@ t.test('blockdev-add / blockdev-del / query-named-block-nodes', async (t) => {
   for (const [args, desc] of [
     [{ driver: 'null-co', 'node-name': 'q0' }, "Duplicate nodes with node-name='q0'"],
     [{ driver: 'null-co', 'node-name': '1bad' }, "Invalid node-name: '1bad'"],
-    [{ driver: 'qcow2', 'node-name': 'q1', file: 'nope' }, "Cannot find device='' nor node-name='nope'"],
+    [{ driver: 'qcow2', 'node-name': 'q1', file: 'nope' }, "Cannot find device='nope' nor node-name='nope'"],
     [{ driver: 'file', 'node-name': 'f1', filename: path.join(dir, 'missing') }, `Could not open '${path.join(dir, 'missing')}': No such file or directory`],
     [{ driver: 'file', 'node-name': 'f2', filename: top }, /Failed to get "write" lock/],
   ] as Array<[unknown, string | RegExp]>) {

@@ -115,5 +115,7 @@ export function blockDeviceInfo(node: BlockNode, flat: boolean): Record<string, 
     cache: { writeback: true, direct: node.cacheMode.direct, 'no-flush': node.cacheMode.noFlush },
     write_threshold: 0,
   });
+  // Present only when the node has bitmaps (anonymous successors included), newest first.
+  if (node.dirtyBitmaps.length) info['dirty-bitmaps'] = node.dirtyBitmaps.map((b) => b.info());
   return info;
 }

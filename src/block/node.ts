@@ -23,6 +23,7 @@
  * is visible to every later read of any caller), throw only VdiskError.
  */
 import { VdiskError, invalid, toVdiskError } from '../errors.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 
 /** Request flags, a bitmask so no object is allocated per request. */
 export const ReqFlags = {
@@ -115,6 +116,12 @@ export abstract class BlockNode {
    * is cleared, as bdrv_co_pdiscard does. The graph sets it from the options.
    */
   discardEnabled = true;
+  /**
+   * Dirty bitmaps on this node, newest first (query order). Every write,
+   * write-zeroes and discard that reaches this node marks the enabled ones,
+   * whether it succeeded or not (a failed write may have changed the disk).
+   */
+  readonly dirtyBitmaps: DirtyBitmap[] = [];
   /** cache.direct and cache.no-flush as opened (reported by query-named-block-nodes). */
   cacheMode = { direct: false, noFlush: false };
   /** Writes of all-zero buffers become write-zeroes ('unmap': allowed to deallocate). */
@@ -236,10 +243,11 @@ export abstract class BlockNode {
       } else {
         await this.writeUnaligned(offset, buf, flags);
       }
-      if (offset + buf.length > this.length) this.length = offset + buf.length;
+      if (offset + buf.length > this.length) this.grow(offset + buf.length);
     } catch (err) {
       throw toVdiskError(err, `write at ${offset} on node '${this.nodeName}'`);
     } finally {
+      this.markDirty(offset, buf.length);
       this.requestDone();
     }
   }
@@ -256,7 +264,7 @@ export abstract class BlockNode {
       const tail = (offset + length) % a;
       if (head === 0 && tail === 0) {
         await this.zeroAligned(offset, length, flags);
-        if (offset + length > this.length) this.length = offset + length;
+        if (offset + length > this.length) this.grow(offset + length);
       } else {
         if (flags & ReqFlags.NO_FALLBACK) {
           throw new VdiskError('ENOTSUP', 'unaligned write-zeroes cannot be fast');
@@ -275,6 +283,7 @@ export abstract class BlockNode {
     } catch (err) {
       throw toVdiskError(err, `write-zeroes at ${offset} on node '${this.nodeName}'`);
     } finally {
+      this.markDirty(offset, length);
       this.requestDone();
     }
   }
@@ -293,6 +302,7 @@ export abstract class BlockNode {
     } catch (err) {
       throw toVdiskError(err, `discard at ${offset} on node '${this.nodeName}'`);
     } finally {
+      this.markDirty(offset, length);
       this.requestDone();
     }
   }
@@ -323,6 +333,19 @@ export abstract class BlockNode {
     await this.drain();
     if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
     await this.doTruncate(size);
+    // Bitmaps follow the size: a grown part is clean, a cut part is forgotten.
+    for (const b of this.dirtyBitmaps) b.resize(this.length);
+  }
+
+  /** Records a change to [offset, offset + length) in every enabled dirty bitmap. */
+  private markDirty(offset: number, length: number): void {
+    for (const b of this.dirtyBitmaps) if (b.enabled) b.mark(offset, length);
+  }
+
+  /** A write past the end made the node longer (growable nodes): bitmaps grow with it. */
+  private grow(length: number): void {
+    this.length = length;
+    for (const b of this.dirtyBitmaps) b.resize(length);
   }
 
   /** Block status of the extent that starts at offset (at most length bytes, at least 1). */

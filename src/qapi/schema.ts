@@ -47,6 +47,20 @@ export const number: Type = { kind: 'number' };
 export const any: Type = { kind: 'any' };
 export const nullType: Type = { kind: 'null' };
 export const int = (name: IntName = 'int'): Type => ({ kind: 'int', name });
+
+/** How QEMU names an integer type when a value is out of its range (visit_type_uintN and friends). */
+const RANGE_NAMES: Record<IntName, string> = {
+  int: 'integer',
+  int64: 'integer',
+  int8: 'int8_t',
+  int16: 'int16_t',
+  int32: 'int32_t',
+  uint8: 'uint8_t',
+  uint16: 'uint16_t',
+  uint32: 'uint32_t',
+  uint64: 'uint64',
+  size: 'size',
+};
 export const enumOf = (name: string, values: readonly string[]): Type => ({ kind: 'enum', name, values });
 export const arrayOf = (of: Type): Type => ({ kind: 'array', of });
 export const struct = (name: string, members: Members): Type => ({ kind: 'struct', name, members });
@@ -160,7 +174,7 @@ export function check(type: Type, value: unknown, path: string, mode: InputMode 
       if (n === undefined) return fail(`Parameter '${path}' expects ${type.name === 'size' ? 'size' : 'integer'}`);
       if (!Number.isInteger(n)) return fail(`Invalid parameter type for '${path}', expected: integer`);
       const [min, max] = INT_RANGES[type.name];
-      if (n < min || n > max) return fail(`Parameter '${path}' expects ${type.name === 'int' ? 'integer' : type.name}`);
+      if (n < min || n > max) return fail(`Parameter '${path}' expects ${RANGE_NAMES[type.name]}`);
       return n;
     }
     case 'array': {

@@ -426,7 +426,7 @@ t.test('registerDriver: a library user adds a node type', async (t) => {
   const b = Buffer.alloc(16);
   await p.read(100, b);
   t.ok(b.equals(Buffer.alloc(16, 7)));
-  await refuses(t, g.add({ driver: 'pattern', 'node-name': 'q', size: 1, byte: 300 }), "Parameter 'byte' expects uint8");
+  await refuses(t, g.add({ driver: 'pattern', 'node-name': 'q', size: 1, byte: 300 }), "Parameter 'byte' expects uint8_t");
   const r = await g.add({ driver: 'raw', 'node-name': 'r', file: { driver: 'pattern', size: 4096 } });
   t.equal(r.child('file')?.driverName, 'pattern', 'the new driver works as an inline child too');
 });

@@ -163,9 +163,9 @@ t.test('schema: bad keyval values give errors that name the parameter', async (t
   bad({ b: 'perhaps' }, "Parameter 'b' expects 'on' or 'off'", 'not a boolean word');
   bad({ b: 'ON' }, "Parameter 'b' expects 'on' or 'off'", 'boolean words are lower case');
   bad({ b: '' }, "Parameter 'b' expects 'on' or 'off'", 'empty boolean');
-  bad({ u: '-1' }, "Parameter 'u' expects uint32", 'negative unsigned');
-  bad({ u: '4294967296' }, "Parameter 'u' expects uint32", 'one past uint32');
-  bad({ u8: '256' }, "Parameter 'u8' expects uint8", 'one past uint8');
+  bad({ u: '-1' }, "Parameter 'u' expects uint32_t", 'negative unsigned');
+  bad({ u: '4294967296' }, "Parameter 'u' expects uint32_t", 'one past uint32');
+  bad({ u8: '256' }, "Parameter 'u8' expects uint8_t", 'one past uint8');
   bad({ n: '9007199254740993' }, "Parameter 'n' expects integer", 'above 2^53');
   bad({ n: '1.5' }, /^Parameter 'n' expects /, 'a fraction');
   bad({ n: 'ten' }, /^Parameter 'n' expects /, 'a word');
@@ -226,7 +226,7 @@ t.test('schema: JSON input is strict about types', async (t) => {
   t.throws(() => check(s, { n: '5' }, '', 'json'), { message: "Invalid parameter type for 'n', expected: integer" });
   t.throws(() => check(s, { n: 1.5 }, '', 'json'), { message: "Invalid parameter type for 'n', expected: integer" });
   t.throws(() => check(s, { n: 2 ** 60 }, '', 'json'), { message: "Parameter 'n' expects integer" });
-  t.throws(() => check(s, { u: -1 }, '', 'json'), { message: "Parameter 'u' expects uint32" });
+  t.throws(() => check(s, { u: -1 }, '', 'json'), { message: "Parameter 'u' expects uint32_t" });
   t.throws(() => check(s, { s: 5 }, '', 'json'), { message: "Invalid parameter type for 's', expected: string" });
   t.throws(() => check(s, { l: 'x' }, '', 'json'), { message: "Invalid parameter type for 'l', expected: array" });
   t.throws(() => check(s, { s: null }, '', 'json'), { message: "Invalid parameter type for 's', expected: string" });

@@ -1,0 +1,170 @@
+/**
+ * Dirty bitmaps: which granules of a node were written since a point in
+ * time, as QEMU's BdrvDirtyBitmap (block/dirty-bitmap.c; the contract is in
+ * qapi/block-core.json and docs/interop/bitmaps.rst).
+ *
+ * A bitmap belongs to one node and sees every write, write-zeroes and
+ * discard that reaches that node (the request path calls markDirty), while
+ * it is enabled. A job that uses it (backup) makes it busy and gives it a
+ * successor: the successor records new writes while the parent stays frozen
+ * at the job's point in time; the job's outcome then abdicates (the
+ * successor replaces the parent) or reclaims (the successor's bits go back
+ * into the parent), so no write is ever lost track of.
+ */
+import { VdiskError } from '../errors.js';
+import { SparseBitmap } from './sparse-bitmap.js';
+
+export const MIN_GRANULARITY = 512;
+export const MAX_GRANULARITY = 2 ** 31;
+export const MAX_NAME_BYTES = 1023;
+
+export class DirtyBitmap {
+  readonly bits: SparseBitmap;
+  enabled: boolean;
+  busy = false;
+  persistent: boolean;
+  /** A persistent bitmap found in use at load: its content cannot be trusted. */
+  inconsistent = false;
+  successor: DirtyBitmap | undefined;
+  /** The node length it covers, in bytes. */
+  size: number;
+
+  constructor(
+    /** undefined for internal, anonymous bitmaps (a successor). */
+    public name: string | undefined,
+    readonly granularity: number,
+    size: number,
+    options: { enabled?: boolean; persistent?: boolean } = {},
+  ) {
+    if (!Number.isInteger(Math.log2(granularity)) || granularity < MIN_GRANULARITY || granularity > MAX_GRANULARITY) {
+      throw new VdiskError('EINVAL', 'Granularity must be power of 2 and at least 512');
+    }
+    this.size = size;
+    this.bits = new SparseBitmap(Math.ceil(size / granularity));
+    this.enabled = options.enabled ?? true;
+    this.persistent = options.persistent ?? false;
+  }
+
+  /** Records a write to [offset, offset + length), rounded out to whole granules. */
+  mark(offset: number, length: number): void {
+    if (length <= 0) return;
+    const g = this.granularity;
+    const first = Math.floor(offset / g);
+    const last = Math.ceil((offset + length) / g);
+    this.bits.set(first, last - first);
+  }
+
+  /** Forgets writes to [offset, offset + length) (whole granules inside it only). */
+  unmark(offset: number, length: number): void {
+    const g = this.granularity;
+    const first = Math.floor(offset / g);
+    const last = Math.ceil((offset + length) / g);
+    this.bits.reset(first, last - first);
+  }
+
+  /** Follows the node's size: new granules are clean, granules past a new end are dropped. */
+  resize(size: number): void {
+    this.size = size;
+    this.bits.resize(Math.ceil(size / this.granularity));
+    this.successor?.resize(size);
+  }
+
+  /** Dirty bytes, as QEMU counts them: set granules times the granularity. */
+  get count(): number {
+    return this.bits.count() * this.granularity;
+  }
+
+  /** Recording: enabled itself, or through a successor during a job. */
+  get recording(): boolean {
+    return this.enabled || (this.successor?.enabled ?? false);
+  }
+
+  /** The first dirty byte range at or after offset, at most maxLength long, or undefined. */
+  nextDirtyArea(offset: number, end: number): { offset: number; length: number } | undefined {
+    const g = this.granularity;
+    const first = this.bits.nextSet(Math.floor(offset / g));
+    if (first < 0 || first * g >= end) return undefined;
+    const clear = this.bits.nextClear(first);
+    const stop = Math.min(end, (clear < 0 ? this.bits.size : clear) * g);
+    const start = Math.max(offset, first * g);
+    return { offset: start, length: stop - start };
+  }
+
+  /** QEMU's check flags for commands (bdrv_dirty_bitmap_check). */
+  check(flags: { busy?: boolean; readOnly?: boolean; inconsistent?: boolean }, nodeReadOnly = false): void {
+    const name = this.name ?? '';
+    if (flags.busy && this.busy) throw new VdiskError('EBUSY', `Bitmap '${name}' is currently in use by another operation and cannot be used`);
+    if (flags.readOnly && nodeReadOnly) throw new VdiskError('EROFS', `Bitmap '${name}' is readonly and cannot be modified`);
+    if (flags.inconsistent && this.inconsistent) {
+      throw new VdiskError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk`);
+    }
+  }
+
+  /** Starts a job's use: a successor records from now on, the bitmap itself is frozen and busy. */
+  createSuccessor(size: number): DirtyBitmap {
+    if (this.busy) throw new VdiskError('EBUSY', `Cannot create a successor for a bitmap currently in use`);
+    if (this.successor) throw new VdiskError('EBUSY', 'Cannot create a successor for a bitmap that already has one');
+    const s = new DirtyBitmap(undefined, this.granularity, size, { enabled: this.enabled });
+    this.successor = s;
+    this.enabled = false;
+    this.busy = true;
+    return s;
+  }
+
+  /**
+   * Job success (or bitmap-mode always): the successor takes over, so the
+   * bitmap now holds only what was written since the job started.
+   * Returns the bitmap that now carries the name (the successor).
+   */
+  abdicate(): DirtyBitmap {
+    const s = this.successor;
+    if (!s) throw new VdiskError('EINVAL', `bitmap '${this.name}' has no successor`);
+    s.name = this.name;
+    s.persistent = this.persistent;
+    this.successor = undefined;
+    this.name = undefined;
+    this.busy = false;
+    return s;
+  }
+
+  /** Job failure or cancel (or bitmap-mode never): everything the successor saw goes back in. */
+  reclaim(): DirtyBitmap {
+    const s = this.successor;
+    if (!s) throw new VdiskError('EINVAL', `bitmap '${this.name}' has no successor`);
+    this.bits.merge(s.bits);
+    this.enabled = s.enabled;
+    this.successor = undefined;
+    this.busy = false;
+    return this;
+  }
+
+  /** ORs another bitmap's dirty ranges in (granularities may differ). */
+  mergeFrom(other: DirtyBitmap): void {
+    if (other.granularity === this.granularity) {
+      this.bits.merge(other.bits);
+      return;
+    }
+    const end = other.bits.size * other.granularity;
+    for (let at = 0; at < end; ) {
+      const area = other.nextDirtyArea(at, end);
+      if (!area) break;
+      this.mark(area.offset, area.length);
+      at = area.offset + area.length;
+    }
+  }
+
+  /** BlockDirtyInfo, as query-named-block-nodes lists it. */
+  info(): Record<string, unknown> {
+    const i: Record<string, unknown> = {};
+    if (this.name !== undefined) i.name = this.name;
+    Object.assign(i, {
+      recording: this.recording,
+      persistent: this.persistent,
+      busy: this.busy,
+      granularity: this.granularity,
+      count: this.count,
+    });
+    if (this.inconsistent) i.inconsistent = true;
+    return i;
+  }
+}

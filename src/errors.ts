@@ -97,3 +97,28 @@ function isErrno(code: string): code is Errno {
 export function invalid(message: string): VdiskError {
   return new VdiskError('EINVAL', message);
 }
+
+/** strerror() texts (glibc), for where QEMU reports an errno as text (job errors, qemu-io). */
+const STRERROR: Record<Errno, string> = {
+  EIO: 'Input/output error',
+  EINVAL: 'Invalid argument',
+  ENOSPC: 'No space left on device',
+  EPERM: 'Operation not permitted',
+  EROFS: 'Read-only file system',
+  ENOTSUP: 'Operation not supported',
+  ENOENT: 'No such file or directory',
+  EEXIST: 'File exists',
+  EBUSY: 'Device or resource busy',
+  EAGAIN: 'Resource temporarily unavailable',
+  ENOMEM: 'Cannot allocate memory',
+  EFBIG: 'File too large',
+  EOVERFLOW: 'Value too large for defined data type',
+  ESHUTDOWN: 'Cannot send after transport endpoint shutdown',
+  ECANCELED: 'Operation canceled',
+  EACCES: 'Permission denied',
+  ENXIO: 'No such device or address',
+};
+
+export function strerror(errno: Errno): string {
+  return STRERROR[errno];
+}

@@ -118,10 +118,49 @@ export class BlockGraph {
     }
   }
 
+  /**
+   * Opens a node that belongs to an operation rather than to the user (a
+   * backup job's target): auto-named unless the options name it, not
+   * deletable with blockdev-del, and gone when the operation releases it.
+   */
+  async addImplicit(rawOptions: Record<string, unknown>): Promise<BlockNode> {
+    const options = check(this.blockdevOptions, rawOptions, '', 'json') as Record<string, unknown>;
+    const created: BlockNode[] = [];
+    try {
+      return await this.open(options, created);
+    } catch (err) {
+      for (const n of created.reverse()) await this.forget(n);
+      throw err;
+    }
+  }
+
+  /** Adds a node made by an operation (a copy-before-write filter), auto-named unless it has a name. */
+  insertImplicit(node: BlockNode): BlockNode {
+    if (node.nodeName) checkNodeName(node.nodeName);
+    else node.nodeName = this.autoName();
+    this.link(node);
+    return node;
+  }
+
+  /** Closes and removes an implicit node and the implicit children it leaves unused. */
+  async release(node: BlockNode): Promise<void> {
+    if (this.monitorOwned.has(node.nodeName)) return;
+    await this.forget(node);
+  }
+
   /** Adds a node object made by the caller (the library API). */
   insert(node: BlockNode): BlockNode {
     checkNodeName(node.nodeName);
-    if (this.nodes.has(node.nodeName)) throw new VdiskError('EEXIST', `Duplicate nodes with node-name='${node.nodeName}'`);
+    this.link(node);
+    this.monitorOwned.add(node.nodeName);
+    return node;
+  }
+
+  /** Puts a node whose children are in the graph into it, and records it as their user. */
+  private link(node: BlockNode): void {
+    if (this.nodes.has(node.nodeName) || this.reserved.has(node.nodeName)) {
+      throw new VdiskError('EEXIST', `Duplicate nodes with node-name='${node.nodeName}'`);
+    }
     for (const c of node.children) {
       if (this.nodes.get(c.node.nodeName) !== c.node) {
         throw new VdiskError('ENOENT', `node '${node.nodeName}' has child '${c.node.nodeName}' that is not in the graph`);
@@ -129,8 +168,6 @@ export class BlockGraph {
     }
     for (const c of node.children) c.node.users.add(new ChildEdge(node, c.role));
     this.nodes.set(node.nodeName, node);
-    this.monitorOwned.add(node.nodeName);
-    return node;
   }
 
   private async open(options: Record<string, unknown>, created: BlockNode[]): Promise<BlockNode> {

@@ -122,6 +122,14 @@ export abstract class BlockNode {
    * whether it succeeded or not (a failed write may have changed the disk).
    */
   readonly dirtyBitmaps: DirtyBitmap[] = [];
+  /**
+   * Called before any write, write-zeroes or discard reaches the driver, with
+   * the range it changes; the request waits for them and fails if one fails.
+   * The copy-before-write filter of a backup job hooks in here, so every
+   * writer of the node (exports, parents) goes through it without the graph
+   * being rewired.
+   */
+  readonly beforeWrite: Array<(offset: number, length: number) => Promise<void>> = [];
   /** cache.direct and cache.no-flush as opened (reported by query-named-block-nodes). */
   cacheMode = { direct: false, noFlush: false };
   /** Writes of all-zero buffers become write-zeroes ('unmap': allowed to deallocate). */
@@ -231,6 +239,7 @@ export abstract class BlockNode {
     }
     this.inFlight++;
     try {
+      if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
       if (this.limits.requestAlignment === 1) {
         await this.writeSplit(offset, buf, flags);
       } else if (this.isAligned(offset, buf.length)) {
@@ -259,6 +268,7 @@ export abstract class BlockNode {
     if (!this.discardEnabled) flags &= ~ReqFlags.MAY_UNMAP;
     this.inFlight++;
     try {
+      if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
       const a = this.limits.requestAlignment;
       const head = offset % a;
       const tail = (offset + length) % a;
@@ -294,6 +304,7 @@ export abstract class BlockNode {
     if (length === 0 || !this.discardEnabled) return;
     this.inFlight++;
     try {
+      if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
       // Only the aligned part can be discarded; the edges keep their data (discard is a hint).
       const a = this.limits.requestAlignment;
       const start = Math.ceil(offset / a) * a;
@@ -335,6 +346,10 @@ export abstract class BlockNode {
     await this.doTruncate(size);
     // Bitmaps follow the size: a grown part is clean, a cut part is forgotten.
     for (const b of this.dirtyBitmaps) b.resize(this.length);
+  }
+
+  private async runBeforeWrite(offset: number, length: number): Promise<void> {
+    for (const hook of [...this.beforeWrite]) await hook(offset, length);
   }
 
   /** Records a change to [offset, offset + length) in every enabled dirty bitmap. */

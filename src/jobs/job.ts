@@ -56,6 +56,48 @@ export interface JobOptions {
   autoDismiss?: boolean;
 }
 
+/**
+ * Jobs that complete together (QEMU's JobTxn): none is finalized before all
+ * have finished their work, and one failure cancels the others. A job on its
+ * own is a transaction of one. The list is newest first, QEMU's order.
+ */
+export class JobTxn {
+  readonly jobs: Job[] = [];
+  aborting = false;
+  private pending = false;
+
+  add(job: Job): void {
+    job.txn = this;
+    this.jobs.unshift(job);
+  }
+
+  /** Called when a job's work ends (success, failure or cancel). */
+  async jobFinished(job: Job): Promise<void> {
+    if (job.failed && !this.aborting) {
+      this.aborting = true;
+      // Every other job is cancelled, even one that finished and is waiting for the rest.
+      for (const other of this.jobs) if (other !== job) other.cancelForTxn();
+    }
+    if (!this.jobs.every((j) => j.completed)) return;
+    if (this.aborting) {
+      // finalizeOne ignores a job already being finalized, so reaching this twice is harmless.
+      for (const j of [...this.jobs]) await j.finalizeOne(false);
+      return;
+    }
+    // The success path is taken once, by the last job to finish.
+    if (this.pending) return;
+    this.pending = true;
+    for (const j of this.jobs) j.toPending();
+    if (this.jobs.every((j) => j.autoFinalize)) await this.finalizeAll();
+    else for (const j of this.jobs) j.announcePending();
+  }
+
+  /** job-finalize on any job of the transaction finalizes all of them, in list order. */
+  async finalizeAll(): Promise<void> {
+    for (const j of [...this.jobs]) await j.finalizeOne(true);
+  }
+}
+
 export abstract class Job {
   abstract readonly type: JobType;
   readonly id: string;
@@ -66,20 +108,32 @@ export abstract class Job {
   progressTotal = 0;
   /** Set when the job failed or was cancelled (query-jobs' "error"). */
   error: string | undefined;
-  /** A cancel was requested (force or not). */
+  /** A cancel was requested (by the user, or by the transaction). */
   cancelled = false;
+  /** The transaction cancelled this job because a sibling failed. */
+  private cancelledByTxn = false;
+  /** The work has ended (run() settled, or the job never started and was cancelled). */
+  completed = false;
+  /** The work ended in failure or cancellation. */
+  failed = false;
   /** user pauses + error pauses; the job is paused while above zero. */
   pauseCount = 0;
   /** True while run() is between pause points (query-block-jobs' "busy"). */
   busy = false;
   manager!: JobManager;
+  txn: JobTxn;
   private resumeWaiters: Array<() => void> = [];
-  private result: Promise<void> | undefined;
+  private finalizing = false;
+  private done: Promise<void>;
+  private markDone!: () => void;
 
   constructor(options: JobOptions) {
     this.id = options.id;
     this.autoFinalize = options.autoFinalize ?? true;
     this.autoDismiss = options.autoDismiss ?? true;
+    this.txn = new JobTxn();
+    this.txn.add(this);
+    this.done = new Promise((r) => (this.markDone = r));
   }
 
   /** The work. Throws to fail; should call pausePoint() regularly. */
@@ -94,6 +148,10 @@ export abstract class Job {
   protected onConcluding(): void {}
   /** When the job waits for job-finalize (block jobs emit BLOCK_JOB_PENDING). */
   protected onPending(): void {}
+  /** The error text a failure reports (query-jobs, BLOCK_JOB_COMPLETED). */
+  protected errorText(err: unknown): string {
+    return toVdiskError(err, 'job').message;
+  }
 
   get isPaused(): boolean {
     return this.pauseCount > 0;
@@ -141,7 +199,7 @@ export abstract class Job {
     this.wake();
   }
 
-  private wake(): void {
+  protected wake(): void {
     if (this.pauseCount > 0 && !this.cancelled) return;
     for (const w of this.resumeWaiters.splice(0)) w();
   }
@@ -155,30 +213,45 @@ export abstract class Job {
   start(): void {
     this.transition('running');
     this.busy = true;
-    this.result = this.run().then(
+    this.run().then(
       () => this.workDone(undefined),
       (err) => this.workDone(err),
     );
   }
 
-  /** Resolves when the job has concluded (or is gone). */
-  async settled(): Promise<void> {
-    await this.result;
+  /** Resolves when the job has concluded. */
+  settled(): Promise<void> {
+    return this.done;
   }
 
+  /** job-cancel / block-job-cancel: the job stops at its next pause point and aborts. */
   cancel(): void {
     this.checkVerb('cancel');
+    this.requestCancel();
+  }
+
+  /** A sibling in the transaction failed: this job is cancelled whatever its state. */
+  cancelForTxn(): void {
+    if (this.status === 'concluded' || this.status === 'null' || this.cancelled) return;
+    this.cancelledByTxn = true;
+    this.requestCancel();
+  }
+
+  private requestCancel(): void {
     this.cancelled = true;
-    if (this.status === 'created') {
-      // Never started: it goes straight away.
+    if (this.status === 'created' && !this.completed) {
+      // Never started (a transaction rolled back): it goes at once, with no cancel event.
+      this.completed = true;
+      this.failed = true;
       this.error = CANCELED_TEXT;
-      this.transition('aborting');
-      void this.finalizeNow(false);
+      void this.txn.jobFinished(this);
       return;
     }
-    if (this.status === 'waiting' || this.status === 'pending') {
+    if (this.completed && !this.failed) {
+      // Finished its work and waiting for the others (or for job-finalize): abort it now.
+      this.failed = true;
       this.error = CANCELED_TEXT;
-      void this.finalizeNow(false);
+      void this.txn.jobFinished(this);
       return;
     }
     this.wake();
@@ -186,41 +259,58 @@ export abstract class Job {
 
   private async workDone(err: unknown): Promise<void> {
     this.busy = false;
+    this.completed = true;
     if (err !== undefined || this.cancelled) {
-      this.error = this.cancelled ? CANCELED_TEXT : errorText(err);
-      if (err !== undefined && !this.cancelled) logEvent('warn', 'job-failed', { id: this.id, type: this.type, error: this.error });
-      await this.finalizeNow(false);
-      return;
+      this.failed = true;
+      this.error = this.cancelled ? CANCELED_TEXT : this.errorText(err);
+      if (!this.cancelled) logEvent('warn', 'job-failed', { id: this.id, type: this.type, error: this.error });
+      // A job cancelled because a sibling failed says so when it is finalized, as QEMU.
+      if (!this.cancelledByTxn) this.transition('aborting');
+    } else {
+      this.transition('waiting');
     }
-    this.transition('waiting');
+    await this.txn.jobFinished(this);
+  }
+
+  /** All jobs of the transaction finished well: waiting -> pending. */
+  toPending(): void {
     this.transition('pending');
-    if (this.autoFinalize) await this.finalizeNow(true);
-    else this.onPending();
+  }
+
+  /** auto-finalize off: tell the user the job waits for job-finalize. */
+  announcePending(): void {
+    this.onPending();
   }
 
   /** job-finalize. */
   async finalize(): Promise<void> {
     this.checkVerb('finalize');
-    await this.finalizeNow(!this.cancelled && this.error === undefined);
+    await this.txn.finalizeAll();
   }
 
-  private async finalizeNow(ok: boolean): Promise<void> {
+  /** Commits or aborts, cleans up, concludes (and is dismissed when auto-dismiss). */
+  async finalizeOne(ok: boolean): Promise<void> {
+    if (this.finalizing) return this.done;
+    this.finalizing = true;
+    const started = this.status !== 'created';
     if (!ok) this.transition('aborting');
     try {
       if (ok) await this.commit();
       else await this.abort();
     } catch (err) {
-      this.error ??= errorText(err);
+      this.error ??= this.errorText(err);
     }
     try {
       await this.clean();
     } catch (err) {
-      logEvent('warn', 'job-clean-failed', { id: this.id, error: errorText(err) });
+      logEvent('warn', 'job-clean-failed', { id: this.id, error: toVdiskError(err, 'job').message });
     }
-    this.onConcluding();
+    if (started) this.onConcluding();
     this.transition('concluded');
     logEvent('info', 'job-concluded', { id: this.id, type: this.type, error: this.error });
-    if (this.autoDismiss) this.dismissNow();
+    // A job that never started goes away at once, whatever auto-dismiss says (as QEMU).
+    if (this.autoDismiss || !started) this.dismissNow();
+    this.markDone();
   }
 
   /** job-dismiss. */
@@ -246,11 +336,6 @@ export abstract class Job {
     if (this.error !== undefined) i.error = this.error;
     return i;
   }
-}
-
-function errorText(err: unknown): string {
-  // QEMU reports strerror() of the errno; vdisk's messages say more, and name the place.
-  return toVdiskError(err, 'job').message;
 }
 
 const JOB_ID = /^[A-Za-z][A-Za-z0-9\-._]*$/;

@@ -3,6 +3,7 @@
  * their argument schema and handler. A later capability adds its module here.
  */
 import type { QmpCommand } from '../server.js';
+import { BACKUP_COMMANDS } from './backup.js';
 import { BITMAP_COMMANDS } from './bitmaps.js';
 import { BLOCK_COMMANDS } from './block.js';
 import { CORE_COMMANDS } from './core.js';
@@ -10,4 +11,4 @@ import { EXPORT_COMMANDS } from './exports.js';
 import { JOB_COMMANDS } from './jobs.js';
 import { NBD_COMMANDS } from './nbd.js';
 
-export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...BITMAP_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS];
+export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...BITMAP_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS, ...BACKUP_COMMANDS];

@@ -1,0 +1,203 @@
+/**
+ * The backup block job (QEMU's block/backup.c).
+ *
+ * At creation (a transaction's prepare) the point in time is fixed: the
+ * copy-before-write filter starts guarding the source, the block-copy bitmap
+ * says what to copy (everything for full/top, the user bitmap's bits for
+ * bitmap/incremental, nothing for none), and a bitmap the job uses gets a
+ * successor that records every write from then on. Running copies what is
+ * left; finalize decides the bitmap's fate (docs/design/backup.md):
+ *
+ *   bitmap-mode   success     failure or cancel
+ *   on-success    abdicate    reclaim
+ *   always        abdicate    abdicate, then add back what was not copied
+ *   never         reclaim     reclaim
+ */
+import type { DirtyBitmap } from '../block/dirty-bitmap.js';
+import type { BlockGraph } from '../block/graph.js';
+import type { BlockNode, NodeUser } from '../block/node.js';
+import { logEvent } from '../log.js';
+import { type BlockdevOnError, BlockJob } from '../jobs/block-job.js';
+import { BlockCopy, CopyError } from './block-copy.js';
+import { CopyBeforeWriteNode } from './cbw.js';
+
+export type SyncMode = 'full' | 'top' | 'none' | 'incremental' | 'bitmap';
+export type BitmapMode = 'on-success' | 'always' | 'never';
+
+export interface BackupOptions {
+  id: string;
+  graph: BlockGraph;
+  source: BlockNode;
+  target: BlockNode;
+  sync: SyncMode;
+  bitmap?: DirtyBitmap;
+  bitmapMode?: BitmapMode;
+  speed?: number;
+  onSourceError: BlockdevOnError;
+  onTargetError: BlockdevOnError;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+  filterNodeName?: string;
+  /** The job opened the target (drive-backup) and closes it at the end. */
+  ownsTarget: boolean;
+}
+
+/** Background copies at once (QEMU: up to 64 block-copy tasks; fewer are enough on 2 cores). */
+const WORKERS = 8;
+
+export class BackupJob extends BlockJob implements NodeUser {
+  readonly type = 'backup';
+  private readonly o: BackupOptions;
+  private readonly copy: BlockCopy;
+  private readonly cbw: CopyBeforeWriteNode;
+  /** The user bitmap's successor while the job runs. */
+  private successor: DirtyBitmap | undefined;
+
+  constructor(o: BackupOptions) {
+    super({ id: o.id, autoFinalize: o.autoFinalize, autoDismiss: o.autoDismiss, speed: o.speed });
+    this.o = o;
+    // The job's cluster: at least 64 KiB, at least the target's cluster size.
+    const targetCluster = (o.target as { clusterBytes?: number }).clusterBytes ?? 0;
+    this.copy = new BlockCopy(o.source, o.target, Math.max(65536, targetCluster));
+    this.cbw = new CopyBeforeWriteNode(o.filterNodeName ?? '', o.source, o.target, this.copy);
+  }
+
+  get userDescription(): string {
+    return `backup job '${this.id}'`;
+  }
+
+  /**
+   * Fixes the point in time: what to copy, the bitmap's successor, and the
+   * filter on the source. Called at creation, before any other write can
+   * slip in (a transaction prepares every action before committing any).
+   */
+  setUp(): void {
+    const o = this.o;
+    // The filter's name may be taken: fail before anything else changes.
+    o.graph.insertImplicit(this.cbw);
+    const bits = this.copy.toCopy;
+    if (o.sync === 'full' || o.sync === 'top') bits.bits.set(0, bits.bits.size);
+    else if ((o.sync === 'bitmap' || o.sync === 'incremental') && o.bitmap) bits.mergeFrom(o.bitmap);
+    if (o.bitmap) {
+      this.successor = o.bitmap.createSuccessor(o.source.size);
+      o.source.dirtyBitmaps.unshift(this.successor);
+    }
+    // Progress counts whole job clusters, as QEMU's: a full backup of 64 MiB has len 64 MiB.
+    this.progressTotal = bits.count;
+    this.copy.onProgress = (n) => {
+      this.progressCurrent += Math.ceil(n / this.copy.clusterSize) * this.copy.clusterSize;
+    };
+    this.cbw.attach();
+    o.source.users.add(this);
+    o.target.users.add(this);
+    logEvent('info', 'backup-started', { id: this.id, source: o.source.nodeName, target: o.target.filename, sync: o.sync, bytes: this.progressTotal });
+  }
+
+  protected async run(): Promise<void> {
+    if (this.o.sync === 'none') {
+      // Nothing to copy in the background: copy-before-write does the work until the job is cancelled.
+      for (;;) {
+        await this.pausePoint();
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    let lastLog = Date.now();
+    let next = 0;
+    const worker = async () => {
+      for (;;) {
+        await this.pausePoint();
+        const run = this.copy.nextRun(next);
+        if (!run) return;
+        next = run.cluster + run.count;
+        if (this.o.sync === 'top' && (await this.skipUnallocated(run.cluster, run.count))) continue;
+        await this.rateLimit(run.count * this.copy.clusterSize);
+        for (;;) {
+          try {
+            await this.copy.copyClusters(run.cluster, run.count);
+            break;
+          } catch (err) {
+            const op = err instanceof CopyError ? err.operation : 'read';
+            await this.handleIoError(err instanceof CopyError ? err.inner : err, op, op === 'read' ? this.o.onSourceError : this.o.onTargetError);
+            // Retry what is still to copy in this run (a guest write may have copied some meanwhile).
+            if (!this.copy.toCopy.bits.get(run.cluster)) break;
+          }
+        }
+        if (Date.now() - lastLog > 5000) {
+          lastLog = Date.now();
+          logEvent('info', 'backup-progress', { id: this.id, offset: this.progressCurrent, len: this.progressTotal });
+        }
+      }
+    };
+    // Workers wrap around once so clusters a failed run left behind are retried.
+    await Promise.all(Array.from({ length: WORKERS }, worker));
+    next = 0;
+    await Promise.all(Array.from({ length: WORKERS }, worker));
+    await this.copy.drain();
+    await this.o.target.flush();
+  }
+
+  /** sync=top: clusters the source's top layer does not allocate are not copied (and not counted). */
+  private async skipUnallocated(cluster: number, count: number): Promise<boolean> {
+    const cs = this.copy.clusterSize;
+    const offset = cluster * cs;
+    const length = Math.min(count * cs, this.o.source.size - offset);
+    const st = await this.o.source.blockStatus(offset, length);
+    if (st.depth === 1) return false;
+    const skip = Math.floor(st.length / cs);
+    if (skip === 0) return false;
+    this.copy.toCopy.bits.reset(cluster, skip);
+    this.progressTotal -= skip * cs;
+    return skip >= count;
+  }
+
+  protected override async commit(): Promise<void> {
+    if (!this.successor) return;
+    if (this.o.bitmapMode === 'never') this.reclaim();
+    else this.abdicate();
+  }
+
+  protected override async abort(): Promise<void> {
+    if (!this.successor) return;
+    if (this.o.bitmapMode === 'always') {
+      const named = this.abdicate();
+      // What the job did not copy is still to be backed up next time.
+      named.mergeFrom(this.copy.toCopy);
+    } else {
+      this.reclaim();
+    }
+  }
+
+  /** The successor replaces the bitmap (same name, same place in the node's list). */
+  private abdicate(): DirtyBitmap {
+    const b = this.o.bitmap!;
+    const list = this.o.source.dirtyBitmaps;
+    const named = b.abdicate();
+    const si = list.indexOf(named);
+    if (si >= 0) list.splice(si, 1);
+    list[list.indexOf(b)] = named;
+    this.successor = undefined;
+    return named;
+  }
+
+  /** The successor's bits go back into the bitmap. */
+  private reclaim(): void {
+    const b = this.o.bitmap!;
+    const s = this.successor!;
+    b.reclaim();
+    const list = this.o.source.dirtyBitmaps;
+    const si = list.indexOf(s);
+    if (si >= 0) list.splice(si, 1);
+    this.successor = undefined;
+  }
+
+  protected override async clean(): Promise<void> {
+    const o = this.o;
+    this.cbw.detach();
+    await this.copy.drain();
+    o.source.users.delete(this);
+    o.target.users.delete(this);
+    await o.graph.release(this.cbw);
+    if (o.ownsTarget) await o.graph.release(o.target);
+    else await o.target.flush().catch(() => undefined);
+  }
+}

@@ -1,0 +1,154 @@
+/**
+ * Block copy: the state shared by a backup job's background copy and its
+ * copy-before-write hook (QEMU's block/block-copy.c).
+ *
+ * A bitmap at the job's cluster size says which clusters still have to be
+ * copied from source to target. Whoever copies a cluster first (the job's
+ * workers, or a guest write that is about to overwrite it) clears its bit;
+ * a cluster being copied is "in flight", and anyone else who needs it waits
+ * for that copy instead of starting another. A copy reads the source's
+ * current data, so a cluster must be copied before any write changes it:
+ * that is what keeps the backup at the point in time the job started.
+ */
+import { DirtyBitmap } from '../block/dirty-bitmap.js';
+import type { BlockNode } from '../block/node.js';
+import { ReqFlags, Status } from '../block/node.js';
+import { VdiskError } from '../errors.js';
+
+/** Largest single copy (contiguous clusters are copied together up to this). */
+const MAX_COPY = 1024 * 1024;
+
+/** A failed copy, with the side that failed (for on-source-error / on-target-error). */
+export class CopyError extends VdiskError {
+  constructor(
+    readonly operation: 'read' | 'write',
+    readonly inner: VdiskError,
+  ) {
+    super(inner.errno, inner.message, { cause: inner });
+  }
+}
+
+export class BlockCopy {
+  /** Set bits: clusters still to copy. An anonymous, disabled bitmap (QEMU lists it on the filter node). */
+  readonly toCopy: DirtyBitmap;
+  private readonly inflight = new Map<number, Promise<void>>();
+  /** Called with the bytes each finished copy moved (job progress). */
+  onProgress: (bytes: number) => void = () => undefined;
+
+  constructor(
+    readonly source: BlockNode,
+    readonly target: BlockNode,
+    readonly clusterSize: number,
+  ) {
+    this.toCopy = new DirtyBitmap(undefined, clusterSize, source.size, { enabled: false });
+  }
+
+  get size(): number {
+    return this.source.size;
+  }
+
+  /** Bytes still to copy. */
+  get remaining(): number {
+    return Math.min(this.toCopy.count, this.size);
+  }
+
+  /**
+   * Copies every cluster of [offset, offset + length) that still needs it,
+   * and waits for ones others are copying. After this resolves, none of the
+   * range's old data remains to be saved.
+   */
+  async copyRange(offset: number, length: number): Promise<void> {
+    const cs = this.clusterSize;
+    const first = Math.floor(offset / cs);
+    const end = Math.min(Math.ceil((offset + length) / cs), this.toCopy.bits.size);
+    const waits: Array<Promise<void>> = [];
+    let c = first;
+    while (c < end) {
+      const busy = this.inflight.get(c);
+      if (busy) {
+        waits.push(busy);
+        c++;
+        continue;
+      }
+      if (!this.toCopy.bits.get(c)) {
+        c++;
+        continue;
+      }
+      // A run of clusters to copy that nobody else is copying.
+      let n = 1;
+      while (c + n < end && n * cs < MAX_COPY && this.toCopy.bits.get(c + n) && !this.inflight.has(c + n)) n++;
+      waits.push(this.copyClusters(c, n));
+      c += n;
+    }
+    await Promise.all(waits);
+  }
+
+  /** The next cluster run the background copy should take, at or after `cluster`; undefined when done. */
+  nextRun(cluster: number): { cluster: number; count: number } | undefined {
+    let c = this.toCopy.bits.nextSet(cluster);
+    while (c >= 0 && this.inflight.has(c)) c = this.toCopy.bits.nextSet(c + 1);
+    if (c < 0) return undefined;
+    let n = 1;
+    while (n * this.clusterSize < MAX_COPY && this.toCopy.bits.get(c + n) && !this.inflight.has(c + n)) n++;
+    return { cluster: c, count: n };
+  }
+
+  /** Copies clusters [c, c + n): registered in flight at once, so no one starts them twice. */
+  copyClusters(c: number, n: number): Promise<void> {
+    const p = this.doCopy(c, n);
+    for (let i = 0; i < n; i++) this.inflight.set(c + i, p);
+    const cleanup = () => {
+      for (let i = 0; i < n; i++) if (this.inflight.get(c + i) === p) this.inflight.delete(c + i);
+    };
+    p.then(cleanup, cleanup);
+    return p;
+  }
+
+  private async doCopy(c: number, n: number): Promise<void> {
+    const cs = this.clusterSize;
+    const offset = c * cs;
+    const length = Math.min(n * cs, this.size - offset);
+    if (length <= 0) {
+      this.toCopy.bits.reset(c, n);
+      return;
+    }
+    // Extent by extent: zero ranges are written as zeroes (a qcow2 target records them, so they
+    // do not read through to its backing file); data is read now, before anything overwrites it.
+    for (let at = offset; at < offset + length; ) {
+      let st;
+      try {
+        st = await this.source.blockStatus(at, offset + length - at);
+      } catch (err) {
+        throw new CopyError('read', err as VdiskError);
+      }
+      const n = st.length;
+      if (st.flags & Status.ZERO) {
+        try {
+          await this.target.writeZeroes(at, n, ReqFlags.MAY_UNMAP);
+        } catch (err) {
+          throw new CopyError('write', err as VdiskError);
+        }
+      } else {
+        const buf = Buffer.allocUnsafe(n);
+        try {
+          await this.source.read(at, buf);
+        } catch (err) {
+          throw new CopyError('read', err as VdiskError);
+        }
+        try {
+          await this.target.write(at, buf);
+        } catch (err) {
+          throw new CopyError('write', err as VdiskError);
+        }
+      }
+      at += n;
+    }
+    this.toCopy.bits.reset(c, n);
+    this.onProgress(length);
+  }
+
+  /** Waits for every copy in flight (before the job ends). */
+  async drain(): Promise<void> {
+    while (this.inflight.size) await Promise.allSettled([...new Set(this.inflight.values())]);
+  }
+}

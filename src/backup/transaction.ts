@@ -1,0 +1,294 @@
+/**
+ * Transactions (qapi/transaction.json): several actions, all or none.
+ *
+ * Every action is prepared in list order; the first that fails makes every
+ * prepared one undo itself (in reverse), and the error is returned. When all
+ * prepared, all commit (in reverse order, as QEMU): backup jobs start only
+ * now, so bitmap changes made at prepare time pair exactly with the jobs'
+ * point in time. With completion-mode grouped, the backup jobs share one job
+ * transaction: one failure cancels the others and every bitmap is restored.
+ *
+ * drive-backup and blockdev-backup on their own are one-action transactions.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { DirtyBitmap } from '../block/dirty-bitmap.js';
+import type { BlockGraph } from '../block/graph.js';
+import type { BlockNode } from '../block/node.js';
+import { probeFormat } from '../block/drivers/index.js';
+import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
+import { createImage } from '../cli/img/create.js';
+import type { Daemon } from '../daemon.js';
+import { VdiskError } from '../errors.js';
+import { JobTxn } from '../jobs/job.js';
+import type { BlockdevOnError } from '../jobs/block-job.js';
+import { createBitmap, detachBitmap, lookupBitmap, mergedBits } from '../qmp/commands/bitmaps.js';
+import { SparseBitmap } from '../block/sparse-bitmap.js';
+import { BackupJob, type BitmapMode, type SyncMode } from './backup-job.js';
+
+export interface Action {
+  prepare(): Promise<void>;
+  commit(): void;
+  abort(): Promise<void> | void;
+}
+
+export interface TransactionAction {
+  type: string;
+  data: Record<string, unknown>;
+}
+
+const JOB_ACTIONS = new Set(['drive-backup', 'blockdev-backup']);
+
+export async function runTransaction(daemon: Daemon, actions: TransactionAction[], completionMode: 'individual' | 'grouped'): Promise<void> {
+  if (completionMode === 'grouped') {
+    const odd = actions.find((a) => !JOB_ACTIONS.has(a.type));
+    if (odd) throw new VdiskError('EINVAL', `Action '${odd.type}' does not support transaction property completion-mode = grouped`);
+  }
+  const txn = completionMode === 'grouped' ? new JobTxn() : undefined;
+  const prepared: Action[] = [];
+  try {
+    for (const a of actions) {
+      const action = makeAction(daemon, a, txn);
+      await action.prepare();
+      prepared.push(action);
+    }
+  } catch (err) {
+    for (const action of prepared.reverse()) await action.abort();
+    throw err;
+  }
+  for (const action of [...prepared].reverse()) action.commit();
+}
+
+function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefined): Action {
+  const g = daemon.graph;
+  const d = a.data;
+  switch (a.type) {
+    case 'abort':
+      return {
+        prepare: () => Promise.reject(new VdiskError('ECANCELED', 'Transaction aborted using Abort action')),
+        commit: () => undefined,
+        abort: () => undefined,
+      };
+    case 'block-dirty-bitmap-add': {
+      let made: { node: BlockNode; bitmap: DirtyBitmap } | undefined;
+      return {
+        prepare: async () => {
+          made = createBitmap(g, d);
+          made.node.dirtyBitmaps.unshift(made.bitmap);
+        },
+        commit: () => undefined,
+        abort: () => {
+          if (made) detachBitmap(made.node, made.bitmap);
+        },
+      };
+    }
+    case 'block-dirty-bitmap-remove': {
+      let found: { node: BlockNode; bitmap: DirtyBitmap } | undefined;
+      return {
+        prepare: async () => {
+          found = lookupBitmap(g, d.node as string, d.name as string);
+          found.bitmap.check({ busy: true, readOnly: true }, found.node.readOnly);
+          // Busy until the transaction ends, so nothing else starts using it.
+          found.bitmap.busy = true;
+        },
+        commit: () => detachBitmap(found!.node, found!.bitmap),
+        abort: () => {
+          if (found) found.bitmap.busy = false;
+        },
+      };
+    }
+    case 'block-dirty-bitmap-clear': {
+      let bitmap: DirtyBitmap | undefined;
+      let saved: SparseBitmap | undefined;
+      return {
+        prepare: async () => {
+          const f = lookupBitmap(g, d.node as string, d.name as string);
+          f.bitmap.check({ busy: true, readOnly: true, inconsistent: true }, f.node.readOnly);
+          bitmap = f.bitmap;
+          saved = bitmap.bits.clone();
+          bitmap.bits.clear();
+        },
+        commit: () => undefined,
+        abort: () => {
+          if (bitmap && saved) restore(bitmap, saved);
+        },
+      };
+    }
+    case 'block-dirty-bitmap-enable':
+    case 'block-dirty-bitmap-disable': {
+      let bitmap: DirtyBitmap | undefined;
+      let was = false;
+      return {
+        prepare: async () => {
+          bitmap = lookupBitmap(g, d.node as string, d.name as string).bitmap;
+          bitmap.check({ busy: true, inconsistent: true });
+          was = bitmap.enabled;
+          bitmap.enabled = a.type === 'block-dirty-bitmap-enable';
+        },
+        commit: () => undefined,
+        abort: () => {
+          if (bitmap) bitmap.enabled = was;
+        },
+      };
+    }
+    case 'block-dirty-bitmap-merge': {
+      let target: DirtyBitmap | undefined;
+      let saved: SparseBitmap | undefined;
+      return {
+        prepare: async () => {
+          const m = mergedBits(g, d);
+          target = m.target;
+          saved = target.bits.clone();
+          target.bits.merge(m.merged.bits);
+        },
+        commit: () => undefined,
+        abort: () => {
+          if (target && saved) restore(target, saved);
+        },
+      };
+    }
+    case 'drive-backup':
+    case 'blockdev-backup': {
+      let job: BackupJob | undefined;
+      return {
+        prepare: async () => {
+          job = await prepareBackup(daemon, a.type, d);
+          if (txn) txn.add(job);
+        },
+        commit: () => job!.start(),
+        abort: async () => {
+          // A job that never started goes created -> aborting -> concluded -> null, and undoes its set-up.
+          if (job) {
+            job.cancelForTxn();
+            await job.settled();
+          }
+        },
+      };
+    }
+    default:
+      throw new VdiskError('EINVAL', `transaction action '${a.type}' is not supported`);
+  }
+}
+
+function restore(bitmap: DirtyBitmap, saved: SparseBitmap): void {
+  bitmap.bits.clear();
+  bitmap.bits.merge(saved);
+}
+
+/**
+ * Checks a drive-backup / blockdev-backup in QEMU's order (so the same side
+ * effects happen before the same errors: drive-backup creates its target
+ * first), creates the job (status created) and fixes its point in time.
+ */
+async function prepareBackup(daemon: Daemon, kind: string, d: Record<string, unknown>): Promise<BackupJob> {
+  const g = daemon.graph;
+  const device = d.device as string;
+  const source = g.get(device);
+  if (!source) throw new VdiskError('ENOENT', `Cannot find device='${device}' nor node-name='${device}'`);
+  let target: BlockNode;
+  let ownsTarget = false;
+  if (kind === 'drive-backup') {
+    target = await openDriveBackupTarget(g, source, d);
+    ownsTarget = true;
+  } else {
+    const t = g.get(d.target as string);
+    if (!t) throw new VdiskError('ENOENT', `Cannot find device='${d.target}' nor node-name='${d.target}'`);
+    target = t;
+  }
+  try {
+    return setUpBackup(daemon, source, target, ownsTarget, d);
+  } catch (err) {
+    if (ownsTarget) await g.release(target);
+    throw err;
+  }
+}
+
+function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsTarget: boolean, d: Record<string, unknown>): BackupJob {
+  let sync = d.sync as SyncMode;
+  let bitmapMode = d['bitmap-mode'] as BitmapMode | undefined;
+  const bitmapName = d.bitmap as string | undefined;
+  if ((sync === 'bitmap' || sync === 'incremental') && bitmapName === undefined) {
+    throw new VdiskError('EINVAL', `must provide a valid bitmap name for '${sync}' sync mode`);
+  }
+  if (sync === 'incremental') {
+    if (bitmapMode !== undefined && bitmapMode !== 'on-success') {
+      throw new VdiskError('EINVAL', "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'");
+    }
+    sync = 'bitmap';
+    bitmapMode = 'on-success';
+  }
+  let bitmap: DirtyBitmap | undefined;
+  if (bitmapName !== undefined) {
+    bitmap = source.dirtyBitmaps.find((b) => b.name === bitmapName);
+    if (!bitmap) throw new VdiskError('ENOENT', `Bitmap '${bitmapName}' could not be found`);
+    if (bitmapMode === undefined) throw new VdiskError('EINVAL', 'Bitmap sync mode must be given when providing a bitmap');
+    bitmap.check({ busy: true, inconsistent: true });
+    if (sync === 'none') throw new VdiskError('EINVAL', "sync mode 'none' does not produce meaningful bitmap outputs");
+    if (bitmapMode === 'never' && sync !== 'bitmap') {
+      throw new VdiskError('EINVAL', `Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '${sync}'`);
+    }
+  }
+  if (bitmapName === undefined && bitmapMode !== undefined) throw new VdiskError('EINVAL', 'Cannot specify bitmap sync mode without a bitmap');
+  if (source === target) throw new VdiskError('EINVAL', 'Source and target cannot be the same');
+  if (d.compress) throw new VdiskError('ENOTSUP', `Compression is not supported for this drive ${target.nodeName}`);
+  if (target.readOnly) throw new VdiskError('EROFS', `target '${target.nodeName}' is read-only`);
+  if (source.size !== target.size) throw new VdiskError('EINVAL', 'Source and target image have different sizes');
+  const job = new BackupJob({
+    id: (d['job-id'] as string | undefined) ?? (d.device as string),
+    graph: daemon.graph,
+    source,
+    target,
+    sync,
+    bitmap,
+    bitmapMode,
+    speed: d.speed as number | undefined,
+    onSourceError: ((d['on-source-error'] as BlockdevOnError | undefined) ?? 'report'),
+    onTargetError: ((d['on-target-error'] as BlockdevOnError | undefined) ?? 'report'),
+    autoFinalize: d['auto-finalize'] as boolean | undefined,
+    autoDismiss: d['auto-dismiss'] as boolean | undefined,
+    filterNodeName: d['filter-node-name'] as string | undefined,
+    ownsTarget,
+  });
+  if ((d.speed as number | undefined) !== undefined && (d.speed as number) < 0) throw new VdiskError('EINVAL', "Parameter 'speed' expects a non-negative value");
+  daemon.jobs.add(job, false);
+  try {
+    job.setUp();
+  } catch (err) {
+    // Never started: it goes (created -> aborting -> concluded -> null) and undoes what it set up.
+    job.cancelForTxn();
+    throw err;
+  }
+  return job;
+}
+
+/** drive-backup's target: created now unless mode=existing, then opened (discard and detect-zeroes unmap). */
+async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record<string, unknown>): Promise<BlockNode> {
+  const filename = d.target as string;
+  const mode = (d.mode as string | undefined) ?? 'absolute-paths';
+  let format = d.format as string | undefined;
+  if (mode !== 'existing') {
+    format ??= source.driverName === 'qcow2' ? 'qcow2' : 'raw';
+    // sync=top keeps the source's backing file under the copy; sync=none reads through to the source.
+    let backingFile: string | undefined;
+    let backingFormat: string | undefined;
+    if (d.sync === 'top' && source instanceof Qcow2Node && source.backing) {
+      backingFile = source.backing.filename;
+      backingFormat = source.backing.driverName;
+    } else if (d.sync === 'none') {
+      backingFile = source.filename;
+      backingFormat = source.driverName;
+    }
+    if (backingFile !== undefined && format !== 'qcow2') backingFile = undefined;
+    await createImage({ format, filename, size: source.size, backingFile, backingFormat }, { openBacking: false });
+  } else {
+    if (!fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
+    format ??= probeFormat(filename);
+  }
+  if (format !== 'raw' && format !== 'qcow2') throw new VdiskError('EINVAL', `Unknown driver '${format}'`);
+  return g.addImplicit({
+    driver: format,
+    discard: 'unmap',
+    'detect-zeroes': 'unmap',
+    file: { driver: 'file', filename: path.resolve(filename) },
+  });
+}

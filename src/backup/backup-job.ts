@@ -85,7 +85,11 @@ export class BackupJob extends BlockJob implements NodeUser {
     // Progress counts whole job clusters, as QEMU's: a full backup of 64 MiB has len 64 MiB.
     this.progressTotal = bits.count;
     this.copy.onProgress = (n) => {
-      this.progressCurrent += Math.ceil(n / this.copy.clusterSize) * this.copy.clusterSize;
+      this.progressCurrent = Math.min(this.progressTotal, this.progressCurrent + n);
+    };
+    this.copy.topOnly = o.sync === 'top';
+    this.copy.onSkip = (n) => {
+      this.progressTotal = Math.max(this.progressCurrent, this.progressTotal - n);
     };
     this.cbw.attach();
     o.source.users.add(this);
@@ -103,51 +107,42 @@ export class BackupJob extends BlockJob implements NodeUser {
     }
     let lastLog = Date.now();
     let next = 0;
+    let failure: unknown;
     const worker = async () => {
-      for (;;) {
-        await this.pausePoint();
-        const run = this.copy.nextRun(next);
-        if (!run) return;
-        next = run.cluster + run.count;
-        if (this.o.sync === 'top' && (await this.skipUnallocated(run.cluster, run.count))) continue;
-        await this.rateLimit(run.count * this.copy.clusterSize);
-        for (;;) {
+      try {
+        while (failure === undefined) {
+          await this.pausePoint();
+          const started = this.copy.startNext(next);
+          if (!started) return;
+          next = started.end;
           try {
-            await this.copy.copyClusters(run.cluster, run.count);
-            break;
+            await started.done;
           } catch (err) {
             const op = err instanceof CopyError ? err.operation : 'read';
             await this.handleIoError(err instanceof CopyError ? err.inner : err, op, op === 'read' ? this.o.onSourceError : this.o.onTargetError);
-            // Retry what is still to copy in this run (a guest write may have copied some meanwhile).
-            if (!this.copy.toCopy.bits.get(run.cluster)) break;
+            // Retry: what is still to copy in that run is picked up again.
+            next = 0;
+          }
+          await this.rateLimit(this.copy.clusterSize * 16);
+          if (Date.now() - lastLog > 5000) {
+            lastLog = Date.now();
+            logEvent('info', 'backup-progress', { id: this.id, offset: this.progressCurrent, len: this.progressTotal });
           }
         }
-        if (Date.now() - lastLog > 5000) {
-          lastLog = Date.now();
-          logEvent('info', 'backup-progress', { id: this.id, offset: this.progressCurrent, len: this.progressTotal });
-        }
+      } catch (err) {
+        failure ??= err;
       }
     };
-    // Workers wrap around once so clusters a failed run left behind are retried.
-    await Promise.all(Array.from({ length: WORKERS }, worker));
-    next = 0;
-    await Promise.all(Array.from({ length: WORKERS }, worker));
-    await this.copy.drain();
+    // Until nothing is left: clusters a guest write was copying, or a failed run left, come round again.
+    while (failure === undefined && this.copy.remaining > 0) {
+      next = 0;
+      await Promise.all(Array.from({ length: WORKERS }, worker));
+      await this.copy.drain();
+    }
+    if (failure !== undefined) throw failure;
     await this.o.target.flush();
-  }
-
-  /** sync=top: clusters the source's top layer does not allocate are not copied (and not counted). */
-  private async skipUnallocated(cluster: number, count: number): Promise<boolean> {
-    const cs = this.copy.clusterSize;
-    const offset = cluster * cs;
-    const length = Math.min(count * cs, this.o.source.size - offset);
-    const st = await this.o.source.blockStatus(offset, length);
-    if (st.depth === 1) return false;
-    const skip = Math.floor(st.length / cs);
-    if (skip === 0) return false;
-    this.copy.toCopy.bits.reset(cluster, skip);
-    this.progressTotal -= skip * cs;
-    return skip >= count;
+    // Everything is copied: progress ends at its total, as QEMU reports it (offset == len).
+    this.progressCurrent = this.progressTotal;
   }
 
   protected override async commit(): Promise<void> {

@@ -34,6 +34,10 @@ export class BlockCopy {
   private readonly inflight = new Map<number, Promise<void>>();
   /** Called with the bytes each finished copy moved (job progress). */
   onProgress: (bytes: number) => void = () => undefined;
+  /** sync=top: ranges the source's top layer does not allocate are skipped. */
+  topOnly = false;
+  /** Called with the bytes skipped as unallocated (sync=top). */
+  onSkip: (bytes: number) => void = () => undefined;
 
   constructor(
     readonly source: BlockNode,
@@ -83,18 +87,25 @@ export class BlockCopy {
     await Promise.all(waits);
   }
 
-  /** The next cluster run the background copy should take, at or after `cluster`; undefined when done. */
-  nextRun(cluster: number): { cluster: number; count: number } | undefined {
+  /**
+   * Starts copying the next run of clusters at or after `cluster` that needs
+   * it and that nobody is copying; returns its end (to continue from) and
+   * its promise, or undefined when nothing is left. Choosing and marking
+   * in flight happen in one synchronous step, so a guest write can never
+   * make a worker copy a cluster twice (the second copy would read data
+   * written after the point in time).
+   */
+  startNext(cluster: number): { end: number; done: Promise<void> } | undefined {
     let c = this.toCopy.bits.nextSet(cluster);
     while (c >= 0 && this.inflight.has(c)) c = this.toCopy.bits.nextSet(c + 1);
     if (c < 0) return undefined;
     let n = 1;
     while (n * this.clusterSize < MAX_COPY && this.toCopy.bits.get(c + n) && !this.inflight.has(c + n)) n++;
-    return { cluster: c, count: n };
+    return { end: c + n, done: this.copyClusters(c, n) };
   }
 
-  /** Copies clusters [c, c + n): registered in flight at once, so no one starts them twice. */
-  copyClusters(c: number, n: number): Promise<void> {
+  /** Copies clusters [c, c + n) (all still to copy, none in flight): registered in flight at once. */
+  private copyClusters(c: number, n: number): Promise<void> {
     const p = this.doCopy(c, n);
     for (let i = 0; i < n; i++) this.inflight.set(c + i, p);
     const cleanup = () => {
@@ -112,6 +123,7 @@ export class BlockCopy {
       this.toCopy.bits.reset(c, n);
       return;
     }
+    let skipped = 0;
     // Extent by extent: zero ranges are written as zeroes (a qcow2 target records them, so they
     // do not read through to its backing file); data is read now, before anything overwrites it.
     for (let at = offset; at < offset + length; ) {
@@ -122,7 +134,11 @@ export class BlockCopy {
         throw new CopyError('read', err as VdiskError);
       }
       const n = st.length;
-      if (st.flags & Status.ZERO) {
+      if (this.topOnly && st.depth !== 1) {
+        // sync=top: the target shares the source's backing file; what the top layer does not
+        // allocate needs no copy (and is not counted).
+        skipped += n;
+      } else if (st.flags & Status.ZERO) {
         try {
           await this.target.writeZeroes(at, n, ReqFlags.MAY_UNMAP);
         } catch (err) {
@@ -144,7 +160,8 @@ export class BlockCopy {
       at += n;
     }
     this.toCopy.bits.reset(c, n);
-    this.onProgress(length);
+    if (skipped) this.onSkip(skipped);
+    this.onProgress(length - skipped);
   }
 
   /** Waits for every copy in flight (before the job ends). */

@@ -285,10 +285,17 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
     format ??= probeFormat(filename);
   }
   if (format !== 'raw' && format !== 'qcow2') throw new VdiskError('EINVAL', `Unknown driver '${format}'`);
-  return g.addImplicit({
+  const options: Record<string, unknown> = {
     driver: format,
     discard: 'unmap',
     'detect-zeroes': 'unmap',
     file: { driver: 'file', filename: path.resolve(filename) },
-  });
+  };
+  // A new target whose backing file is the source (none) or the source's backing file (top) gets
+  // that open node as its backing, as QEMU does: opening the file again would collide with its lock.
+  if (mode !== 'existing' && format === 'qcow2') {
+    if (d.sync === 'none') options.backing = source.nodeName;
+    else if (d.sync === 'top' && source.child('backing')) options.backing = source.child('backing')!.nodeName;
+  }
+  return g.addImplicit(options);
 }

@@ -159,7 +159,8 @@ export abstract class Job {
 
   /** Moves to a new status, refusing moves QEMU's table does not allow (those are bugs). */
   protected transition(to: JobStatus): void {
-    if (to === this.status && to !== 'aborting') return;
+    // A status change to the same status is no change (QEMU never emits s -> s).
+    if (to === this.status) return;
     if (!TRANSITIONS[this.status].includes(to)) {
       throw new VdiskError('EINVAL', `job '${this.id}': illegal status change ${this.status} -> ${to}`);
     }

@@ -130,6 +130,14 @@ export abstract class BlockNode {
    * being rewired.
    */
   readonly beforeWrite: Array<(offset: number, length: number) => Promise<void>> = [];
+  /**
+   * A format driver announces read_aio / write_aio to its file child before
+   * guest I/O, as QEMU's raw and qcow2 do (blkdebug rules react to them).
+   */
+  protected announcesIo = false;
+  /** Writes completed / writes covered by the last flush (flush_to_disk is announced only if they differ). */
+  private writeGen = 0;
+  private flushedGen = 0;
   /** cache.direct and cache.no-flush as opened (reported by query-named-block-nodes). */
   cacheMode = { direct: false, noFlush: false };
   /** Writes of all-zero buffers become write-zeroes ('unmap': allowed to deallocate). */
@@ -153,6 +161,11 @@ export abstract class BlockNode {
     return this.length;
   }
 
+  /** Whether writes past the end grow the node (a host file under a format driver). */
+  get isGrowable(): boolean {
+    return this.growable;
+  }
+
   /** The file name a person would recognise, for listings and messages. */
   get filename(): string {
     return this.children[0]?.node.filename ?? '';
@@ -160,6 +173,14 @@ export abstract class BlockNode {
 
   get isClosed(): boolean {
     return this.closed;
+  }
+
+  /** A debug event announced by a parent (blkdebug acts on them; other nodes ignore them). */
+  debugEvent(_event: string): void {}
+
+  /** The child events go to: the file (formats) or the filtered image. */
+  private get primaryChild(): BlockNode | undefined {
+    return this.child('file') ?? this.child('image');
   }
 
   /** The node a child role points at, if any. */
@@ -221,6 +242,7 @@ export abstract class BlockNode {
     if (buf.length === 0) return;
     this.inFlight++;
     try {
+      if (this.announcesIo) this.primaryChild?.debugEvent('read_aio');
       if (this.isAligned(offset, buf.length)) await this.readSplit(offset, buf);
       else await this.readUnaligned(offset, buf);
     } catch (err) {
@@ -240,6 +262,7 @@ export abstract class BlockNode {
     this.inFlight++;
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
+      if (this.announcesIo) this.primaryChild?.debugEvent('write_aio');
       if (this.limits.requestAlignment === 1) {
         await this.writeSplit(offset, buf, flags);
       } else if (this.isAligned(offset, buf.length)) {
@@ -322,8 +345,16 @@ export abstract class BlockNode {
   async flush(): Promise<void> {
     if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
     this.inFlight++;
+    const gen = this.writeGen;
     try {
+      // As QEMU's bdrv_co_flush: flush_to_os always, flush_to_disk only if written since the last flush.
+      const primary = this.primaryChild;
+      if (primary) {
+        primary.debugEvent('flush_to_os');
+        if (!this.cacheMode.noFlush && gen !== this.flushedGen) primary.debugEvent('flush_to_disk');
+      }
       await this.doFlush();
+      this.flushedGen = gen;
       if (this.children.length === 1) await this.children[0].node.flush();
       else if (this.children.length > 1) await Promise.all(this.children.map((c) => c.node.flush()));
     } catch (err) {
@@ -354,6 +385,7 @@ export abstract class BlockNode {
 
   /** Records a change to [offset, offset + length) in every enabled dirty bitmap. */
   private markDirty(offset: number, length: number): void {
+    this.writeGen++;
     for (const b of this.dirtyBitmaps) if (b.enabled) b.mark(offset, length);
   }
 

@@ -82,6 +82,8 @@ export async function serveCommand(argv: string[]): Promise<number> {
     setLogFormat(values['log-format']);
   }
 
+  // One failed promise nobody awaited must not take every export down: log it and keep serving.
+  process.on('unhandledRejection', (err) => logEvent('error', 'internal-error', { error: (err as Error)?.stack ?? String(err) }));
   const daemon = new Daemon();
   const config = values.config === undefined ? undefined : readConfig(values.config);
   const explicit = values.blockdev || values.export || values['nbd-server'] || values.qmp || config;

@@ -123,6 +123,8 @@ export abstract class Job {
   manager!: JobManager;
   txn: JobTxn;
   private resumeWaiters: Array<() => void> = [];
+  private pausedWorkers = 0;
+  private beforePause: JobStatus = 'running';
   private finalizing = false;
   private done: Promise<void>;
   private markDone!: () => void;
@@ -179,12 +181,17 @@ export abstract class Job {
   async pausePoint(): Promise<void> {
     if (this.cancelled) throw new VdiskError('ECANCELED', CANCELED_TEXT);
     if (this.pauseCount === 0) return;
-    const back = this.status;
-    this.transition(back === 'ready' ? 'standby' : 'paused');
-    this.busy = false;
+    // A job may work with several workers: the first to stop pauses the job, the last to go on resumes it.
+    if (this.pausedWorkers++ === 0) {
+      this.beforePause = this.status;
+      this.transition(this.beforePause === 'ready' ? 'standby' : 'paused');
+      this.busy = false;
+    }
     while (this.pauseCount > 0 && !this.cancelled) await new Promise<void>((r) => this.resumeWaiters.push(r));
-    this.busy = true;
-    this.transition(back);
+    if (--this.pausedWorkers === 0) {
+      this.busy = true;
+      this.transition(this.beforePause);
+    }
     if (this.cancelled) throw new VdiskError('ECANCELED', CANCELED_TEXT);
   }
 
@@ -214,10 +221,12 @@ export abstract class Job {
   start(): void {
     this.transition('running');
     this.busy = true;
-    this.run().then(
-      () => this.workDone(undefined),
-      (err) => this.workDone(err),
-    );
+    this.run()
+      .then(
+        () => this.workDone(undefined),
+        (err) => this.workDone(err),
+      )
+      .catch((err) => logEvent('error', 'job-internal-error', { id: this.id, error: (err as Error).stack }));
   }
 
   /** Resolves when the job has concluded. */

@@ -71,13 +71,25 @@ class Harness {
   }
 
   /** A 64 MiB qcow2 drive with 124's default pattern, added and exported over NBD. */
-  async addDrive(id: string, patterns: Array<[number, number, number]> = [[0x41, 0, 512], [0xd5, MiB, 32 * 1024], [0xdc, 32 * MiB, 124 * 1024]]): Promise<Drive> {
+  async addDrive(
+    id: string,
+    patterns: Array<[number, number, number]> = [[0x41, 0, 512], [0xd5, MiB, 32 * 1024], [0xdc, 32 * MiB, 124 * 1024]],
+    blkdebug = false,
+  ): Promise<Drive> {
     const file = path.join(this.dir, `${id}.qcow2`);
     await this.qimg(['create', '-f', 'qcow2', file, '64M']);
     const io = patterns.flatMap(([p, off, len]) => ['-c', `write -P ${p} ${off} ${len}`]);
     const r = await run('qemu-io', ['-f', 'qcow2', ...io, file]);
     if (r.code !== 0) throw new Error(r.stderr);
-    await this.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': id, file: { driver: 'file', filename: file } });
+    const plain = { driver: 'file', filename: file };
+    // 124's rules: after the first flush that follows a write, the next guest-data read fails once.
+    const debug = {
+      driver: 'blkdebug',
+      image: plain,
+      'set-state': [{ event: 'flush_to_disk', state: 1, new_state: 2 }],
+      'inject-error': [{ event: 'read_aio', errno: 5, state: 2, immediately: false, once: true }],
+    };
+    await this.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': id, file: blkdebug ? debug : plain });
     const nbd = path.join(this.dir, 'nbd.sock');
     if (!this.nbdStarted) {
       await this.w.ok('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } });
@@ -362,4 +374,119 @@ t.test('point in time: the backup is the disk as it was when the job started', a
   t.equal(cmp.code, 0, `the backup holds the old data everywhere: ${cmp.stdout.trim()}`);
   const now = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0xee 0 64M', `nbd+unix:///drive0?socket=${d.nbd}`]);
   t.notMatch(now.stdout, /verification failed/, 'while the drive has the new data');
+});
+
+t.test('blkdebug: an incremental backup that fails, then one that works (124 test_incremental_failure)', async (t) => {
+  const h = new Harness(t);
+  await h.start();
+  const d = await h.addDrive('drive0', undefined, true);
+  await h.anchor(d);
+  const b = await h.addBitmap('bitmap0', d);
+  await h.writes(d, WRITES1);
+  const from = h.w.messages.length;
+  t.notOk(await h.incremental(b, false), 'the first incremental fails with EIO');
+  const err = h.w.messages.slice(from).find((m) => m.event === 'BLOCK_JOB_ERROR');
+  t.same(err?.data, { device: 'drive0', operation: 'read', action: 'report' }, 'BLOCK_JOB_ERROR as QEMU reports it');
+  t.match(await h.bitmapInfo(d, 'bitmap0'), { count: 458752, busy: false, recording: true }, 'the bitmap kept its bits');
+  await h.writes(d, WRITES2);
+  t.ok(await h.incremental(b), 'the next incremental works and includes both sets of writes');
+  await h.noJobs();
+  await h.checkBackups();
+});
+
+t.test('blkdebug: on-source-error=stop pauses, resume finishes (124 test_incremental_pause)', async (t) => {
+  const h = new Harness(t);
+  await h.start();
+  const d = await h.addDrive('drive0', undefined, true);
+  await h.anchor(d);
+  const b = await h.addBitmap('bitmap0', d);
+  await h.writes(d, WRITES1);
+  t.match(await h.bitmapInfo(d, 'bitmap0'), { count: 458752, granularity: 65536, busy: false, recording: true });
+  const target = await h.prepare(b);
+  const from = h.w.messages.length;
+  await h.w.ok('drive-backup', { 'job-id': 'drive0', device: 'drive0', sync: 'incremental', bitmap: 'bitmap0', format: 'qcow2', target, mode: 'existing', 'on-source-error': 'stop' });
+  const ev = await h.w.waitFor((m) => m.event === 'BLOCK_JOB_ERROR', 20_000, from);
+  t.same(ev.data, { device: 'drive0', action: 'stop', operation: 'read' });
+  await h.w.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && m.data?.status === 'paused', 20_000, from);
+  t.match(await h.bitmapInfo(d, 'bitmap0'), { count: 458752, granularity: 65536, busy: true, recording: true });
+  const jobs = (await h.w.ok('query-block-jobs')) as Array<Record<string, unknown>>;
+  t.match(jobs[0], { device: 'drive0', status: 'paused', paused: true, 'io-status': 'failed' });
+  await h.w.ok('block-job-resume', { device: 'drive0' });
+  t.ok(await h.waitBackup('drive0', from), 'resumed and completed');
+  t.match(await h.bitmapInfo(d, 'bitmap0'), { count: 0, granularity: 65536, busy: false, recording: true });
+  await h.reference(b);
+  await h.checkBackups();
+});
+
+async function transactionFailure(t: Test, race: boolean): Promise<void> {
+  const h = new Harness(t);
+  await h.start();
+  const d0 = await h.addDrive('drive0');
+  const d1 = await h.addDrive('drive1', [[0x14, 0, 512], [0x5d, MiB, 32 * 1024], [0xcd, 32 * MiB, 124 * 1024]], true);
+  const b0 = await h.addBitmap('bitmap0', d0);
+  const b1 = await h.addBitmap('bitmap0', d1);
+  await h.anchor(d0);
+  await h.anchor(d1);
+  await h.noJobs();
+  if (!race) await h.writes(d0, WRITES1);
+  await h.writes(d1, [[0xba, '0', '512'], [0xef, '16M', '256k'], [0x46, '32736k', '64k']]);
+  const actions = async () => [
+    { type: 'drive-backup', data: { 'job-id': 'drive0', device: 'drive0', target: await h.prepare(b0), sync: 'incremental', format: 'qcow2', mode: 'existing', bitmap: 'bitmap0' } },
+    { type: 'drive-backup', data: { 'job-id': 'drive1', device: 'drive1', target: await h.prepare(b1), sync: 'incremental', format: 'qcow2', mode: 'existing', bitmap: 'bitmap0' } },
+  ];
+  let from = h.w.messages.length;
+  await h.w.ok('transaction', { actions: await actions(), properties: { 'completion-mode': 'grouped' } });
+  await h.w.waitFor((m) => m.event === 'BLOCK_JOB_CANCELLED' && m.data?.device === 'drive0', 30_000, from);
+  t.notOk(await h.waitBackup('drive1', from), 'drive1 fails');
+  const err = h.w.messages.slice(from).find((m) => m.event === 'BLOCK_JOB_ERROR');
+  t.same(err?.data, { device: 'drive1', action: 'report', operation: 'read' });
+  await h.w.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && m.data?.id === 'drive0' && m.data?.status === 'null', 20_000, from);
+  await h.noJobs();
+  t.match(await h.bitmapInfo(d0, 'bitmap0'), { count: race ? 0 : 458752, busy: false }, 'drive0 kept its bits (cancelled with the group)');
+  t.match(await h.bitmapInfo(d1, 'bitmap0'), { count: 458752, busy: false }, 'drive1 kept its bits');
+  b0.delTarget();
+  b1.delTarget();
+  if (race) return;
+  from = h.w.messages.length;
+  await h.w.ok('transaction', { actions: await actions(), properties: { 'completion-mode': 'grouped' } });
+  t.ok(await h.waitBackup('drive0', from), 'drive0 succeeds this time');
+  t.ok(await h.waitBackup('drive1', from), 'and drive1');
+  await h.reference(b0);
+  await h.reference(b1);
+  await h.noJobs();
+  await h.checkBackups();
+}
+
+t.test('grouped transaction: one job fails, the other is cancelled, both bitmaps restored, then both work (124)', (t) => transactionFailure(t, false));
+t.test('grouped transaction race: a job with nothing to copy is cancelled cleanly (124)', (t) => transactionFailure(t, true));
+
+t.test('transaction rollback: a failing action undoes the ones before it', async (t) => {
+  const h = new Harness(t);
+  await h.start();
+  const d = await h.addDrive('drive0');
+  const b = await h.addBitmap('bitmap0', d);
+  await h.writes(d, WRITES1);
+  const from = h.w.messages.length;
+  const r = await h.w.cmd('transaction', {
+    actions: [
+      { type: 'block-dirty-bitmap-clear', data: { node: 'drive0', name: 'bitmap0' } },
+      { type: 'block-dirty-bitmap-add', data: { node: 'drive0', name: 'fresh' } },
+      { type: 'drive-backup', data: { 'job-id': 'j', device: 'drive0', target: path.join(h.dir, 'x.qcow2'), sync: 'full', format: 'qcow2' } },
+      { type: 'abort', data: {} },
+    ],
+  });
+  t.same(r.error, { class: 'GenericError', desc: 'Transaction aborted using Abort action' });
+  t.match(await h.bitmapInfo(d, 'bitmap0'), { count: 458752 }, 'the clear was undone');
+  t.equal(await h.bitmapInfo(d, 'fresh'), undefined, 'the added bitmap is gone');
+  await h.w.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && m.data?.status === 'null', 20_000, from);
+  t.same(
+    h.w.messages.slice(from).filter((m) => m.event).map((m) => [m.event, m.data?.status]),
+    [['JOB_STATUS_CHANGE', 'created'], ['JOB_STATUS_CHANGE', 'aborting'], ['JOB_STATUS_CHANGE', 'concluded'], ['JOB_STATUS_CHANGE', 'null']],
+    'the job that never started: created, aborting, concluded, null; no cancel event',
+  );
+  t.same(await h.w.ok('query-jobs'), []);
+  t.notOk(((await h.w.ok('query-named-block-nodes')) as Array<Record<string, unknown>>).some((n) => n.drv === 'copy-before-write'), 'no filter left behind');
+  const g = await h.w.cmd('transaction', { actions: [{ type: 'block-dirty-bitmap-clear', data: { node: 'drive0', name: 'bitmap0' } }], properties: { 'completion-mode': 'grouped' } });
+  t.same(g.error, { class: 'GenericError', desc: "Action 'block-dirty-bitmap-clear' does not support transaction property completion-mode = grouped" });
+  void b;
 });

@@ -4,7 +4,8 @@
  * this directory and one entry here.
  */
 import type { Members } from '../../qapi/schema.js';
-import { bool, enumOf, int, str } from '../../qapi/schema.js';
+import { arrayOf, bool, enumOf, int, str, struct } from '../../qapi/schema.js';
+import { BLKDEBUG_EVENTS, BLKDEBUG_IO_TYPES, BlkdebugNode, blkdebugRules } from '../filters/blkdebug.js';
 import fs from 'node:fs';
 import { VdiskError } from '../../errors.js';
 import { Qcow2Node } from './qcow2/qcow2.js';
@@ -99,6 +100,45 @@ export const DRIVERS: DriverDef[] = [
       return Qcow2Node.open({ nodeName: common.nodeName, file, backing, readOnly: common.readOnly }, async (filename, format) => {
         // The backing file named in the header: read-only, in the format it was recorded with.
         return openChild({ driver: format ?? probeFormat(filename), 'read-only': true, file: { driver: 'file', filename, 'read-only': true } }, 'backing');
+      });
+    },
+  },
+  {
+    name: 'blkdebug',
+    members: {
+      image: BLOCKDEV_REF,
+      '*config': str,
+      '*align': int('int'),
+      '*max-transfer': int('int32'),
+      '*opt-write-zero': int('int32'),
+      '*max-write-zero': int('int32'),
+      '*opt-discard': int('int32'),
+      '*max-discard': int('int32'),
+      '*inject-error': arrayOf(
+        struct('BlkdebugInjectErrorOptions', {
+          event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS),
+          '*state': int('int'),
+          '*iotype': enumOf('BlkdebugIOType', BLKDEBUG_IO_TYPES),
+          '*errno': int('int'),
+          '*sector': int('int'),
+          '*once': bool,
+          '*immediately': bool,
+        }),
+      ),
+      '*set-state': arrayOf(struct('BlkdebugSetStateOptions', { event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS), '*state': int('int'), new_state: int('int') })),
+      '*take-child-perms': arrayOf(enumOf('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod'])),
+      '*unshare-child-perms': arrayOf(enumOf('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod'])),
+    },
+    async open(o, { common, openChild }) {
+      if (o.config !== undefined) throw new VdiskError('ENOTSUP', 'blkdebug: config files are not supported yet; give the rules as inject-error / set-state');
+      const image = await openChild(o.image, 'image');
+      return new BlkdebugNode({
+        nodeName: common.nodeName,
+        image,
+        readOnly: common.readOnly,
+        align: o.align as number | undefined,
+        maxTransfer: o['max-transfer'] as number | undefined,
+        rules: blkdebugRules((o['inject-error'] as Array<Record<string, unknown>> | undefined) ?? [], (o['set-state'] as Array<Record<string, unknown>> | undefined) ?? []),
       });
     },
   },

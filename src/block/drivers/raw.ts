@@ -23,6 +23,7 @@ export class RawNode extends BlockNode {
 
   constructor(options: RawOptions) {
     super({ nodeName: options.nodeName, readOnly: options.readOnly || options.file.readOnly });
+    this.announcesIo = true;
     const childSize = options.file.size;
     const offset = options.offset ?? 0;
     if (offset > childSize) {

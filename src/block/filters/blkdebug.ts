@@ -1,0 +1,192 @@
+/**
+ * blkdebug: a filter that fails requests on cue, to prove error paths
+ * (QEMU's block/blkdebug.c; options in qapi/block-core.json).
+ *
+ * The node has a state (an integer, 1 at open) and rules. Events are
+ * announced to it by its parent (a format driver reading data announces
+ * read_aio, a flush announces flush_to_os and flush_to_disk, ...). On an
+ * event, every rule registered for it whose state matches (0 = any) fires:
+ * set-state rules move the state (the last one wins, applied after all
+ * rules), inject-error rules become the active set. Each later request to
+ * this node is checked against the active rules: the first whose iotype
+ * and sector match fails the request with its errno; a 'once' rule is then
+ * deleted.
+ */
+import { VdiskError, errnoError } from '../../errors.js';
+import { BlockNode, type Extent } from '../node.js';
+
+export const BLKDEBUG_EVENTS = [
+  'l1_update', 'l1_grow_alloc_table', 'l1_grow_write_table', 'l1_grow_activate_table', 'l2_load', 'l2_update',
+  'l2_update_compressed', 'l2_alloc_cow_read', 'l2_alloc_write', 'read_aio', 'read_backing_aio', 'read_compressed',
+  'write_aio', 'write_compressed', 'vmstate_load', 'vmstate_save', 'cow_read', 'cow_write', 'reftable_load',
+  'reftable_grow', 'reftable_update', 'refblock_load', 'refblock_update', 'refblock_update_part', 'refblock_alloc',
+  'refblock_alloc_hookup', 'refblock_alloc_write', 'refblock_alloc_write_blocks', 'refblock_alloc_write_table',
+  'refblock_alloc_switch_table', 'cluster_alloc', 'cluster_alloc_bytes', 'cluster_free', 'flush_to_os',
+  'flush_to_disk', 'pwritev_rmw_head', 'pwritev_rmw_after_head', 'pwritev_rmw_tail', 'pwritev_rmw_after_tail',
+  'pwritev', 'pwritev_zero', 'pwritev_done', 'empty_image_prepare', 'l1_shrink_write_table',
+  'l1_shrink_free_l2_clusters', 'cor_write', 'cluster_alloc_space', 'none',
+] as const;
+export const BLKDEBUG_IO_TYPES = ['read', 'write', 'write-zeroes', 'discard', 'flush', 'block-status'] as const;
+export type BlkdebugIoType = (typeof BLKDEBUG_IO_TYPES)[number];
+
+/** Without iotype, a rule matches every request type except block-status (as QEMU). */
+const DEFAULT_IO_TYPES: BlkdebugIoType[] = ['read', 'write', 'write-zeroes', 'discard', 'flush'];
+
+export interface InjectErrorRule {
+  kind: 'inject-error';
+  event: string;
+  state: number;
+  iotypes: BlkdebugIoType[];
+  errno: number;
+  sector: number;
+  once: boolean;
+  immediately: boolean;
+  hits: number;
+}
+
+export interface SetStateRule {
+  kind: 'set-state';
+  event: string;
+  state: number;
+  newState: number;
+  hits: number;
+}
+
+export type BlkdebugRule = InjectErrorRule | SetStateRule;
+
+export interface BlkdebugOptions {
+  nodeName: string;
+  image: BlockNode;
+  readOnly?: boolean;
+  align?: number;
+  maxTransfer?: number;
+  rules: BlkdebugRule[];
+}
+
+export class BlkdebugNode extends BlockNode {
+  readonly driverName = 'blkdebug';
+  state = 1;
+  /** Rules newest first, as QEMU keeps them. */
+  readonly rules: BlkdebugRule[];
+  private active: InjectErrorRule[] = [];
+  private readonly image: BlockNode;
+
+  constructor(o: BlkdebugOptions) {
+    super({ nodeName: o.nodeName, readOnly: o.readOnly || o.image.readOnly });
+    this.image = o.image;
+    this.children.push({ role: 'image', node: o.image });
+    this.length = o.image.size;
+    // A filter between a format and its file grows as the file does (qcow2 allocates past the end).
+    this.growable = o.image.isGrowable;
+    this.limits = { ...o.image.limits };
+    if (o.align) {
+      if (!Number.isInteger(Math.log2(o.align))) throw new VdiskError('EINVAL', 'Cannot meet constraints with align');
+      this.limits.requestAlignment = Math.max(this.limits.requestAlignment, o.align);
+    }
+    if (o.maxTransfer) {
+      if (o.maxTransfer % this.limits.requestAlignment) throw new VdiskError('EINVAL', 'Cannot meet constraints with max-transfer');
+      this.limits.maxTransfer = o.maxTransfer;
+    }
+    this.rules = [...o.rules].reverse();
+    this.debugEvent('none');
+  }
+
+  override get filename(): string {
+    return this.image.filename;
+  }
+
+  /** An event announced by the parent: rules for it fire in the state as it was before. */
+  override debugEvent(event: string): void {
+    const before = this.state;
+    let newState = before;
+    let injected = false;
+    for (const r of this.rules) {
+      if (r.event !== event || (r.state !== 0 && r.state !== before)) continue;
+      r.hits++;
+      if (r.kind === 'set-state') newState = r.newState;
+      else {
+        // The first matching inject rule of this event replaces the active set.
+        if (!injected) this.active = [];
+        injected = true;
+        this.active.unshift(r);
+      }
+    }
+    this.state = newState;
+  }
+
+  /** Fails the request if an active rule matches it. */
+  private async check(type: BlkdebugIoType, offset: number, length: number): Promise<void> {
+    for (const r of this.active) {
+      if (!r.iotypes.includes(type)) continue;
+      if (r.sector >= 0) {
+        const at = r.sector * 512;
+        if (length === 0 || at < offset || at >= offset + length) continue;
+      }
+      if (r.once) {
+        this.active = this.active.filter((x) => x !== r);
+        const i = this.rules.indexOf(r);
+        if (i >= 0) this.rules.splice(i, 1);
+      }
+      if (r.errno === 0) return;
+      // Not immediately: complete the failure asynchronously, as QEMU does.
+      if (!r.immediately) await new Promise((resolve) => setImmediate(resolve));
+      throw errnoError(-r.errno, `blkdebug: injected error on ${type} at ${offset}`);
+    }
+  }
+
+  protected override async doRead(offset: number, buf: Buffer): Promise<void> {
+    await this.check('read', offset, buf.length);
+    await this.image.read(offset, buf);
+  }
+
+  protected override async doWrite(offset: number, buf: Buffer, flags: number): Promise<void> {
+    await this.check('write', offset, buf.length);
+    await this.image.write(offset, buf, flags);
+  }
+
+  protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    await this.check('write-zeroes', offset, length);
+    await this.image.writeZeroes(offset, length, flags);
+  }
+
+  protected override async doDiscard(offset: number, length: number): Promise<void> {
+    await this.check('discard', offset, length);
+    await this.image.discard(offset, length);
+  }
+
+  protected override async doFlush(): Promise<void> {
+    await this.check('flush', 0, 0);
+  }
+
+  protected override async doBlockStatus(offset: number, length: number): Promise<Extent> {
+    await this.check('block-status', offset, length);
+    return this.image.blockStatus(offset, length);
+  }
+
+  protected override async doTruncate(size: number): Promise<void> {
+    await this.image.truncate(size);
+    this.length = this.image.size;
+  }
+}
+
+/** Turns checked QAPI options (inject-error, set-state lists) into rules. */
+export function blkdebugRules(injects: Array<Record<string, unknown>>, sets: Array<Record<string, unknown>>): BlkdebugRule[] {
+  const rules: BlkdebugRule[] = [];
+  for (const o of injects) {
+    rules.push({
+      kind: 'inject-error',
+      event: o.event as string,
+      state: (o.state as number | undefined) ?? 0,
+      iotypes: o.iotype !== undefined ? [o.iotype as BlkdebugIoType] : DEFAULT_IO_TYPES,
+      errno: (o.errno as number | undefined) ?? 5,
+      sector: (o.sector as number | undefined) ?? -1,
+      once: (o.once as boolean | undefined) ?? false,
+      immediately: (o.immediately as boolean | undefined) ?? false,
+      hits: 0,
+    });
+  }
+  for (const o of sets) {
+    rules.push({ kind: 'set-state', event: o.event as string, state: (o.state as number | undefined) ?? 0, newState: o.new_state as number, hits: 0 });
+  }
+  return rules;
+}

@@ -205,3 +205,22 @@ t.test('vdisk qmp: one command, key=value arguments, errors and exit codes', asy
   t.equal(r.code, 0);
   t.match(r.stdout, /"major": 7/, 'the shell reads commands from stdin');
 });
+
+t.test('human-monitor-command: qemu-io on a node, output on the daemon stdout, "" as the reply', async (t) => {
+  const { w, dir, d } = await daemon(t);
+  const img = path.join(dir, 'h.qcow2');
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '4M'])).code, 0);
+  await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'h0', file: { driver: 'file', filename: img } });
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "write -P 0x5a 64k 4k"' }), '');
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "flush"' }), '');
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "read -P 0x5a 64k 4k"' }), '', 'a read returns "" too');
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "read -P 0x11 64k 4k"' }), '', 'even a failed verification');
+  t.match(d.stdout(), /wrote 4096\/4096 bytes at offset 65536/, "qemu-io's output went to the daemon's stdout");
+  t.match(d.stdout(), /Pattern verification failed at offset 65536, 4096 bytes/);
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io nope "read 0 512"' }), "Error: Cannot find device='' nor node-name='nope'\r\n");
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'info block' }), "unknown command: 'info'\r\n");
+  await w.ok('blockdev-del', { 'node-name': 'h0' });
+  const r = await run('qemu-io', ['-f', 'qcow2', '-r', '-c', 'read -P 0x5a 64k 4k', img]);
+  t.notMatch(r.stdout, /failed/, 'the write is in the image (qemu-io reads it back)');
+  t.equal((await run('qemu-img', ['check', img])).code, 0);
+});

@@ -8,7 +8,8 @@ import { BITMAP_COMMANDS } from './bitmaps.js';
 import { BLOCK_COMMANDS } from './block.js';
 import { CORE_COMMANDS } from './core.js';
 import { EXPORT_COMMANDS } from './exports.js';
+import { HMP_COMMANDS } from './hmp.js';
 import { JOB_COMMANDS } from './jobs.js';
 import { NBD_COMMANDS } from './nbd.js';
 
-export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...BITMAP_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS, ...BACKUP_COMMANDS];
+export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...BITMAP_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS, ...BACKUP_COMMANDS, ...HMP_COMMANDS];

@@ -20,6 +20,8 @@ export { NullNode, type NullOptions } from './block/drivers/null-co.js';
 export { Daemon, type QmpEvent } from './daemon.js';
 export { BlockExport, ExportRegistry, type ExportDriver, type ExportHandle } from './export/registry.js';
 export { NbdServer, type NbdServerOptions, type SocketAddress } from './nbd/server.js';
+export { NBD_DRIVER, NbdClientNode, type NbdClientAddress, type NbdClientOptions, parseNbdUri } from './nbd/client.js';
+export { type IoCommandOptions, runIoCommand } from './io/index.js';
 export { VdiskError, type Errno } from './errors.js';
 export { setLogLevel, setLogFormat, type LogLevel } from './log.js';
 export { VERSION } from './version.js';

@@ -5,6 +5,7 @@
 import { VdiskError } from '../errors.js';
 import { type LogLevel, flushLog, setLogLevel } from '../log.js';
 import { IMG_USAGE, imgCommand } from './img/index.js';
+import { IO_USAGE, ioCommand } from './io.js';
 import { QMP_USAGE, qmpCommand } from './qmp.js';
 import { SERVE_USAGE, serveCommand } from './serve.js';
 import { VERSION } from '../version.js';
@@ -15,6 +16,8 @@ Commands:
   serve     run the daemon (with no options: serve a default disk over NBD)
   img       image tools with qemu-img's syntax: create, info, check, compare,
             convert, map, rebase, resize ('vdisk img help')
+  io        qemu-io's commands (read, write, map, ...) on an image or an NBD
+            export ('vdisk io --help')
   qmp       send QMP commands to a running daemon, follow its events, or an
             interactive shell ('vdisk qmp --help')
   help      show this text, or 'vdisk help serve'
@@ -34,6 +37,10 @@ export async function main(argv: string[]): Promise<number> {
       // A tool, not a daemon: only warnings and errors unless asked (VDISK_LOG_LEVEL=info shows progress events).
       setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
       return imgCommand(rest);
+    case 'io':
+      // A tool too: its output is qemu-io's, so only warnings and errors are logged unless asked.
+      setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
+      return ioCommand(rest);
     case 'version':
     case '--version':
       process.stdout.write(`vdisk ${VERSION}\n`);
@@ -42,7 +49,7 @@ export async function main(argv: string[]): Promise<number> {
     case '--help':
     case '-h':
     case undefined:
-      process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : rest[0] === 'img' ? IMG_USAGE : rest[0] === 'qmp' ? QMP_USAGE : USAGE);
+      process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : rest[0] === 'img' ? IMG_USAGE : rest[0] === 'io' ? IO_USAGE : rest[0] === 'qmp' ? QMP_USAGE : USAGE);
       return command === undefined ? 1 : 0;
     default:
       process.stderr.write(`vdisk: unknown command '${command}'\n${USAGE}`);

@@ -14,6 +14,7 @@ import type { BlockNode, ChildRole } from '../node.js';
 import { FileNode } from './file.js';
 import { NullNode } from './null-co.js';
 import { RawNode } from './raw.js';
+import { NBD_DRIVER } from '../../nbd/client.js';
 
 /** The options every driver takes (BlockdevOptionsBase), already checked. */
 export interface CommonOptions {
@@ -142,6 +143,8 @@ export const DRIVERS: DriverDef[] = [
       });
     },
   },
+  // QEMU's NBD client driver: a node on an export of any NBD server (vdisk's own client).
+  NBD_DRIVER,
   {
     name: 'null-co',
     members: { '*size': int('int'), '*latency-ns': int('uint64'), '*read-zeroes': bool },

@@ -30,6 +30,7 @@ export class Daemon extends EventEmitter {
     this.exports.registerDriver(nbdExportDriver(() => this.nbd));
     this.exports.on('event', (e: QmpEvent) => this.emit('event', e));
     this.jobs.on('event', (e: QmpEvent) => this.emit('event', e));
+    this.graph.onEvent = (e) => this.emit('event', e);
   }
 
   get nbdServer(): NbdServer | undefined {

@@ -122,3 +122,9 @@ const STRERROR: Record<Errno, string> = {
 export function strerror(errno: Errno): string {
   return STRERROR[errno];
 }
+
+/** The Linux errno number of an errno name (EIO -> 5). */
+export function errnoNumber(errno: Errno): number {
+  for (const [n, name] of Object.entries(ERRNO_BY_NUMBER)) if (name === errno) return Number(n);
+  return 5;
+}

@@ -37,6 +37,8 @@ export class BlockGraph {
   private readonly monitorOwned = new Set<string>();
   private readonly drivers = new Map<string, DriverDef>();
   private autoNameCounter = 0;
+  /** Where nodes' events go (the daemon forwards them to QMP). */
+  onEvent: (e: { event: string; data: Record<string, unknown> }) => void = () => undefined;
   /** Names taken by nodes still being opened, so an inline child cannot take its parent's name. */
   private readonly reserved = new Set<string>();
   /** BlockdevOptions, a union on 'driver' (built from the driver table). */
@@ -225,7 +227,7 @@ export class BlockGraph {
       children.push({ role, node: child });
       return child;
     };
-    const node = await driver.open(options, { common, openChild });
+    const node = await driver.open(options, { common, openChild, emitEvent: (event, data) => this.onEvent({ event, data }) });
     node.detectZeroes = detectZeroes;
     node.discardEnabled = common.discard === 'unmap';
     node.cacheMode = { direct: common.direct, noFlush: common.noFlush };

@@ -58,6 +58,10 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 export function run(): void {
+  // Output piped into a program that stops reading (| head) ends quietly, as a C tool's would.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+  });
   main(process.argv.slice(2)).then(
     async (code) => {
       await flushLog();

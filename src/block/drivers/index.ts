@@ -6,6 +6,7 @@
 import type { Members } from '../../qapi/schema.js';
 import { arrayOf, bool, enumOf, int, str, struct } from '../../qapi/schema.js';
 import { BLKDEBUG_EVENTS, BLKDEBUG_IO_TYPES, BlkdebugNode, blkdebugRules } from '../filters/blkdebug.js';
+import { BlkverifyNode, type MismatchAction } from '../filters/blkverify.js';
 import fs from 'node:fs';
 import { VdiskError } from '../../errors.js';
 import { Qcow2Node } from './qcow2/qcow2.js';
@@ -32,6 +33,8 @@ export interface OpenContext {
   common: CommonOptions;
   /** Opens (or looks up) a child given as a BlockdevRef and links it under `role`. */
   openChild(ref: unknown, role: ChildRole): Promise<BlockNode>;
+  /** Sends a QMP event (a node that reports something as it happens: blkverify mismatches). */
+  emitEvent(event: string, data: Record<string, unknown>): void;
 }
 
 export interface DriverDef {
@@ -140,6 +143,23 @@ export const DRIVERS: DriverDef[] = [
         align: o.align as number | undefined,
         maxTransfer: o['max-transfer'] as number | undefined,
         rules: blkdebugRules((o['inject-error'] as Array<Record<string, unknown>> | undefined) ?? [], (o['set-state'] as Array<Record<string, unknown>> | undefined) ?? []),
+      });
+    },
+  },
+  {
+    name: 'blkverify',
+    // mismatch-action is vdisk's: what a mismatch does (QEMU always aborts the process).
+    members: { test: BLOCKDEV_REF, raw: BLOCKDEV_REF, '*mismatch-action': enumOf('BlkverifyMismatchAction', ['abort', 'eio', 'log']) },
+    async open(o, { common, openChild, emitEvent }) {
+      const raw = await openChild(o.raw, 'raw');
+      const test = await openChild(o.test, 'test');
+      return new BlkverifyNode({
+        nodeName: common.nodeName,
+        test,
+        raw,
+        readOnly: common.readOnly,
+        mismatchAction: (o['mismatch-action'] as MismatchAction | undefined) ?? 'eio',
+        onMismatch: (data) => emitEvent('BLKVERIFY_MISMATCH', data),
       });
     },
   },

@@ -74,6 +74,19 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     }
     blockdev = { ...(parsed as Record<string, unknown>), 'node-name': nodeName };
     if (options.readOnly) blockdev['read-only'] = true;
+  } else if (filename.startsWith('blkverify:')) {
+    // QEMU's shorthand blkverify:RAW:TEST; a mismatch ends the process, as QEMU's tools do.
+    const rest = filename.slice('blkverify:'.length);
+    const colon = rest.indexOf(':');
+    if (colon < 0) throw new VdiskError('EINVAL', 'blkverify requires raw copy and original image path');
+    const rawPath = rest.slice(0, colon);
+    const testPath = rest.slice(colon + 1);
+    for (const p of [rawPath, testPath]) {
+      if (!fs.existsSync(p)) throw new VdiskError('ENOENT', `Could not open '${p}': No such file or directory`);
+    }
+    const child = (path: string, driver: string) => ({ driver, file: { driver: 'file', filename: path, ...(options.forceShare ? { 'force-share': true } : {}) } });
+    blockdev = { driver: 'blkverify', 'node-name': nodeName, 'mismatch-action': 'abort', raw: child(rawPath, 'raw'), test: child(testPath, probeFormat(testPath)) };
+    if (options.readOnly) blockdev['read-only'] = true;
   } else {
     if (!fs.existsSync(filename)) {
       throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);

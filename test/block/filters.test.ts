@@ -125,3 +125,24 @@ t.test('blkdebug rules: state machine, sector, iotype and once, as real I/O erro
   t.match((await io('read 4096 512')).stdout, /read failed: Input\/output error/, 'state 2: sector 8 fails');
   t.notMatch((await io('read 4096 512')).stdout, /failed/, 'once: only the first time');
 });
+
+t.test('blkdebug config files and the blkdebug:CONFIG:IMAGE shorthand, as qemu-io reads them', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'd.raw');
+  fs.writeFileSync(img, Buffer.alloc(MiB, 2));
+  const conf = path.join(dir, 'rules.conf');
+  fs.writeFileSync(conf, '# the first read of sector 0 fails\n[inject-error]\nevent = "read_aio"\nerrno = "5"\nsector = "0"\nonce = "on"\n\n[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n');
+  const cmds = ['-c', 'read 0 512', '-c', 'read 0 512', '-c', 'read 4096 512'];
+  const ours = await run(process.execPath, [VDISK, 'io', '-f', 'raw', ...cmds, `blkdebug:${conf}:${img}`]);
+  const theirs = await run('qemu-io', ['-f', 'raw', ...cmds, `blkdebug:${conf}:${img}`]);
+  const lines = (s: string) => s.split('\n').filter((l) => /^(read|write)/.test(l));
+  t.same(lines(ours.stdout), lines(theirs.stdout), `the same results as qemu-io: ${lines(theirs.stdout).join(' | ')}`);
+  t.match(ours.stdout, /read failed: Input\/output error/);
+  fs.writeFileSync(conf, '[inject-error]\nevent = "nope"\n');
+  const bad = await run(process.execPath, [VDISK, 'io', '-f', 'raw', '-c', 'read 0 512', `blkdebug:${conf}:${img}`]);
+  t.not(bad.code, 0);
+  t.match(bad.stderr, /Parameter 'inject-error.event' does not accept value 'nope'/, 'a bad rule is refused with the key at fault');
+  fs.writeFileSync(conf, '[oops]\n');
+  const sec = await run(process.execPath, [VDISK, 'io', '-f', 'raw', '-c', 'read 0 512', `blkdebug:${conf}:${img}`]);
+  t.match(sec.stderr, /rules\.conf:1: unknown section \[oops\]/);
+});

@@ -4,8 +4,8 @@
  * this directory and one entry here.
  */
 import type { Members } from '../../qapi/schema.js';
-import { arrayOf, bool, enumOf, int, str, struct } from '../../qapi/schema.js';
-import { BLKDEBUG_EVENTS, BLKDEBUG_IO_TYPES, BlkdebugNode, blkdebugRules } from '../filters/blkdebug.js';
+import { arrayOf, bool, check, enumOf, int, str, struct } from '../../qapi/schema.js';
+import { BLKDEBUG_EVENTS, BLKDEBUG_IO_TYPES, BlkdebugNode, blkdebugRules, parseBlkdebugConfig } from '../filters/blkdebug.js';
 import { BlkverifyNode, type MismatchAction } from '../filters/blkverify.js';
 import fs from 'node:fs';
 import { VdiskError } from '../../errors.js';
@@ -48,6 +48,17 @@ export interface DriverDef {
 export const BLOCKDEV_REF = { kind: 'any' } as const;
 /** Placeholder for BlockdevRefOrNull (a reference, or null for "none"). */
 export const BLOCKDEV_REF_OR_NULL = { kind: 'any' } as const;
+
+const INJECT_ERROR = struct('BlkdebugInjectErrorOptions', {
+  event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS),
+  '*state': int('int'),
+  '*iotype': enumOf('BlkdebugIOType', BLKDEBUG_IO_TYPES),
+  '*errno': int('int'),
+  '*sector': int('int'),
+  '*once': bool,
+  '*immediately': bool,
+});
+const SET_STATE = struct('BlkdebugSetStateOptions', { event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS), '*state': int('int'), new_state: int('int') });
 
 export const DRIVERS: DriverDef[] = [
   {
@@ -118,23 +129,27 @@ export const DRIVERS: DriverDef[] = [
       '*max-write-zero': int('int32'),
       '*opt-discard': int('int32'),
       '*max-discard': int('int32'),
-      '*inject-error': arrayOf(
-        struct('BlkdebugInjectErrorOptions', {
-          event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS),
-          '*state': int('int'),
-          '*iotype': enumOf('BlkdebugIOType', BLKDEBUG_IO_TYPES),
-          '*errno': int('int'),
-          '*sector': int('int'),
-          '*once': bool,
-          '*immediately': bool,
-        }),
-      ),
-      '*set-state': arrayOf(struct('BlkdebugSetStateOptions', { event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS), '*state': int('int'), new_state: int('int') })),
+      '*inject-error': arrayOf(INJECT_ERROR),
+      '*set-state': arrayOf(SET_STATE),
       '*take-child-perms': arrayOf(enumOf('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod'])),
       '*unshare-child-perms': arrayOf(enumOf('BlockPermission', ['consistent-read', 'write', 'write-unchanged', 'resize', 'graph-mod'])),
     },
     async open(o, { common, openChild }) {
-      if (o.config !== undefined) throw new VdiskError('ENOTSUP', 'blkdebug: config files are not supported yet; give the rules as inject-error / set-state');
+      let injects = (o['inject-error'] as Array<Record<string, unknown>> | undefined) ?? [];
+      let sets = (o['set-state'] as Array<Record<string, unknown>> | undefined) ?? [];
+      if (o.config !== undefined) {
+        // Rules from the file are checked with the same schema as the QMP ones, then both apply.
+        const file = o.config as string;
+        let text: string;
+        try {
+          text = fs.readFileSync(file, 'utf8');
+        } catch (err) {
+          throw new VdiskError('ENOENT', `Could not read blkdebug config file '${file}': ${(err as Error).message}`);
+        }
+        const parsed = parseBlkdebugConfig(text, file);
+        injects = [...parsed.inject.map((r) => check(INJECT_ERROR, r, 'inject-error', 'keyval') as Record<string, unknown>), ...injects];
+        sets = [...parsed.set.map((r) => check(SET_STATE, r, 'set-state', 'keyval') as Record<string, unknown>), ...sets];
+      }
       const image = await openChild(o.image, 'image');
       return new BlkdebugNode({
         nodeName: common.nodeName,
@@ -142,7 +157,7 @@ export const DRIVERS: DriverDef[] = [
         readOnly: common.readOnly,
         align: o.align as number | undefined,
         maxTransfer: o['max-transfer'] as number | undefined,
-        rules: blkdebugRules((o['inject-error'] as Array<Record<string, unknown>> | undefined) ?? [], (o['set-state'] as Array<Record<string, unknown>> | undefined) ?? []),
+        rules: blkdebugRules(injects, sets),
       });
     },
   },

@@ -190,3 +190,38 @@ export function blkdebugRules(injects: Array<Record<string, unknown>>, sets: Arr
   }
   return rules;
 }
+
+/**
+ * Reads a blkdebug config file (QEMU's -readconfig syntax):
+ *
+ *   [inject-error]
+ *   event = "read_aio"
+ *   errno = "5"
+ *
+ * Sections inject-error and set-state; values are double-quoted strings;
+ * '#' starts a comment. Returns the sections as keyval objects (strings),
+ * for the same schema check as the QMP options.
+ */
+export function parseBlkdebugConfig(text: string, filename: string): { inject: Array<Record<string, string>>; set: Array<Record<string, string>> } {
+  const inject: Array<Record<string, string>> = [];
+  const set: Array<Record<string, string>> = [];
+  let current: Record<string, string> | undefined;
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#')) return;
+    const where = `${filename}:${i + 1}`;
+    const section = /^\[([a-z-]+)\]$/.exec(line);
+    if (section) {
+      current = {};
+      if (section[1] === 'inject-error') inject.push(current);
+      else if (section[1] === 'set-state') set.push(current);
+      else throw new VdiskError('EINVAL', `${where}: unknown section [${section[1]}] (expected [inject-error] or [set-state])`);
+      return;
+    }
+    const kv = /^([a-z_-]+)\s*=\s*"([^"]*)"$/.exec(line);
+    if (!kv) throw new VdiskError('EINVAL', `${where}: expected key = "value"`);
+    if (!current) throw new VdiskError('EINVAL', `${where}: '${kv[1]}' is outside a section`);
+    current[kv[1]] = kv[2];
+  });
+  return { inject, set };
+}

@@ -74,6 +74,18 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     }
     blockdev = { ...(parsed as Record<string, unknown>), 'node-name': nodeName };
     if (options.readOnly) blockdev['read-only'] = true;
+  } else if (filename.startsWith('blkdebug:')) {
+    // QEMU's shorthand blkdebug:CONFIG:IMAGE (CONFIG may be empty); the image's format is probed.
+    const rest = filename.slice('blkdebug:'.length);
+    const colon = rest.indexOf(':');
+    if (colon < 0) throw new VdiskError('EINVAL', 'Invalid blkdebug filename: expected blkdebug:CONFIG:IMAGE');
+    const config = rest.slice(0, colon);
+    const image = rest.slice(colon + 1);
+    if (!fs.existsSync(image)) throw new VdiskError('ENOENT', `Could not open '${image}': No such file or directory`);
+    const debug: Record<string, unknown> = { driver: 'blkdebug', image: { driver: 'file', filename: image } };
+    if (config) debug.config = config;
+    blockdev = { driver: options.format ?? probeFormat(image), 'node-name': nodeName, file: debug };
+    if (options.readOnly) blockdev['read-only'] = true;
   } else if (filename.startsWith('blkverify:')) {
     // QEMU's shorthand blkverify:RAW:TEST; a mismatch ends the process, as QEMU's tools do.
     const rest = filename.slice('blkverify:'.length);

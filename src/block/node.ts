@@ -52,7 +52,7 @@ export interface Extent {
   flags: number;
   /** Where in a backing chain the content comes from: 0 = nowhere (unallocated), 1 = this node, 2 = its backing file, ... */
   depth: number;
-  /** For data: its offset in the file that holds it (qemu-img map's "offset"). */
+  /** Where the range is stored in the file that holds it (qemu-img map's "offset"): data, and zero clusters that keep a host cluster. */
   hostOffset?: number;
   /** For data: stored compressed. */
   compressed?: boolean;

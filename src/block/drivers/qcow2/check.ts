@@ -51,6 +51,8 @@ interface Scan {
   /** cluster -> [stored refcount, references] for every mismatch. */
   mismatches: Array<[number, number, number]>;
   copiedErrors: Array<{ l1Index: number; l2Index?: number; refcount: number }>;
+  /** cluster -> references, as counted. */
+  refs: Map<number, number>;
 }
 
 async function scan(node: Qcow2Node): Promise<Scan> {
@@ -238,6 +240,7 @@ async function scan(node: Qcow2Node): Promise<Scan> {
     leaks,
     mismatches,
     copiedErrors,
+    refs,
   };
 }
 
@@ -252,13 +255,22 @@ async function repair(node: Qcow2Node, s: Scan, mode: 'leaks' | 'all'): Promise<
   const messages: string[] = [];
   let leaks = 0;
   let corruptions = 0;
-  for (const [c, stored, wanted] of s.mismatches) {
-    if (stored > wanted || mode === 'all') {
-      messages.push(`Repairing cluster ${c} refcount=${stored} reference=${wanted}`);
-      await rc.set(c, wanted);
-      if (stored > wanted) leaks++;
-      else corruptions++;
+  // Refcount blocks made while repairing (for ranges whose block is missing) must not go where
+  // something is referenced: their refcounts may say free, the references say otherwise.
+  let end = 0;
+  for (const c of s.refs.keys()) end = Math.max(end, c + 1);
+  rc.reserved = { has: (c) => s.refs.has(c), end };
+  try {
+    for (const [c, stored, wanted] of s.mismatches) {
+      if (stored > wanted || mode === 'all') {
+        messages.push(`Repairing cluster ${c} refcount=${stored} reference=${wanted}`);
+        await rc.set(c, wanted);
+        if (stored > wanted) leaks++;
+        else corruptions++;
+      }
     }
+  } finally {
+    rc.reserved = undefined;
   }
   if (mode === 'all') {
     const cs = node.clusterBytes;

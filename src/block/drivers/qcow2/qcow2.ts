@@ -6,22 +6,25 @@
  * from the `backing` child, or as zeroes.
  *
  * Metadata is written back, not through: a write into a new cluster writes
- * the data at once and changes the L2 table in memory; flush (and cache
- * eviction) writes metadata in an order that keeps the image consistent at
- * every point, on disk and in the page cache alike:
- *   1. refcount blocks (only increments are ever pending), then sync;
- *   2. L2 tables, then sync, then L1 entries and the header;
+ * the data at once and changes the L2 table in memory; a flush (one at a
+ * time; a full L2 cache asks for one) writes metadata in an order that keeps
+ * the image consistent at every point, on disk and in the page cache alike:
+ *   0. copies of the dirty L2 tables and L1 entries are taken, at once;
+ *   1. refcount blocks (only increments are ever pending; all made so far,
+ *      so those of every cluster the copies reference), then sync;
+ *   2. the L2 copies, then sync, then the L1 entries and the header;
  *   3. sync; only now are refcount decrements applied (a cluster that lost
  *      its last reference becomes free, and may be reused).
- * So a crash at any point loses unflushed writes at worst and leaks clusters
- * at worst; refcounts on disk never drop below the references to them.
+ * What requests change meanwhile waits for the next flush. So a crash at any
+ * point loses unflushed writes at worst and leaks clusters at worst;
+ * refcounts on disk never drop below the references to them.
  *
  * Concurrency: a guest cluster being allocated (or copied on write, or
  * zeroed, or discarded) is locked; other requests on that cluster wait and
  * then look again. Reads never wait: they see the cluster before or after
  * the change, never in between, because the L2 entry changes only after the
- * data is written. Freed clusters are not reused while a write that started
- * before they were freed may still be in flight (epochs).
+ * data is written. Freed clusters are not reused while a read or write that
+ * started before they were freed may still be in flight (epochs).
  *
  * The dirty bit is set while the image is open writable (v3) and cleared on
  * a clean close; an image opened dirty has its refcounts rebuilt first.
@@ -33,6 +36,7 @@ import { VdiskError } from '../../../errors.js';
 import { logEvent } from '../../../log.js';
 import { BlockNode, type Extent, ReqFlags, Status } from '../../node.js';
 import {
+  AUTOCLEAR_BITMAPS,
   type DecodedL2,
   EntryKind,
   INCOMPAT_CORRUPT,
@@ -42,6 +46,7 @@ import {
   encodeEntry,
   l1Offset,
   parseHeader,
+  readU64,
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
@@ -94,18 +99,24 @@ export class Qcow2Node extends BlockNode {
   private readonly clusterLocks = new Map<number, Promise<void>>();
   /** L1 indices whose L2 table is being allocated. */
   private readonly l2Allocating = new Map<number, Promise<void>>();
-  /** Writes in flight, by the epoch they started in; a flush starts a new epoch. */
+  /** Reads and writes in flight, by the epoch they started in; a flush starts a new epoch. */
   private epoch = 0;
   private readonly writesByEpoch = new Map<number, number>();
   private headerDirty = false;
   /** Last decompressed cluster, as QEMU keeps one. */
   private compressedCache: { offset: number; data: Buffer } | undefined;
   private flushing: Promise<void> | undefined;
+  /** The L1 table is being moved (growL1): no new L2 table until it is done. */
+  private l1Moving: Promise<void> | undefined;
+  /** A metadata flush to make room in the L2 cache is under way. */
+  private l2Evicting = false;
 
   private constructor(options: Qcow2Options) {
     super({ nodeName: options.nodeName, readOnly: options.readOnly || options.file.readOnly });
     this.file = options.file;
     this.nativeFua = false;
+    // Guest I/O is announced to the file (read_aio / write_aio) for blkdebug rules, as QEMU's qcow2.
+    this.announcesIo = true;
   }
 
   static async open(options: Qcow2Options, openBacking: BackingOpener): Promise<Qcow2Node> {
@@ -171,13 +182,42 @@ export class Qcow2Node extends BlockNode {
         const { checkImage } = await import('./check.js');
         await checkImage(this, { repair: 'all' });
       }
-      // A writer must clear the autoclear bits of features it does not keep up to date: vdisk keeps
-      // none of them yet (persistent bitmaps come with the bitmap work), so QEMU will know.
-      h.autoclearFeatures = 0n;
+      // A writer must clear the autoclear bits of features it does not keep up to date. Persistent
+      // bitmaps are not kept up to date yet (that comes with the bitmap work), but clearing their bit
+      // makes QEMU drop the whole extension and report every bitmap cluster as leaked (qemu-img check
+      // exit 3 after any vdisk write session). So the bitmaps are marked in use instead (the spec's
+      // "inconsistent", as after a QEMU crash) and the extension, and its bit, stay.
+      const keepBitmaps = h.bitmapsExtension !== undefined && (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && (await this.markBitmapsInUse());
+      h.autoclearFeatures = keepBitmaps ? AUTOCLEAR_BITMAPS : 0n;
       if (h.version === 3) h.incompatibleFeatures |= INCOMPAT_DIRTY;
       await this.writeHeader();
       await file.flush();
     }
+  }
+
+  /**
+   * Sets the in-use flag of every persistent bitmap in the bitmap directory
+   * (in place), so QEMU treats them as inconsistent while their clusters
+   * stay referenced. False if the directory cannot be understood.
+   */
+  private async markBitmapsInUse(): Promise<boolean> {
+    const ext = this.header.bitmapsExtension!;
+    if (ext.length < 24) return false;
+    const count = ext.readUInt32BE(0);
+    const dirSize = readU64(ext, 8, 'bitmap directory size');
+    const dirOffset = readU64(ext, 16, 'bitmap directory offset');
+    if (dirSize === 0 || dirSize > 64 * 1024 * 1024 || dirOffset % this.clusterSize !== 0 || dirOffset + dirSize > this.file.size) return false;
+    const dir = Buffer.alloc(dirSize);
+    await this.file.read(dirOffset, dir);
+    let p = 0;
+    for (let b = 0; b < count; b++) {
+      if (p + 24 > dir.length) return false;
+      dir.writeUInt32BE((dir.readUInt32BE(p + 12) | BITMAP_IN_USE) >>> 0, p + 12);
+      p += Math.ceil((24 + dir.readUInt32BE(p + 20) + dir.readUInt16BE(p + 18)) / 8) * 8;
+    }
+    await this.file.write(dirOffset, dir);
+    await this.file.flush();
+    return true;
   }
 
   /** The L2 table offset of an L1 entry (0: none). */
@@ -195,8 +235,9 @@ export class Qcow2Node extends BlockNode {
 
   private async writeHeader(): Promise<void> {
     const h = this.header;
-    h.refcountTableOffset = this.refcounts.layout.tableOffset;
-    h.refcountTableClusters = this.refcounts.layout.tableClusters;
+    // The table last written back (with its blocks), not a newer one still in memory only.
+    h.refcountTableOffset = this.refcounts.diskLayout.tableOffset;
+    h.refcountTableClusters = this.refcounts.diskLayout.tableClusters;
     await this.file.write(0, serializeHeader(h));
     this.headerDirty = false;
   }
@@ -231,23 +272,44 @@ export class Qcow2Node extends BlockNode {
     this.l2Cache.set(t.offset, t);
     this.l2CachedBytes += this.clusterSize;
     if (this.l2CachedBytes <= L2_CACHE_BYTES) return;
+    // Only clean tables are dropped. Dirty ones are written by a flush, never here: a table written on
+    // eviction could land after (or before) a flush's older copy of it, and it could carry entries
+    // whose refcounts are not on disk yet (see flushMetadata).
+    if (this.evictClean(t) && !this.l2Evicting) {
+      // Too many dirty tables: write them back (a metadata flush) and drop them then.
+      this.l2Evicting = true;
+      try {
+        await this.flushMetadata();
+      } finally {
+        this.l2Evicting = false;
+      }
+      this.evictClean(t);
+    }
+  }
+
+  /** Drops clean tables, least recently used first, down to the budget; true if still over it. */
+  private evictClean(keep: CachedL2): boolean {
     for (const [off, old] of this.l2Cache) {
       if (this.l2CachedBytes <= L2_CACHE_BYTES) break;
-      if (old === t) continue;
-      if (old.dirty) {
-        // The refcounts of clusters it references must be on disk before it is.
-        if (this.refcounts.dirty) {
-          await this.refcounts.writeBack();
-          await this.file.flush();
-        }
-        old.dirty = false;
-        await this.file.write(old.offset, old.buf);
-      }
-      if (this.l2Cache.get(off) === old) {
-        this.l2Cache.delete(off);
-        this.l2CachedBytes -= this.clusterSize;
-      }
+      if (old === keep || old.dirty) continue;
+      this.l2Cache.delete(off);
+      this.l2CachedBytes -= this.clusterSize;
     }
+    return this.l2CachedBytes > L2_CACHE_BYTES;
+  }
+
+  /**
+   * The cached L2 table to change an entry in, given one obtained before some awaits. A table may be
+   * evicted while a request holds it (others load tables meanwhile): an entry set in the evicted
+   * object would never reach the disk, and later lookups read the table without it. So the entry goes
+   * into the copy now cached, or the held table goes back into the cache.
+   */
+  private live(t: CachedL2): CachedL2 {
+    const cached = this.l2Cache.get(t.offset);
+    if (cached) return cached;
+    this.l2Cache.set(t.offset, t);
+    this.l2CachedBytes += this.clusterSize;
+    return t;
   }
 
   // ---- lookups --------------------------------------------------------------------
@@ -270,6 +332,12 @@ export class Qcow2Node extends BlockNode {
       if (this.isMetadata(e.offset / this.clusterSize)) {
         throw corrupt(`L2 entry for guest offset ${guestCluster * this.clusterSize} points into metadata at host offset ${e.offset}`);
       }
+      // A data cluster starts inside the file: its data is written before the entry points at it. One
+      // that starts past the end is a corrupt entry; reading it as zeroes would hide that, and an
+      // in-place write would grow the file to wherever the entry points (seen: 4 GiB for one bad entry).
+      if (e.kind === EntryKind.Normal && e.offset >= this.file.size) {
+        throw corrupt(`L2 entry for guest offset ${guestCluster * this.clusterSize} points past the end of the image file: host offset ${e.offset}, file size ${this.file.size}`);
+      }
     }
     return e;
   }
@@ -284,6 +352,18 @@ export class Qcow2Node extends BlockNode {
   // ---- reads ---------------------------------------------------------------------
 
   protected override async doRead(offset: number, buf: Buffer): Promise<void> {
+    // Reads count as in flight for the epochs too: a host cluster this read has looked up must not be
+    // freed and handed to another guest cluster (and written) before the read has read it, or the read
+    // returns another cluster's data.
+    const epoch = this.beginWrite();
+    try {
+      await this.readClusters(offset, buf);
+    } finally {
+      this.endWrite(epoch);
+    }
+  }
+
+  private async readClusters(offset: number, buf: Buffer): Promise<void> {
     const cs = this.clusterSize;
     let done = 0;
     while (done < buf.length) {
@@ -465,8 +545,9 @@ export class Qcow2Node extends BlockNode {
         await this.file.write(host, data);
       }
       // The data is in place: now the mapping may point at it.
-      encodeEntry(table.buf, (cluster % this.l2Entries) * 8, host, true);
-      table.dirty = true;
+      const live = this.live(table);
+      encodeEntry(live.buf, (cluster % this.l2Entries) * 8, host, true);
+      live.dirty = true;
       if (!reuse) this.releaseOld(e);
       return n;
     } finally {
@@ -529,11 +610,12 @@ export class Qcow2Node extends BlockNode {
       }
       await Promise.all(writes);
       // The data is in place: now the mappings may point at it.
+      const live = this.live(table);
       for (let i = 0; i < count; i++) {
-        encodeEntry(table.buf, ((cluster + i) % this.l2Entries) * 8, host + i * cs, true);
+        encodeEntry(live.buf, ((cluster + i) % this.l2Entries) * 8, host + i * cs, true);
         this.releaseOld(old[i]);
       }
-      table.dirty = true;
+      live.dirty = true;
       return end - within;
     } finally {
       for (const unlock of unlocks) unlock();
@@ -581,22 +663,31 @@ export class Qcow2Node extends BlockNode {
   private async l2ForWrite(cluster: number): Promise<CachedL2> {
     const l1Index = Math.floor(cluster / this.l2Entries);
     for (;;) {
-      const off = this.l1Entry(l1Index);
-      if (off !== 0) {
-        const t = await this.l2Table(off);
-        // A table shared with a snapshot (no COPIED flag in L1) would need copying first.
-        if (!(this.l1.readUInt32BE(l1Index * 8) & 0x80000000)) await this.copyL2(l1Index, t);
-        else return t;
-        continue;
-      }
       const pending = this.l2Allocating.get(l1Index);
       if (pending) {
         await pending;
         continue;
       }
+      const off = this.l1Entry(l1Index);
+      if (off !== 0 && this.l1.readUInt32BE(l1Index * 8) & 0x80000000) {
+        const t = await this.l2Table(off);
+        if (this.l1Entry(l1Index) !== off) continue; // copied meanwhile: use the copy
+        return t;
+      }
+      // No table, or one shared with a snapshot (no COPIED flag in L1) that must be copied first. One
+      // request at a time per L1 entry makes the new table: two copies of one shared table made at once
+      // lost the writes that went into the first and released the old table twice.
+      if (this.l1Moving) {
+        await this.l1Moving;
+        continue;
+      }
       let done!: () => void;
       this.l2Allocating.set(l1Index, new Promise<void>((r) => (done = r)));
       try {
+        if (off !== 0) {
+          await this.copyL2(l1Index, await this.l2Table(off));
+          continue;
+        }
         const host = (await this.refcounts.allocate(1)) * this.clusterSize;
         const t: CachedL2 = { offset: host, buf: Buffer.alloc(this.clusterSize), dirty: true };
         this.l2Clusters.add(host / this.clusterSize);
@@ -615,17 +706,13 @@ export class Qcow2Node extends BlockNode {
   private async copyL2(l1Index: number, old: CachedL2): Promise<void> {
     const cs = this.clusterSize;
     const host = (await this.refcounts.allocate(1)) * cs;
+    // The entries are copied as they are, as QEMU's l2_allocate does. A cluster's refcount counts the
+    // L1 -> L2 paths to it: before, the shared table gave it one path from the active L1 and one from the
+    // snapshot's; after, the copy gives one and the old table (now the snapshot's alone) the other. So no
+    // refcount of a data cluster changes, and their COPIED flags (already clear, as the snapshot made
+    // them) stay. (Adding a reference per entry here leaked every cluster of the table: qemu-img check
+    // found refcount=3 reference=2.)
     const t: CachedL2 = { offset: host, buf: Buffer.from(old.buf), dirty: true };
-    // Entries of a copied table no longer have refcount one for sure: clear COPIED, references go up by one.
-    for (let i = 0; i < this.l2Entries; i++) {
-      const e = decodeL2(t.buf.readUInt32BE(i * 8), t.buf.readUInt32BE(i * 8 + 4), this.clusterBits, this.header.version === 3);
-      if (e.kind === EntryKind.Normal || (e.kind === EntryKind.Zero && e.offset)) {
-        await this.refcounts.addReference(e.offset / cs);
-        encodeEntry(t.buf, i * 8, e.offset, false, e.kind === EntryKind.Zero);
-      } else if (e.kind === EntryKind.Compressed) {
-        for (let c = Math.floor(e.offset / cs); c <= Math.floor((e.offset + e.compressedLength - 1) / cs); c++) await this.refcounts.addReference(c);
-      }
-    }
     this.l2Clusters.add(host / cs);
     await this.cacheL2(t);
     encodeEntry(this.l1, l1Index * 8, host, true);
@@ -672,10 +759,11 @@ export class Qcow2Node extends BlockNode {
         const table = await this.l2ForWrite(c);
         const i = (c % this.l2Entries) * 8;
         const keep = !unmap && cur.kind === EntryKind.Normal && cur.copied;
-        if (!v3) encodeEntry(table.buf, i, 0, false);
-        else if (keep) encodeEntry(table.buf, i, cur.offset, true, true);
-        else encodeEntry(table.buf, i, 0, false, true);
-        table.dirty = true;
+        const live = this.live(table);
+        if (!v3) encodeEntry(live.buf, i, 0, false);
+        else if (keep) encodeEntry(live.buf, i, cur.offset, true, true);
+        else encodeEntry(live.buf, i, 0, false, true);
+        live.dirty = true;
         if (!keep) this.releaseOld(cur);
       } finally {
         unlock();
@@ -704,8 +792,9 @@ export class Qcow2Node extends BlockNode {
       try {
         const cur = await this.entry(c);
         const table = await this.l2ForWrite(c);
-        encodeEntry(table.buf, (c % this.l2Entries) * 8, 0, false);
-        table.dirty = true;
+        const live = this.live(table);
+        encodeEntry(live.buf, (c % this.l2Entries) * 8, 0, false);
+        live.dirty = true;
         this.releaseOld(cur);
       } finally {
         unlock();
@@ -719,14 +808,17 @@ export class Qcow2Node extends BlockNode {
     const cs = this.clusterSize;
     const cluster = Math.floor(offset / cs);
     const e = await this.entry(cluster);
-    const kindOf = (x: DecodedL2) => (x.kind === EntryKind.Zero ? EntryKind.Zero : x.kind);
-    // Extend over clusters of the same kind (and, for data, contiguous on the host: qemu-img map shows runs).
+    // A zero cluster that keeps its host cluster has a host offset, as QEMU reports it (qemu-img map
+    // shows "offset" for it); one without has none. They are different kinds of extent.
+    const hosted = (x: DecodedL2) => x.kind === EntryKind.Normal || (x.kind === EntryKind.Zero && x.offset !== 0);
+    // Extend over clusters of the same kind (and, where there is a host cluster, contiguous on the
+    // host: qemu-img map shows runs).
     let n = Math.min(cs - (offset % cs), length);
     while (n < length) {
       const c = Math.floor((offset + n) / cs);
       const next = await this.entry(c);
-      if (kindOf(next) !== kindOf(e)) break;
-      if (e.kind === EntryKind.Normal && next.offset !== e.offset + (c - cluster) * cs) break;
+      if (next.kind !== e.kind || hosted(next) !== hosted(e)) break;
+      if (hosted(e) && next.offset !== e.offset + (c - cluster) * cs) break;
       if (e.kind === EntryKind.Compressed) break;
       n = Math.min(n + cs, length);
     }
@@ -736,6 +828,7 @@ export class Qcow2Node extends BlockNode {
       case EntryKind.Compressed:
         return { length: n, flags: Status.DATA | Status.ALLOCATED, depth: 1, compressed: true };
       case EntryKind.Zero:
+        if (e.offset !== 0) return { length: n, flags: Status.ZERO | Status.ALLOCATED, depth: 1, hostOffset: e.offset + (offset % cs) };
         return { length: n, flags: Status.ZERO | Status.ALLOCATED, depth: 1 };
       default: {
         const b = this.backing;
@@ -761,8 +854,15 @@ export class Qcow2Node extends BlockNode {
     if (size % 512 !== 0) throw new VdiskError('EINVAL', 'qcow2: the size must be a multiple of 512');
     const needed = Math.ceil(size / this.clusterSize / this.l2Entries);
     if (needed > this.header.l1Size) await this.growL1(needed);
+    const old = this.length;
     this.header.size = size;
     this.length = size;
+    // The new part must read as zeroes; where the backing file is longer than the old size its data
+    // would show through the unallocated clusters, so that part is zeroed (as QEMU's bdrv_co_truncate
+    // does with BDRV_REQ_ZERO_WRITE). Before the header is written, so the image never opens grown with
+    // the backing data showing.
+    const b = this.backing;
+    if (b && b.size > old) await this.writeZeroes(old, Math.min(size, b.size) - old, 0);
     // The header is written at once so a grown image opens grown even without a flush.
     await this.flushMetadata();
     await this.writeHeader();
@@ -770,64 +870,104 @@ export class Qcow2Node extends BlockNode {
 
   /** Moves the L1 table to a bigger place; the old one is released after the next flush. */
   private async growL1(entries: number): Promise<void> {
-    const cs = this.clusterSize;
-    const clusters = Math.ceil((entries * 8) / cs);
-    const host = (await this.refcounts.allocate(clusters)) * cs;
-    const table = Buffer.alloc(clusters * cs);
-    this.l1.copy(table);
-    const old = { offset: this.header.l1TableOffset, clusters: Math.ceil((this.header.l1Size * 8) / cs) };
-    // Everything the new table points to must be on disk before the header points to the table.
-    await this.flushMetadata();
-    await this.file.write(host, table.subarray(0, entries * 8));
-    await this.file.flush();
-    this.l1 = table.subarray(0, entries * 8);
-    this.header.l1TableOffset = host;
-    this.header.l1Size = entries;
-    await this.writeHeader();
-    await this.file.flush();
-    for (let i = 0; i < old.clusters; i++) this.refcounts.release(old.offset / cs + i, 1, this.epoch);
+    // No L1 entry may change while the table moves: a write that made a new L2 table meanwhile set its
+    // entry in the old table after it had been copied, and the entry was lost with the old table
+    // (writes lost, their clusters leaked; resizing does not wait for requests that come after it).
+    // So new L2 tables wait at this gate, and those being made now finish first.
+    let open!: () => void;
+    this.l1Moving = new Promise<void>((r) => (open = r));
+    try {
+      while (this.l2Allocating.size) await Promise.all(this.l2Allocating.values());
+      const cs = this.clusterSize;
+      const clusters = Math.ceil((entries * 8) / cs);
+      const host = (await this.refcounts.allocate(clusters)) * cs;
+      const old = { offset: this.header.l1TableOffset, clusters: Math.ceil((this.header.l1Size * 8) / cs) };
+      // Everything the new table points to must be on disk before the header points to the table.
+      await this.flushMetadata();
+      const table = Buffer.alloc(clusters * cs);
+      this.l1.copy(table);
+      await this.file.write(host, table.subarray(0, entries * 8));
+      await this.file.flush();
+      this.l1 = table.subarray(0, entries * 8);
+      this.header.l1TableOffset = host;
+      this.header.l1Size = entries;
+      await this.writeHeader();
+      await this.file.flush();
+      for (let i = 0; i < old.clusters; i++) this.refcounts.release(old.offset / cs + i, 1, this.epoch);
+    } finally {
+      this.l1Moving = undefined;
+      open();
+    }
   }
 
   // ---- flush and close ------------------------------------------------------------------
 
   protected override doFlush(): Promise<void> {
-    // One metadata write-back at a time; a flush that arrives during one waits and runs its own.
-    const run = (this.flushing ?? Promise.resolve()).then(() => this.flushMetadata());
-    this.flushing = run.finally(() => {
-      if (this.flushing === run) this.flushing = undefined;
-    });
+    return this.flushMetadata();
+  }
+
+  /**
+   * Writes metadata back (see flushMetadataNow), one write-back at a time: two at once could write
+   * copies of one table in the wrong order. One that is asked for during another waits and runs its own.
+   */
+  flushMetadata(): Promise<void> {
+    const run = (this.flushing ?? Promise.resolve()).then(() => this.flushMetadataNow());
+    this.flushing = run
+      .catch(() => undefined)
+      .finally(() => {
+        if (this.flushing === settled) this.flushing = undefined;
+      });
+    const settled = this.flushing;
     return run;
   }
 
-  /** Writes metadata back in the crash-safe order (see the top of this file). */
-  async flushMetadata(): Promise<void> {
+  /**
+   * Writes metadata back in the crash-safe order (see the top of this file).
+   *
+   * What this flush makes durable is taken at its start, at once and before any await: the dirty L2
+   * tables (copies) and L1 entries. Requests go on while the flush awaits; what they change is left
+   * for the next flush. Writing the live tables instead put on disk entries for clusters allocated
+   * after the refcounts had been written (a crash then left refcount=0 reference=1, seen with kill -9),
+   * and L1 entries for L2 tables made after the L2 tables had been written.
+   */
+  private async flushMetadataNow(): Promise<void> {
     if (this.readOnly) return;
     const flushEpoch = this.epoch++;
-    if (this.refcounts.dirty) {
-      await this.refcounts.writeBack();
-      if (this.refcounts.tableMoved) {
-        await this.file.flush();
-        this.refcounts.tableMoved = false;
-        this.headerDirty = true;
-      }
-      await this.file.flush();
-    }
-    let l2Written = false;
+    const l2s: Array<{ table: CachedL2; buf: Buffer }> = [];
     for (const t of this.l2Cache.values()) {
       if (!t.dirty) continue;
       t.dirty = false;
-      await this.file.write(t.offset, t.buf);
-      l2Written = true;
+      l2s.push({ table: t, buf: Buffer.from(t.buf) });
     }
-    if (this.l1Dirty.size) {
-      if (l2Written) await this.file.flush();
-      const indices = [...this.l1Dirty].sort((a, b) => a - b);
-      this.l1Dirty.clear();
-      for (const i of indices) await this.file.write(this.header.l1TableOffset + i * 8, this.l1.subarray(i * 8, i * 8 + 8));
+    const l1Indices = [...this.l1Dirty].sort((a, b) => a - b);
+    this.l1Dirty.clear();
+    const l1Offset = this.header.l1TableOffset;
+    const l1Copy = l1Indices.length ? Buffer.from(this.l1) : undefined;
+    try {
+      // 1. Refcounts: every increment so far, so at least those of every cluster the copies reference.
+      //    Then sync: those refcounts and the data written into the clusters are durable.
+      if (this.refcounts.dirty) await this.refcounts.writeBack();
+      if (l2s.length || l1Indices.length || this.headerMustMove()) await this.file.flush();
+      // 2. L2 tables, sync, then L1 entries.
+      for (const { table, buf } of l2s) await this.file.write(table.offset, buf);
+      if (l1Copy) {
+        if (l2s.length) await this.file.flush();
+        for (const i of l1Indices) await this.file.write(l1Offset + i * 8, l1Copy.subarray(i * 8, i * 8 + 8));
+      }
+    } catch (err) {
+      // Not written: mark it dirty again for the next flush.
+      for (const { table } of l2s) this.live(table).dirty = true;
+      for (const i of l1Indices) this.l1Dirty.add(i);
+      throw err;
     }
-    if (this.headerDirty) await this.writeHeader();
+    // The header follows a refcount table that moved (its new table and blocks are durable now).
+    if (this.headerDirty || this.headerMustMove()) await this.writeHeader();
+    if (this.refcounts.hasRetired) {
+      await this.file.flush();
+      this.refcounts.releaseRetired(this.header.refcountTableOffset);
+    }
     if (this.refcounts.hasPendingReleases) {
-      // The references are gone on disk once this sync is done; then the clusters may be freed.
+      // 3. The references are gone on disk once this sync is done; then the clusters may be freed.
       await this.file.flush();
       let oldest = this.epoch;
       for (const e of this.writesByEpoch.keys()) oldest = Math.min(oldest, e);
@@ -835,10 +975,23 @@ export class Qcow2Node extends BlockNode {
       await this.refcounts.writeBack();
       for (const c of freed) {
         this.l2Clusters.delete(c);
+        // A freed L2 table (a copied one nobody else held) must not be found in the cache if its
+        // cluster comes back as another table.
+        const stale = this.l2Cache.get(c * this.clusterSize);
+        if (stale && !stale.dirty) {
+          this.l2Cache.delete(c * this.clusterSize);
+          this.l2CachedBytes -= this.clusterSize;
+        }
         // Give the space back to the file system where the file node allows it.
         await this.file.discard(c * this.clusterSize, this.clusterSize).catch(() => undefined);
       }
     }
+  }
+
+  /** The refcount table on disk is not the one the header names (it grew and was written back). */
+  private headerMustMove(): boolean {
+    const d = this.refcounts.diskLayout;
+    return d.tableOffset !== this.header.refcountTableOffset || d.tableClusters !== this.header.refcountTableClusters;
   }
 
   protected override async doClose(): Promise<void> {
@@ -905,6 +1058,9 @@ export class Qcow2Node extends BlockNode {
 function needsNewCluster(e: DecodedL2): boolean {
   return !(e.kind === EntryKind.Normal && e.copied);
 }
+
+/** Bitmap directory entry flag: the bitmap may be inconsistent (docs/interop/qcow2.txt). */
+const BITMAP_IN_USE = 1;
 
 const UNALLOCATED: DecodedL2 = { kind: EntryKind.Unallocated, offset: 0, copied: false, compressedLength: 0 };
 

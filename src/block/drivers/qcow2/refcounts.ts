@@ -25,6 +25,8 @@ interface CachedBlock {
   offset: number;
   buf: Buffer;
   dirty: boolean;
+  /** The block's writes, one at a time (see writeBlock). */
+  writing?: Promise<void>;
 }
 
 /** Refcount blocks kept in memory at most (each is one cluster). */
@@ -39,8 +41,13 @@ export class Refcounts {
   table: Buffer;
   layout: RefcountLayout;
   private tableDirty = false;
-  /** The refcount table moved: the header must be rewritten (set by grow, cleared by the driver). */
-  tableMoved = false;
+  /**
+   * The table as last written to disk by writeBack (with every block it names written before it): the
+   * only table the header may point at. `layout` may be newer (a growth not written back yet).
+   */
+  diskLayout: RefcountLayout;
+  /** Tables replaced by growth, freed only once the header on disk no longer points at them. */
+  private retired: Array<{ offset: number; clusters: number }> = [];
   private readonly blocks = new Map<number, CachedBlock>();
   private readonly loading = new Map<number, Promise<CachedBlock | undefined>>();
   private cachedBytes = 0;
@@ -54,6 +61,11 @@ export class Refcounts {
   private pendingClusters = new Map<number, number>();
   /** Serialises growth of the refcount table. */
   private growLock: Promise<unknown> = Promise.resolve();
+  /**
+   * During a repair: the clusters something references, whatever their
+   * refcount says, and one past the last of them. Nothing new goes there.
+   */
+  reserved: { has(cluster: number): boolean; end: number } | undefined;
   /** Table clusters and refcount blocks, for the metadata overlap check. */
   readonly metadataClusters = new Set<number>();
 
@@ -63,6 +75,7 @@ export class Refcounts {
     table: Buffer,
   ) {
     this.layout = { ...layout };
+    this.diskLayout = { ...layout };
     this.clusterSize = 2 ** layout.clusterBits;
     this.bits = 2 ** layout.refcountOrder;
     this.perBlock = (this.clusterSize * 8) / this.bits;
@@ -150,7 +163,16 @@ export class Refcounts {
 
   /** Adds delta to a cluster's refcount in the cached block (creating the block if needed). */
   private async change(cluster: number, delta: number): Promise<void> {
-    const block = (await this.block(Math.floor(cluster / this.perBlock), true))!;
+    const index = Math.floor(cluster / this.perBlock);
+    let block = (await this.block(index, true))!;
+    // Between the lookup and here the block may have been evicted (and reloaded): change the cached one,
+    // or put this one back, or the change is lost with a block nobody writes any more.
+    const cached = this.blocks.get(index);
+    if (cached) block = cached;
+    else {
+      this.blocks.set(index, block);
+      this.cachedBytes += this.clusterSize;
+    }
     const i = cluster % this.perBlock;
     const value = this.readEntry(block.buf, i) + delta;
     if (value < 0) throw corrupt(`refcount of cluster ${cluster} would drop below zero`);
@@ -201,11 +223,9 @@ export class Refcounts {
     for (const [i, old] of this.blocks) {
       if (this.cachedBytes <= MAX_CACHED_BYTES) break;
       if (i === index) continue;
-      if (old.dirty) {
-        await this.file.write(old.offset, old.buf);
-        old.dirty = false;
-      }
-      if (this.blocks.get(i) === old) {
+      if (old.dirty) await this.writeBlock(old);
+      // A change made while the write was in flight marked it dirty again: it stays cached.
+      if (!old.dirty && this.blocks.get(i) === old) {
         this.blocks.delete(i);
         this.cachedBytes -= this.clusterSize;
       }
@@ -216,13 +236,24 @@ export class Refcounts {
    * Makes a refcount block for table index `index`. The block describes
    * itself: it is placed at the first cluster of the range it covers, which
    * is free (no block means every refcount there is 0), as QEMU does.
+   *
+   * Not during a repair, though: there a range without a block may well be
+   * in use (its block was lost, the references were not), and the block
+   * went over a data cluster (seen: a lost block rebuilt over guest data).
+   * A cluster in use goes to a free cluster no one references instead.
    */
   private async createBlock(index: number): Promise<CachedBlock> {
     if (index >= this.tableEntries) await this.growTable(index + 1);
     const existing = this.blocks.get(index) ?? (await this.block(index, false));
     if (existing) return existing;
     const cluster = index * this.perBlock;
-    return this.newBlock(index, cluster, cluster === index * this.perBlock);
+    if (!this.reserved?.has(cluster)) return this.newBlock(index, cluster, true);
+    const { start, hint } = await this.findFree(1);
+    this.freeHint = hint === start ? start + 1 : hint;
+    const inRange = Math.floor(start / this.perBlock) === index;
+    const b = await this.newBlock(index, start, inRange);
+    if (!inRange) await this.change(start, 1);
+    return b;
   }
 
   /** Registers a new, empty refcount block for `index` stored at `cluster`. */
@@ -253,7 +284,7 @@ export class Refcounts {
     const cs = this.clusterSize;
     const oldClusters = this.layout.tableClusters;
     const oldOffset = this.layout.tableOffset;
-    const start = await this.endOfAllocated();
+    const start = Math.max(await this.endOfAllocated(), this.reserved?.end ?? 0);
     let tableClusters = Math.max(Math.ceil((entries * 8) / cs), Math.ceil(oldClusters * 1.5), oldClusters + 1);
     let missing: number[] = [];
     // Find how many new blocks the region needs; the region grows with them, so iterate until stable.
@@ -281,14 +312,31 @@ export class Refcounts {
     this.layout.tableOffset = start * cs;
     this.layout.tableClusters = tableClusters;
     this.tableDirty = true;
-    this.tableMoved = true;
     this.noteTableClusters();
     for (const [k, index] of missing.entries()) await this.newBlock(index, start + tableClusters + k, false);
     for (let c = start; c < start + tableClusters + missing.length; c++) await this.change(c, 1);
-    for (let i = 0; i < oldClusters; i++) {
-      this.metadataClusters.delete(oldOffset / cs + i);
-      this.release(oldOffset / cs + i, 1, -1);
-    }
+    // The old table stays allocated (and counted as metadata) while the header on disk may point at it.
+    this.retired.push({ offset: oldOffset, clusters: oldClusters });
+  }
+
+  /**
+   * Releases the tables replaced by growth, except the one the header on disk points at. The driver
+   * calls it once that header is durable.
+   */
+  releaseRetired(headerTableOffset: number): void {
+    const cs = this.clusterSize;
+    this.retired = this.retired.filter((r) => {
+      if (r.offset === headerTableOffset) return true;
+      for (let i = 0; i < r.clusters; i++) {
+        this.metadataClusters.delete(r.offset / cs + i);
+        this.release(r.offset / cs + i, 1, -1);
+      }
+      return false;
+    });
+  }
+
+  get hasRetired(): boolean {
+    return this.retired.length > 0;
   }
 
   /** One past the highest cluster with a non-zero refcount. */
@@ -316,25 +364,43 @@ export class Refcounts {
   }
 
   private async allocateLocked(count: number): Promise<number> {
+    // The run's ranges may lack refcount blocks. Those blocks are put in front of the run, in the same
+    // free region: [start, start + blocks) holds the new blocks, [start + blocks, ... + count) the run.
+    // (Placing each block at the start of the range it covers, as createBlock does, can never make room
+    // for a run of perBlock clusters or more: every fresh range loses its first cluster to its block,
+    // and the search looped, growing the refcount table until it hit its limit.)
+    let reserve = 0;
     for (;;) {
-      const start = await this.findFree(count);
-      // The run's ranges may lack refcount blocks; creating them takes clusters, so search again after.
-      let created = false;
-      for (let index = Math.floor(start / this.perBlock); index <= Math.floor((start + count - 1) / this.perBlock); index++) {
-        if (!(await this.block(index, false))) {
-          await this.createBlock(index);
-          created = true;
-        }
+      const { start, hint } = await this.findFree(count + reserve);
+      const need: number[] = [];
+      for (let index = Math.floor(start / this.perBlock); index <= Math.floor((start + reserve + count - 1) / this.perBlock); index++) {
+        if (!(await this.block(index, false))) need.push(index);
       }
-      if (created) continue;
-      // Nothing else allocates meanwhile (this runs under the allocation lock), so the run is still free.
-      for (let k = start; k < start + count; k++) await this.change(k, 1);
-      return start;
+      if (need.length > 0 && need[need.length - 1] >= this.tableEntries) {
+        // The table grows first; it takes clusters (after everything allocated), so search again.
+        await this.growTable(need[need.length - 1] + 1);
+        continue;
+      }
+      if (need.length > reserve) {
+        reserve = need.length;
+        continue;
+      }
+      // need.length <= reserve: the blocks and the run fit in [start, start + reserve + count), all free.
+      // Nothing else allocates meanwhile (this runs under the allocation lock), so it is still free.
+      for (const [k, index] of need.entries()) await this.newBlock(index, start + k, false);
+      const runStart = start + need.length;
+      for (let k = start; k < runStart + count; k++) await this.change(k, 1);
+      this.freeHint = hint === start ? runStart + count : hint;
+      return runStart;
     }
   }
 
-  /** The first run of `count` free clusters at or after the hint; moves the hint past what is in use. */
-  private async findFree(count: number): Promise<number> {
+  /**
+   * The first run of `count` free clusters at or after the hint, and where the
+   * hint may move once the run is taken (the caller moves it: a search that
+   * is retried must not skip the free clusters it found).
+   */
+  private async findFree(count: number): Promise<{ start: number; hint: number }> {
     let runStart = this.freeHint;
     let found = 0;
     let firstFree = -1;
@@ -344,7 +410,11 @@ export class Refcounts {
       const blockEnd = (index + 1) * this.perBlock;
       // Scan this block's range without awaiting.
       for (; c < blockEnd && found < count; c++) {
-        const used = (b !== undefined && this.readEntry(b.buf, c % this.perBlock) !== 0) || this.metadataClusters.has(c) || this.pendingClusters.has(c);
+        const used =
+          (b !== undefined && this.readEntry(b.buf, c % this.perBlock) !== 0) ||
+          this.metadataClusters.has(c) ||
+          this.pendingClusters.has(c) ||
+          this.reserved?.has(c) === true;
         if (used) {
           found = 0;
           runStart = c + 1;
@@ -354,8 +424,7 @@ export class Refcounts {
         }
       }
     }
-    this.freeHint = firstFree === runStart ? runStart + count : firstFree;
-    return runStart;
+    return { start: runStart, hint: firstFree };
   }
 
   /** Adds a reference to an existing cluster (a compressed cluster's host cluster, copying tables). */
@@ -399,16 +468,52 @@ export class Refcounts {
     return false;
   }
 
-  /** Writes dirty refcount blocks and the table. The caller syncs and updates the header if tableMoved. */
-  async writeBack(): Promise<void> {
-    for (const b of this.blocks.values()) {
-      if (!b.dirty) continue;
+  /**
+   * Writes a block's current content, after any write of it still in flight. Writes of one block
+   * never overlap, so an older copy cannot land after a newer one (which would lose increments on
+   * disk, and in memory too once the block is evicted and read back). The newest content is always
+   * safe to write: increments any time, decrements are only made once the metadata that dropped the
+   * references is durable.
+   */
+  private writeBlock(b: CachedBlock): Promise<void> {
+    const run = (b.writing ?? Promise.resolve()).then(async () => {
+      if (!b.dirty) return;
       b.dirty = false;
-      await this.file.write(b.offset, b.buf);
-    }
-    if (this.tableDirty) {
-      this.tableDirty = false;
-      await this.file.write(this.layout.tableOffset, this.table);
+      try {
+        // A copy: changes made while the write is in flight must not tear an entry.
+        await this.file.write(b.offset, Buffer.from(b.buf));
+      } catch (err) {
+        b.dirty = true;
+        throw err;
+      }
+    });
+    b.writing = run.catch(() => undefined);
+    return run;
+  }
+
+  /**
+   * Writes dirty refcount blocks and the table. The caller syncs and updates the header if the
+   * diskLayout changed. The table is copied together with the list of blocks to write, so it names
+   * no block this write-back does not write (blocks made meanwhile wait for the next one), and new
+   * blocks are made durable before the table that names them.
+   */
+  async writeBack(): Promise<void> {
+    const all = [...this.blocks.values()];
+    const blocks = all.filter((b) => b.dirty);
+    const table = this.tableDirty ? { layout: { ...this.layout }, buf: Buffer.from(this.table) } : undefined;
+    this.tableDirty = false;
+    try {
+      for (const b of blocks) await this.writeBlock(b);
+      if (table) {
+        // Blocks being written by an eviction right now are named by the table too.
+        await Promise.all(all.map((b) => b.writing));
+        await this.file.flush();
+        await this.file.write(table.layout.tableOffset, table.buf);
+        this.diskLayout = table.layout;
+      }
+    } catch (err) {
+      if (table) this.tableDirty = true;
+      throw err;
     }
   }
 

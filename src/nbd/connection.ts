@@ -760,6 +760,12 @@ export class NbdConnection {
 
   private replyIoError(cookieHi: number, cookieLo: number, type: number, err: unknown): void {
     const e = err instanceof VdiskError ? err : new VdiskError('EIO', String((err as Error)?.message ?? err));
+    if (e.code === 'VDISK_DROP_CONNECTION') {
+      // A blkdebug rule wants the client to see its server vanish: no reply, the socket goes.
+      logEvent('warn', 'nbd-connection-dropped', { connection: this.id, reason: e.message });
+      this.destroy();
+      return;
+    }
     const code = P.nbdErrno(e.errno);
     // I/O errors are worth a line; refusals of bad requests were logged at validation.
     logEvent(e.errno === 'EINVAL' || e.errno === 'ENOTSUP' ? 'debug' : 'warn', 'nbd-request-failed', {

@@ -146,3 +146,42 @@ t.test('blkdebug config files and the blkdebug:CONFIG:IMAGE shorthand, as qemu-i
   const sec = await run(process.execPath, [VDISK, 'io', '-f', 'raw', '-c', 'read 0 512', `blkdebug:${conf}:${img}`]);
   t.match(sec.stderr, /rules\.conf:1: unknown section \[oops\]/);
 });
+
+t.test('blkdebug at run time: rules added and removed over QMP, delay, dropped connection, power cut', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'p.raw');
+  fs.writeFileSync(img, Buffer.alloc(MiB, 0x0a));
+  const sock = path.join(dir, 'qmp.sock');
+  const d = await startDaemon(t, { dir, args: ['--qmp', `unix:${sock}`, '--log-level', 'warn'] });
+  const w = await QmpWire.connect(sock);
+  t.teardown(() => w.close());
+  await w.ok('blockdev-add', { driver: 'raw', 'node-name': 'p', file: { driver: 'blkdebug', 'node-name': 'dbg', image: { driver: 'file', filename: img } } });
+  await w.ok('block-export-add', { type: 'nbd', id: 'p', 'node-name': 'p', writable: true });
+  const io = (...cmds: string[]) => run('qemu-io', ['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), d.uri('p')]);
+
+  const { id: delayId } = (await w.ok('x-blkdebug-add-rule', { node: 'dbg', 'inject-error': { event: 'read_aio', action: 'delay', 'delay-ms': 50, iotype: 'read' } })) as { id: number };
+  t.notMatch((await io('read -P 0x0a 0 4096')).stdout, /failed/, 'a delayed read still succeeds');
+  let q = (await w.ok('x-blkdebug-query', { node: 'dbg' })) as { state: number; rules: Array<Record<string, unknown>> };
+  t.match(q.rules.find((r) => r.id === delayId), { action: 'delay', injected: 1 }, 'and the rule counted it');
+  await w.ok('x-blkdebug-remove-rule', { node: 'dbg', id: delayId });
+  t.same(((await w.ok('x-blkdebug-query', { node: 'dbg' })) as { rules: unknown[] }).rules, [], 'removed');
+  t.match((await w.cmd('x-blkdebug-remove-rule', { node: 'dbg', id: delayId })).error?.desc, /has no rule/);
+  t.match((await w.cmd('x-blkdebug-query', { node: 'p' })).error?.desc, /is not a blkdebug node/);
+
+  await w.ok('x-blkdebug-add-rule', { node: 'dbg', 'inject-error': { event: 'read_aio', action: 'drop-connection', sector: 16, once: true } });
+  const dropped = await io('read 8192 512');
+  t.match(dropped.stdout + dropped.stderr, /failed|error|reset|closed/i, 'the client loses its connection');
+  t.notMatch((await io('read -P 0x0a 0 512')).stdout, /failed/, 'a new connection works; the daemon is fine');
+
+  // Power cut: a flushed write survives, an unflushed one is lost, and the node is dead until powered on.
+  t.notMatch((await io('write -P 0x0b 0 4096', 'flush')).stdout, /failed/);
+  await w.ok('x-blkdebug-add-rule', { node: 'dbg', 'inject-error': { event: 'read_aio', action: 'power-cut', iotype: 'read', sector: 100, once: true } });
+  // Through the monitor: qemu-io over NBD would flush when it closes.
+  t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io p "write -P 0x0c 4096 4096"' }), '', 'an unflushed write');
+  t.match((await io('read 51200 512')).stdout, /read failed: Input\/output error/, 'the power cut');
+  t.match((await io('read 0 512')).stdout, /read failed: Input\/output error/, 'after it, everything fails');
+  q = (await w.ok('x-blkdebug-query', { node: 'dbg' })) as { state: number; rules: Array<Record<string, unknown>> };
+  t.match(q, { 'powered-off': true });
+  await w.ok('x-blkdebug-power-on', { node: 'dbg' });
+  t.notMatch((await io('read -P 0x0b 0 4096', 'read -P 0x0a 4096 4096')).stdout, /failed/, 'the flushed write survived; the unflushed one is gone');
+});

@@ -49,7 +49,8 @@ export const BLOCKDEV_REF = { kind: 'any' } as const;
 /** Placeholder for BlockdevRefOrNull (a reference, or null for "none"). */
 export const BLOCKDEV_REF_OR_NULL = { kind: 'any' } as const;
 
-const INJECT_ERROR = struct('BlkdebugInjectErrorOptions', {
+/** QEMU's inject-error rule, plus vdisk's action and delay-ms (see InjectAction). */
+export const INJECT_ERROR = struct('BlkdebugInjectErrorOptions', {
   event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS),
   '*state': int('int'),
   '*iotype': enumOf('BlkdebugIOType', BLKDEBUG_IO_TYPES),
@@ -57,8 +58,10 @@ const INJECT_ERROR = struct('BlkdebugInjectErrorOptions', {
   '*sector': int('int'),
   '*once': bool,
   '*immediately': bool,
+  '*action': enumOf('BlkdebugAction', ['error', 'delay', 'drop-connection', 'power-cut']),
+  '*delay-ms': int('uint32'),
 });
-const SET_STATE = struct('BlkdebugSetStateOptions', { event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS), '*state': int('int'), new_state: int('int') });
+export const SET_STATE = struct('BlkdebugSetStateOptions', { event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS), '*state': int('int'), new_state: int('int') });
 
 export const DRIVERS: DriverDef[] = [
   {

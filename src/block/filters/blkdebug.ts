@@ -32,8 +32,20 @@ export type BlkdebugIoType = (typeof BLKDEBUG_IO_TYPES)[number];
 /** Without iotype, a rule matches every request type except block-status (as QEMU). */
 const DEFAULT_IO_TYPES: BlkdebugIoType[] = ['read', 'write', 'write-zeroes', 'discard', 'flush'];
 
+/**
+ * What an active inject rule does to a matching request. QEMU only fails
+ * it ('error'); vdisk can also hold it back ('delay'), cut the client's
+ * connection without a reply ('drop-connection', NBD clients), or lose every
+ * write since the last flush and then fail everything until the node is
+ * powered on again ('power-cut': what a crash of the host would do).
+ */
+export type InjectAction = 'error' | 'delay' | 'drop-connection' | 'power-cut';
+
 export interface InjectErrorRule {
   kind: 'inject-error';
+  id: number;
+  action: InjectAction;
+  delayMs: number;
   event: string;
   state: number;
   iotypes: BlkdebugIoType[];
@@ -41,11 +53,15 @@ export interface InjectErrorRule {
   sector: number;
   once: boolean;
   immediately: boolean;
+  /** Times an event activated it. */
   hits: number;
+  /** Requests it acted on. */
+  injected: number;
 }
 
 export interface SetStateRule {
   kind: 'set-state';
+  id: number;
   event: string;
   state: number;
   newState: number;
@@ -70,6 +86,11 @@ export class BlkdebugNode extends BlockNode {
   readonly rules: BlkdebugRule[];
   private active: InjectErrorRule[] = [];
   private readonly image: BlockNode;
+  private nextRuleId = 1;
+  /** After a power cut: every request fails until powerOn(). */
+  poweredOff = false;
+  /** Old contents of ranges written since the last flush (kept only while a power-cut rule exists). */
+  private journal: Array<{ offset: number; data: Buffer }> = [];
 
   constructor(o: BlkdebugOptions) {
     super({ nodeName: o.nodeName, readOnly: o.readOnly || o.image.readOnly });
@@ -88,6 +109,7 @@ export class BlkdebugNode extends BlockNode {
       this.limits.maxTransfer = o.maxTransfer;
     }
     this.rules = [...o.rules].reverse();
+    for (const r of this.rules) r.id = this.nextRuleId++;
     this.debugEvent('none');
   }
 
@@ -127,6 +149,17 @@ export class BlkdebugNode extends BlockNode {
         const i = this.rules.indexOf(r);
         if (i >= 0) this.rules.splice(i, 1);
       }
+      r.injected++;
+      switch (r.action) {
+        case 'delay':
+          await new Promise((resolve) => setTimeout(resolve, r.delayMs));
+          return;
+        case 'drop-connection':
+          throw new VdiskError('EIO', `blkdebug: connection dropped on ${type} at ${offset}`, { code: 'VDISK_DROP_CONNECTION' });
+        case 'power-cut':
+          await this.powerCut();
+          throw new VdiskError('EIO', `blkdebug: power cut on ${type} at ${offset}`);
+      }
       if (r.errno === 0) return;
       // Not immediately: complete the failure asynchronously, as QEMU does.
       if (!r.immediately) await new Promise((resolve) => setImmediate(resolve));
@@ -134,31 +167,86 @@ export class BlkdebugNode extends BlockNode {
     }
   }
 
+  /** Adds a rule at run time (newest first, as QEMU keeps them); returns its id. */
+  addRule(rule: BlkdebugRule): number {
+    rule.id = this.nextRuleId++;
+    this.rules.unshift(rule);
+    return rule.id;
+  }
+
+  removeRule(id: number): void {
+    const i = this.rules.findIndex((r) => r.id === id);
+    if (i < 0) throw new VdiskError('ENOENT', `blkdebug node '${this.nodeName}' has no rule ${id}`);
+    const [r] = this.rules.splice(i, 1);
+    this.active = this.active.filter((a) => a !== r);
+  }
+
+  /** Every write since the last flush is undone, then the node is dead until powerOn(). */
+  private async powerCut(): Promise<void> {
+    for (const j of this.journal.reverse()) await this.image.write(j.offset, j.data);
+    this.journal = [];
+    await this.image.flush();
+    this.poweredOff = true;
+  }
+
+  powerOn(): void {
+    this.poweredOff = false;
+  }
+
+  private get journaling(): boolean {
+    return this.rules.some((r) => r.kind === 'inject-error' && r.action === 'power-cut');
+  }
+
+  /** Keeps the old contents of a range about to change, for a power cut. */
+  private async remember(offset: number, length: number): Promise<void> {
+    if (!this.journaling) return;
+    const end = Math.min(offset + length, this.image.size);
+    if (end <= offset) return;
+    const data = Buffer.alloc(end - offset);
+    await this.image.read(offset, data);
+    this.journal.push({ offset, data });
+  }
+
+  private alive(): void {
+    if (this.poweredOff) throw new VdiskError('EIO', `blkdebug node '${this.nodeName}' has lost power`);
+  }
+
   protected override async doRead(offset: number, buf: Buffer): Promise<void> {
+    this.alive();
     await this.check('read', offset, buf.length);
     await this.image.read(offset, buf);
   }
 
   protected override async doWrite(offset: number, buf: Buffer, flags: number): Promise<void> {
+    this.alive();
     await this.check('write', offset, buf.length);
+    await this.remember(offset, buf.length);
     await this.image.write(offset, buf, flags);
   }
 
   protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    this.alive();
     await this.check('write-zeroes', offset, length);
+    await this.remember(offset, length);
     await this.image.writeZeroes(offset, length, flags);
   }
 
   protected override async doDiscard(offset: number, length: number): Promise<void> {
+    this.alive();
     await this.check('discard', offset, length);
+    await this.remember(offset, length);
     await this.image.discard(offset, length);
   }
 
   protected override async doFlush(): Promise<void> {
+    this.alive();
     await this.check('flush', 0, 0);
+    // What is flushed is durable: a later power cut keeps it. (The image is flushed after this.)
+    this.journal = [];
   }
 
   protected override async doBlockStatus(offset: number, length: number): Promise<Extent> {
+    this.alive();
     await this.check('block-status', offset, length);
     return this.image.blockStatus(offset, length);
   }
@@ -175,6 +263,9 @@ export function blkdebugRules(injects: Array<Record<string, unknown>>, sets: Arr
   for (const o of injects) {
     rules.push({
       kind: 'inject-error',
+      id: 0,
+      action: (o.action as InjectAction | undefined) ?? 'error',
+      delayMs: (o['delay-ms'] as number | undefined) ?? 0,
       event: o.event as string,
       state: (o.state as number | undefined) ?? 0,
       iotypes: o.iotype !== undefined ? [o.iotype as BlkdebugIoType] : DEFAULT_IO_TYPES,
@@ -183,10 +274,11 @@ export function blkdebugRules(injects: Array<Record<string, unknown>>, sets: Arr
       once: (o.once as boolean | undefined) ?? false,
       immediately: (o.immediately as boolean | undefined) ?? false,
       hits: 0,
+      injected: 0,
     });
   }
   for (const o of sets) {
-    rules.push({ kind: 'set-state', event: o.event as string, state: (o.state as number | undefined) ?? 0, newState: o.new_state as number, hits: 0 });
+    rules.push({ kind: 'set-state', id: 0, event: o.event as string, state: (o.state as number | undefined) ?? 0, newState: o.new_state as number, hits: 0 });
   }
   return rules;
 }

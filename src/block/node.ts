@@ -263,6 +263,8 @@ export abstract class BlockNode {
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
       if (this.announcesIo) this.primaryChild?.debugEvent('write_aio');
+      // As QEMU's bdrv_aligned_pwritev: the node being written announces pwritev to itself.
+      this.debugEvent('pwritev');
       if (this.limits.requestAlignment === 1) {
         await this.writeSplit(offset, buf, flags);
       } else if (this.isAligned(offset, buf.length)) {
@@ -276,6 +278,7 @@ export abstract class BlockNode {
         await this.writeUnaligned(offset, buf, flags);
       }
       if (offset + buf.length > this.length) this.grow(offset + buf.length);
+      this.debugEvent('pwritev_done');
     } catch (err) {
       throw toVdiskError(err, `write at ${offset} on node '${this.nodeName}'`);
     } finally {
@@ -292,6 +295,7 @@ export abstract class BlockNode {
     this.inFlight++;
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
+      this.debugEvent('pwritev_zero');
       const a = this.limits.requestAlignment;
       const head = offset % a;
       const tail = (offset + length) % a;
@@ -560,10 +564,16 @@ export abstract class BlockNode {
       const bounce = Buffer.alloc(end - start);
       const headPartial = offset % a !== 0;
       const tailPartial = (offset + buf.length) % a !== 0;
-      if (headPartial) await this.readSplit(start, bounce.subarray(0, a));
+      if (headPartial) {
+        this.debugEvent('pwritev_rmw_head');
+        await this.readSplit(start, bounce.subarray(0, a));
+        this.debugEvent('pwritev_rmw_after_head');
+      }
       // One block holding both edges was read already as the head.
       if (tailPartial && !(headPartial && end - a === start)) {
+        this.debugEvent('pwritev_rmw_tail');
         await this.readSplit(end - a, bounce.subarray(bounce.length - a));
+        this.debugEvent('pwritev_rmw_after_tail');
       }
       buf.copy(bounce, offset - start);
       await this.writeSplit(start, bounce, flags);

@@ -185,3 +185,28 @@ t.test('blkdebug at run time: rules added and removed over QMP, delay, dropped c
   await w.ok('x-blkdebug-power-on', { node: 'dbg' });
   t.notMatch((await io('read -P 0x0b 0 4096', 'read -P 0x0a 4096 4096')).stdout, /failed/, 'the flushed write survived; the unflushed one is gone');
 });
+
+t.test("blkdebug under qcow2: metadata events (l2_load, l2_update) fail the I/O as in qemu-io", async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'm.qcow2');
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '16M'])).code, 0);
+  t.equal((await run('qemu-io', ['-c', 'write -P 0x31 0 64k', img])).code, 0);
+  const json = (event: string, iotype?: string) =>
+    `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'blkdebug', image: { driver: 'file', filename: img }, 'inject-error': [{ event, errno: 5, once: true, ...(iotype ? { iotype } : {}) }] } })}`;
+  for (const [what, event, cmds] of [
+    ['an L2 table load', 'l2_load', ['read -P 0x31 0 4k', 'read -P 0x31 0 4k']],
+    ['a data write into an allocated L2 table (no metadata event)', 'cluster_alloc', ['write -P 0x32 1M 4k', 'write -P 0x32 1M 4k']],
+  ] as Array<[string, string, string[]]>) {
+    const args = cmds.flatMap((c) => ['-c', c]);
+    const ours = await run(process.execPath, [VDISK, 'io', ...args, json(event)]);
+    const theirs = await run('qemu-io', [...args, json(event)]);
+    const results = (s: string) => s.split('\n').filter((l) => /^(read|wrote|write) /.test(l) || /failed/.test(l));
+    t.same(results(ours.stdout), results(theirs.stdout), `${what}: the same results as qemu-io (${results(theirs.stdout).join(' | ')})`);
+  }
+  // l2_update fires at flush time, when vdisk writes its L2 tables (QEMU writes them earlier):
+  // the flush fails (qemu-io's flush says so only by its exit status), the next one succeeds.
+  const ours = await run(process.execPath, [VDISK, 'io', '-c', 'write -P 0x33 2M 4k', '-c', 'flush', '-c', 'flush', '-c', 'read -P 0x33 2M 4k', json('l2_update', 'write')]);
+  t.equal(ours.code, 1, 'a command failed: the flush that wrote the L2 table');
+  t.notMatch(ours.stdout, /verification failed/, 'the data reads back');
+  t.equal((await run('qemu-img', ['check', img])).code, 0, 'the image is consistent');
+});

@@ -256,6 +256,7 @@ export class Qcow2Node extends BlockNode {
     if (!p) {
       p = (async () => {
         const buf = Buffer.alloc(this.clusterSize);
+        this.file.debugEvent('l2_load');
         await this.file.read(offset, buf);
         const existing = this.l2Cache.get(offset);
         if (existing) return existing;
@@ -411,6 +412,7 @@ export class Qcow2Node extends BlockNode {
       return;
     }
     const inside = Math.min(buf.length, b.size - offset);
+    this.file.debugEvent('read_backing_aio');
     await b.read(offset, buf.subarray(0, inside));
     if (inside < buf.length) buf.fill(0, inside);
   }
@@ -421,6 +423,7 @@ export class Qcow2Node extends BlockNode {
     // Compressed data may end short of its last sector at the end of the file.
     const avail = Math.max(0, Math.min(input.length, this.file.size - e.offset));
     if (avail === 0) throw corrupt(`compressed cluster for guest offset ${guestCluster * this.clusterSize} at host offset ${e.offset} is past the end of the image`);
+    this.file.debugEvent('read_compressed');
     await this.file.read(e.offset, input.subarray(0, avail));
     let data: Buffer;
     try {
@@ -625,8 +628,10 @@ export class Qcow2Node extends BlockNode {
   /** Writes one whole new host cluster: its old content with `part` laid over at `within`. */
   private async writeFilled(e: DecodedL2, cluster: number, host: number, within: number, part: Buffer): Promise<void> {
     const data = Buffer.alloc(this.clusterSize);
+    this.file.debugEvent('cow_read');
     await this.fillOld(e, cluster, data);
     part.copy(data, within);
+    this.file.debugEvent('cow_write');
     await this.file.write(host, data);
   }
 
@@ -688,6 +693,8 @@ export class Qcow2Node extends BlockNode {
           await this.copyL2(l1Index, await this.l2Table(off));
           continue;
         }
+        // As QEMU's l2_allocate: a metadata cluster is allocated (guest data clusters do not announce this).
+        this.file.debugEvent('cluster_alloc');
         const host = (await this.refcounts.allocate(1)) * this.clusterSize;
         const t: CachedL2 = { offset: host, buf: Buffer.alloc(this.clusterSize), dirty: true };
         this.l2Clusters.add(host / this.clusterSize);
@@ -949,10 +956,16 @@ export class Qcow2Node extends BlockNode {
       if (this.refcounts.dirty) await this.refcounts.writeBack();
       if (l2s.length || l1Indices.length || this.headerMustMove()) await this.file.flush();
       // 2. L2 tables, sync, then L1 entries.
-      for (const { table, buf } of l2s) await this.file.write(table.offset, buf);
+      for (const { table, buf } of l2s) {
+        this.file.debugEvent('l2_update');
+        await this.file.write(table.offset, buf);
+      }
       if (l1Copy) {
         if (l2s.length) await this.file.flush();
-        for (const i of l1Indices) await this.file.write(l1Offset + i * 8, l1Copy.subarray(i * 8, i * 8 + 8));
+        for (const i of l1Indices) {
+          this.file.debugEvent('l1_update');
+          await this.file.write(l1Offset + i * 8, l1Copy.subarray(i * 8, i * 8 + 8));
+        }
       }
     } catch (err) {
       // Not written: mark it dirty again for the next flush.

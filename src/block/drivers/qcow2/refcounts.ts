@@ -208,6 +208,7 @@ export class Refcounts {
     const offset = this.blockOffset(index);
     if (offset === 0) return undefined;
     const buf = Buffer.alloc(this.clusterSize);
+    this.file.debugEvent('refblock_load');
     await this.file.read(offset, buf);
     const existing = this.blocks.get(index);
     if (existing) return existing;
@@ -258,6 +259,7 @@ export class Refcounts {
 
   /** Registers a new, empty refcount block for `index` stored at `cluster`. */
   private async newBlock(index: number, cluster: number, countsItself: boolean): Promise<CachedBlock> {
+    this.file.debugEvent('refblock_alloc');
     const b: CachedBlock = { offset: cluster * this.clusterSize, buf: Buffer.alloc(this.clusterSize), dirty: true };
     if (countsItself) this.writeEntry(b.buf, cluster % this.perBlock, 1);
     writeU64(this.table, index * 8, b.offset);
@@ -281,6 +283,7 @@ export class Refcounts {
    * that describes itself. The old table is released (freed after a flush).
    */
   private async growTableLocked(entries: number): Promise<void> {
+    this.file.debugEvent('reftable_grow');
     const cs = this.clusterSize;
     const oldClusters = this.layout.tableClusters;
     const oldOffset = this.layout.tableOffset;
@@ -437,6 +440,7 @@ export class Refcounts {
    * written before `epoch` ended can still be in flight. epoch -1: at the next apply.
    */
   release(cluster: number, count = 1, epoch = -1): void {
+    this.file.debugEvent('cluster_free');
     this.pending.push({ cluster, count, epoch });
     this.pendingClusters.set(cluster, (this.pendingClusters.get(cluster) ?? 0) + 1);
   }
@@ -481,6 +485,7 @@ export class Refcounts {
       b.dirty = false;
       try {
         // A copy: changes made while the write is in flight must not tear an entry.
+        this.file.debugEvent('refblock_update');
         await this.file.write(b.offset, Buffer.from(b.buf));
       } catch (err) {
         b.dirty = true;

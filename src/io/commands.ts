@@ -19,6 +19,7 @@
  */
 import fs from 'node:fs';
 import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
+import { BlkdebugNode } from '../block/filters/blkdebug.js';
 import { imageInfo } from '../block/info.js';
 import { type BlockNode, ReqFlags, Status } from '../block/node.js';
 import { type Errno, VdiskError, strerror } from '../errors.js';
@@ -705,8 +706,52 @@ function helpOneline(name: string, c: CommandDef): string {
   return `${name} ${c.args !== undefined ? c.args + ' ' : ''}-- ${c.oneline}\n`;
 }
 
+/** The blkdebug node at or below a node (qemu-io's breakpoint commands go down the file chain, as bdrv_debug_breakpoint). */
+function blkdebugBelow(node: BlockNode): BlkdebugNode | undefined {
+  for (let n: BlockNode | undefined = node; n; n = n.child('file') ?? n.child('image')) {
+    if (n instanceof BlkdebugNode) return n;
+  }
+  return undefined;
+}
+
+/** qemu-io's breakpoint commands, which fail with strerror text when no blkdebug node is below. */
+function breakpointCmd(name: string, argmin: number, args: string, oneline: string, act: (b: BlkdebugNode, argv: string[], ctx: Context) => Promise<void> | void, failure: (argv: string[]) => string): CommandDef {
+  return {
+    name,
+    argmin,
+    argmax: argmin,
+    args,
+    oneline,
+    async run(ctx, argv) {
+      const b = blkdebugBelow(ctx.node);
+      try {
+        if (!b) throw new VdiskError('ENOTSUP', 'no blkdebug node');
+        await act(b, argv, ctx);
+        return true;
+      } catch (e) {
+        ctx.out(`${failure(argv)}: ${errnoText(e)}\n`);
+        return false;
+      }
+    },
+  };
+}
+
+const breakCmd = breakpointCmd('break', 2, 'event tag', 'sets a breakpoint on event and tags the stopped request as tag', (b, argv) => b.addBreakpoint(argv[1], argv[2]), () => 'Could not set breakpoint');
+const removeBreakCmd = breakpointCmd('remove_break', 1, 'tag', 'remove a breakpoint by tag', (b, argv) => b.removeBreakpoint(argv[1]), (argv) => `Could not remove breakpoint ${argv[1]}`);
+const resumeCmd = breakpointCmd('resume', 1, 'tag', 'resumes the request tagged as tag', (b, argv) => b.resume(argv[1]), () => 'Could not resume request');
+const waitBreakCmd = breakpointCmd(
+  'wait_break',
+  1,
+  'tag',
+  'waits for the suspension of a request',
+  async (b, argv) => {
+    while (!b.isSuspended(argv[1])) await new Promise((r) => setTimeout(r, 5));
+  },
+  () => 'Could not wait',
+);
+
 /** Sorted by name, as qemu-io keeps its table. */
-const COMMANDS: CommandDef[] = [allocCmd, discardCmd, flushCmd, helpCmd, infoCmd, lengthCmd, mapCmd, readCmd, truncateCmd, writeCmd];
+const COMMANDS: CommandDef[] = [allocCmd, breakCmd, discardCmd, flushCmd, helpCmd, infoCmd, lengthCmd, mapCmd, readCmd, removeBreakCmd, resumeCmd, truncateCmd, waitBreakCmd, writeCmd];
 
 function findCommand(name: string): CommandDef | undefined {
   return COMMANDS.find((c) => c.name === name || c.altname === name);

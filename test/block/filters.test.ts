@@ -210,3 +210,33 @@ t.test("blkdebug under qcow2: metadata events (l2_load, l2_update) fail the I/O 
   t.notMatch(ours.stdout, /verification failed/, 'the data reads back');
   t.equal((await run('qemu-img', ['check', img])).code, 0, 'the image is consistent');
 });
+
+t.test('blkdebug breakpoints: break, wait_break and resume hold a guest read, as qemu-io drives them', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'b.raw');
+  fs.writeFileSync(img, Buffer.alloc(MiB, 0x42));
+  const sock = path.join(dir, 'qmp.sock');
+  const d = await startDaemon(t, { dir, args: ['--qmp', `unix:${sock}`, '--log-level', 'warn'] });
+  const w = await QmpWire.connect(sock);
+  t.teardown(() => w.close());
+  await w.ok('blockdev-add', { driver: 'raw', 'node-name': 'b0', file: { driver: 'blkdebug', image: { driver: 'file', filename: img } } });
+  await w.ok('block-export-add', { type: 'nbd', id: 'b0', 'node-name': 'b0' });
+  const hmp = (cmd: string) => w.ok('human-monitor-command', { 'command-line': `qemu-io b0 "${cmd}"` });
+  t.equal(await hmp('break read_aio bp'), '');
+  // A guest read over NBD now stops at the breakpoint.
+  let finished = false;
+  const reader = run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x42 0 4096', d.uri('b0')]).then((r) => {
+    finished = true;
+    return r;
+  });
+  t.equal(await hmp('wait_break bp'), '', 'wait_break returns once the request is held');
+  t.match(d.stdout(), /blkdebug: Suspended request 'bp'/);
+  t.notOk(finished, 'the read is held');
+  t.equal(await hmp('resume bp'), '');
+  const r = await reader;
+  t.equal(r.code, 0, r.stderr);
+  t.notMatch(r.stdout, /failed/, 'and completes with the right data once resumed');
+  t.match(d.stdout(), /blkdebug: Resuming request 'bp'/);
+  t.equal(await hmp('remove_break bp'), '');
+  t.notMatch((await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read 0 4096', d.uri('b0')])).stdout, /failed/, 'without the breakpoint reads flow');
+});

@@ -87,6 +87,12 @@ export class BlkdebugNode extends BlockNode {
   private active: InjectErrorRule[] = [];
   private readonly image: BlockNode;
   private nextRuleId = 1;
+  /** Breakpoints: an event that suspends the request announced after it, under a tag. */
+  private breakpoints: Array<{ event: string; tag: string }> = [];
+  private suspendNext: string | undefined;
+  private suspended: Array<{ tag: string; resume: () => void }> = [];
+  /** Where suspension messages go (QEMU prints them on stdout). */
+  print: (line: string) => void = (line) => process.stdout.write(line);
   /** After a power cut: every request fails until powerOn(). */
   poweredOff = false;
   /** Old contents of ranges written since the last flush (kept only while a power-cut rule exists). */
@@ -119,6 +125,8 @@ export class BlkdebugNode extends BlockNode {
 
   /** An event announced by the parent: rules for it fire in the state as it was before. */
   override debugEvent(event: string): void {
+    const bp = this.breakpoints.find((b) => b.event === event);
+    if (bp) this.suspendNext = bp.tag;
     const before = this.state;
     let newState = before;
     let injected = false;
@@ -136,8 +144,51 @@ export class BlkdebugNode extends BlockNode {
     this.state = newState;
   }
 
+  /** qemu-io's break EVENT TAG. */
+  addBreakpoint(event: string, tag: string): void {
+    if (!(BLKDEBUG_EVENTS as readonly string[]).includes(event)) throw new VdiskError('EINVAL', `Invalid argument`);
+    this.breakpoints.push({ event, tag });
+  }
+
+  /** qemu-io's remove_break TAG: the breakpoint goes and requests held under it go on. */
+  removeBreakpoint(tag: string): void {
+    const before = this.breakpoints.length;
+    this.breakpoints = this.breakpoints.filter((b) => b.tag !== tag);
+    const held = this.suspended.filter((x) => x.tag === tag);
+    if (before === this.breakpoints.length && held.length === 0) throw new VdiskError('ENOENT', 'No such file or directory');
+    for (const h of held) this.resumeOne(h);
+    if (this.suspendNext === tag) this.suspendNext = undefined;
+  }
+
+  /** qemu-io's resume TAG: one request held under the tag goes on. */
+  resume(tag: string): void {
+    const h = this.suspended.find((x) => x.tag === tag);
+    if (!h) throw new VdiskError('ENOENT', 'No such file or directory');
+    this.resumeOne(h);
+  }
+
+  isSuspended(tag: string): boolean {
+    return this.suspended.some((x) => x.tag === tag);
+  }
+
+  private resumeOne(h: { tag: string; resume: () => void }): void {
+    this.suspended.splice(this.suspended.indexOf(h), 1);
+    this.print(`blkdebug: Resuming request '${h.tag}'\n`);
+    h.resume();
+  }
+
+  /** Holds the request if a breakpoint fired just before it. */
+  private async maybeSuspend(): Promise<void> {
+    const tag = this.suspendNext;
+    if (tag === undefined) return;
+    this.suspendNext = undefined;
+    this.print(`blkdebug: Suspended request '${tag}'\n`);
+    await new Promise<void>((resume) => this.suspended.push({ tag, resume }));
+  }
+
   /** Fails the request if an active rule matches it. */
   private async check(type: BlkdebugIoType, offset: number, length: number): Promise<void> {
+    await this.maybeSuspend();
     for (const r of this.active) {
       if (!r.iotypes.includes(type)) continue;
       if (r.sector >= 0) {

@@ -233,6 +233,21 @@ export class SparseBitmap {
     }
   }
 
+  /** Sets the bits given as bytes (bit i = bit i % 8 of byte i / 8) at [first, first + n). */
+  setFromBytes(bytes: Buffer, first: number, n: number): void {
+    let runStart = -1;
+    for (let i = 0; i <= n; i++) {
+      const on = i < n && (bytes[i >> 3] >> (i & 7)) & 1;
+      if (on && runStart < 0) runStart = i;
+      else if (!on && runStart >= 0) {
+        this.set(first + runStart, i - runStart);
+        runStart = -1;
+      }
+      // Skip whole zero bytes quickly.
+      if (runStart < 0 && (i & 7) === 0 && i + 8 <= n && bytes[i >> 3] === 0) i += 7;
+    }
+  }
+
   clone(): SparseBitmap {
     const b = new SparseBitmap(this.nbits);
     b.chunks = this.chunks.map((c) => (c ? new Uint32Array(c) : undefined));

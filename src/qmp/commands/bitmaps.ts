@@ -9,6 +9,7 @@ import { DirtyBitmap, MAX_NAME_BYTES } from '../../block/dirty-bitmap.js';
 import type { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
+import { MAX_BITMAPS } from '../../block/drivers/qcow2/bitmaps.js';
 import { VdiskError } from '../../errors.js';
 import { type Type, alternate, arrayOf, bool, int, str, struct } from '../../qapi/schema.js';
 import type { QmpCommand } from '../server.js';
@@ -47,12 +48,18 @@ export function createBitmap(graph: BlockGraph, args: Record<string, unknown>): 
   if (Buffer.byteLength(name) > MAX_NAME_BYTES) throw new VdiskError('EINVAL', `Bitmap name too long: ${name}`);
   if (node.dirtyBitmaps.some((b) => b.name === name)) throw new VdiskError('EEXIST', `Bitmap already exists: ${name}`);
   if (args.persistent) {
-    // Persistent bitmaps are kept in qcow2 images; vdisk does not store them yet.
-    throw new VdiskError('ENOTSUP', `Can't store persistent bitmaps to ${nodeName}: Operation not supported`);
+    // Persistent bitmaps are stored in qcow2 (version 3) images, at a clean close.
+    if (!(node instanceof Qcow2Node) || node.header.version !== 3) {
+      throw new VdiskError('ENOTSUP', `Can't store persistent bitmaps to ${nodeName}: Operation not supported`);
+    }
+    if (node.readOnly) throw new VdiskError('EROFS', `Can't store persistent bitmaps to ${nodeName}: Read-only file system`);
+    if (node.dirtyBitmaps.filter((b) => b.persistent).length >= MAX_BITMAPS) {
+      throw new VdiskError('ENOSPC', `Can't store persistent bitmaps to ${nodeName}: Maximum number of persistent bitmaps is already reached`);
+    }
   }
   const bitmap = new DirtyBitmap(name, (args.granularity as number | undefined) ?? defaultGranularity(node), node.size, {
     enabled: !args.disabled,
-    persistent: false,
+    persistent: Boolean(args.persistent),
   });
   return { node, bitmap };
 }

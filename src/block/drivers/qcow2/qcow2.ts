@@ -50,6 +50,7 @@ import {
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
+import { loadBitmaps, storeBitmaps } from './bitmaps.js';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 
@@ -176,6 +177,11 @@ export class Qcow2Node extends BlockNode {
     }
     if (this.backing) this.children.push({ role: 'backing', node: this.backing });
 
+    // Persistent bitmaps are valid only with their autoclear bit (a writer that did not know them
+    // cleared it). They are loaded onto the node, marked in use on disk while the image is open
+    // writable, and stored again at a clean close.
+    const bitmapsValid = h.bitmapsExtension !== undefined && (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+    if (bitmapsValid && !options.forCheck) this.dirtyBitmaps.push(...(await loadBitmaps(this)));
     if (!this.readOnly) {
       if (h.incompatibleFeatures & INCOMPAT_DIRTY && !options.forCheck) {
         logEvent('warn', 'qcow2-repairing-dirty-image', { filename: file.filename });
@@ -187,7 +193,7 @@ export class Qcow2Node extends BlockNode {
       // makes QEMU drop the whole extension and report every bitmap cluster as leaked (qemu-img check
       // exit 3 after any vdisk write session). So the bitmaps are marked in use instead (the spec's
       // "inconsistent", as after a QEMU crash) and the extension, and its bit, stay.
-      const keepBitmaps = h.bitmapsExtension !== undefined && (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && (await this.markBitmapsInUse());
+      const keepBitmaps = bitmapsValid && (await this.markBitmapsInUse());
       h.autoclearFeatures = keepBitmaps ? AUTOCLEAR_BITMAPS : 0n;
       if (h.version === 3) h.incompatibleFeatures |= INCOMPAT_DIRTY;
       await this.writeHeader();
@@ -1009,13 +1015,26 @@ export class Qcow2Node extends BlockNode {
 
   protected override async doClose(): Promise<void> {
     if (this.readOnly) return;
+    // Persistent bitmaps: written to new clusters, made durable, then named by the header.
+    const stored = this.header.version === 3 ? await storeBitmaps(this, this.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined)) : undefined;
     await this.flushMetadata();
     // Anything still pending (released during the flush) is applied now: nothing is in flight any more.
     if (this.refcounts.hasPendingReleases) await this.flushMetadata();
     await this.file.flush();
     this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+    if (stored) {
+      this.header.bitmapsExtension = stored.ext;
+      this.header.autoclearFeatures = stored.ext ? AUTOCLEAR_BITMAPS : 0n;
+    }
     await this.writeHeader();
     await this.file.flush();
+    if (stored?.old.length) {
+      // The old bitmap clusters are unreferenced only now; a crash before this leaks them.
+      for (const c of stored.old) this.refcounts.release(c, 1);
+      await this.flushMetadata();
+      if (this.refcounts.hasPendingReleases) await this.flushMetadata();
+      await this.file.flush();
+    }
   }
 
   /** Marks the image corrupt on disk (QEMU's qcow2_signal_corruption), so nobody writes it again. */

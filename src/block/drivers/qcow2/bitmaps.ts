@@ -1,0 +1,177 @@
+/**
+ * Persistent dirty bitmaps in a qcow2 image (docs/interop/qcow2.txt,
+ * "Bitmaps extension"; QEMU's block/qcow2-bitmap.c).
+ *
+ * On disk: the header extension names a bitmap directory; each directory
+ * entry names a bitmap table; each table entry names a cluster of bitmap
+ * data (0: all zeroes; 0 with bit 0 set: all ones). Data bits are in the
+ * order QEMU serialises them: bit i of the bitmap is bit i % 8 of byte i / 8.
+ *
+ * Life cycle, as QEMU: at open the bitmaps are loaded onto the node; when the
+ * image is opened writable they are marked in use on disk (a crash leaves
+ * them "in use", which a later open reports as inconsistent); at a clean
+ * close every persistent bitmap is stored afresh and the old clusters freed.
+ */
+import { DirtyBitmap } from '../../dirty-bitmap.js';
+import { VdiskError } from '../../../errors.js';
+import { readU64, writeU64 } from './format.js';
+import type { Qcow2Node } from './qcow2.js';
+
+export const BITMAP_IN_USE = 1;
+export const BITMAP_AUTO = 2;
+const TYPE_DIRTY_TRACKING = 1;
+const ENTRY_OFFSET_MASK = 0x00fffffffffffe00n;
+export const MAX_BITMAPS = 65535;
+
+interface DirEntry {
+  tableOffset: number;
+  tableSize: number;
+  flags: number;
+  granularityBits: number;
+  name: string;
+}
+
+/** Parses the extension and directory; undefined when there is none. */
+async function readDirectory(node: Qcow2Node): Promise<{ entries: DirEntry[]; dirOffset: number; dirSize: number } | undefined> {
+  const ext = node.header.bitmapsExtension;
+  if (!ext || ext.length < 24) return undefined;
+  const count = ext.readUInt32BE(0);
+  const dirSize = readU64(ext, 8, 'bitmap directory size');
+  const dirOffset = readU64(ext, 16, 'bitmap directory offset');
+  if (count > MAX_BITMAPS || dirSize > 64 * 1024 * 1024 || dirOffset % node.clusterBytes !== 0 || dirOffset + dirSize > node.file.size) {
+    throw new VdiskError('EIO', `qcow2: the bitmap directory at ${dirOffset} (${dirSize} bytes, ${count} bitmaps) is invalid`);
+  }
+  const dir = Buffer.alloc(dirSize);
+  await node.file.read(dirOffset, dir);
+  const entries: DirEntry[] = [];
+  let p = 0;
+  for (let i = 0; i < count; i++) {
+    if (p + 24 > dir.length) throw new VdiskError('EIO', 'qcow2: the bitmap directory is truncated');
+    const nameSize = dir.readUInt16BE(p + 18);
+    const extra = dir.readUInt32BE(p + 20);
+    const nameAt = p + 24 + extra;
+    if (nameAt + nameSize > dir.length) throw new VdiskError('EIO', 'qcow2: a bitmap directory entry runs past the directory');
+    entries.push({
+      tableOffset: readU64(dir, p, 'bitmap table offset'),
+      tableSize: dir.readUInt32BE(p + 8),
+      flags: dir.readUInt32BE(p + 12),
+      granularityBits: dir[p + 17],
+      name: dir.toString('utf8', nameAt, nameAt + nameSize),
+    });
+    if (dir[p + 16] !== TYPE_DIRTY_TRACKING) throw new VdiskError('EIO', `qcow2: bitmap '${entries[i].name}' has an unknown type ${dir[p + 16]}`);
+    p += Math.ceil((24 + extra + nameSize) / 8) * 8;
+  }
+  return { entries, dirOffset, dirSize };
+}
+
+/** Loads every bitmap of the image (content, granularity, auto = enabled, in use = inconsistent). */
+export async function loadBitmaps(node: Qcow2Node): Promise<DirtyBitmap[]> {
+  const dir = await readDirectory(node);
+  if (!dir) return [];
+  const cs = node.clusterBytes;
+  const out: DirtyBitmap[] = [];
+  for (const e of dir.entries) {
+    const b = new DirtyBitmap(e.name, 2 ** e.granularityBits, node.size, { enabled: (e.flags & BITMAP_AUTO) !== 0, persistent: true });
+    if (e.flags & BITMAP_IN_USE) {
+      // Left in use by a writer that did not close the image: its content cannot be trusted.
+      b.inconsistent = true;
+      out.push(b);
+      continue;
+    }
+    const table = Buffer.alloc(e.tableSize * 8);
+    if (e.tableSize) await node.file.read(e.tableOffset, table);
+    const bitsPerCluster = cs * 8;
+    const data = Buffer.alloc(cs);
+    for (let i = 0; i < e.tableSize; i++) {
+      const entry = table.readBigUInt64BE(i * 8);
+      const offset = Number(entry & ENTRY_OFFSET_MASK);
+      const first = i * bitsPerCluster;
+      const n = Math.min(bitsPerCluster, b.bits.size - first);
+      if (n <= 0) break;
+      if (offset === 0) {
+        if (entry & 1n) b.bits.set(first, n);
+        continue;
+      }
+      await node.file.read(offset, data);
+      b.bits.setFromBytes(data, first, n);
+    }
+    out.push(b);
+  }
+  return out;
+}
+
+/** Every cluster the stored bitmaps use (directory, tables, data), to free them before storing anew. */
+async function clustersInUse(node: Qcow2Node): Promise<number[]> {
+  const dir = await readDirectory(node);
+  if (!dir) return [];
+  const cs = node.clusterBytes;
+  const clusters: number[] = [];
+  for (let c = dir.dirOffset / cs; c < Math.ceil((dir.dirOffset + dir.dirSize) / cs); c++) clusters.push(c);
+  for (const e of dir.entries) {
+    if (!e.tableSize || e.tableOffset === 0) continue;
+    for (let c = e.tableOffset / cs; c < Math.ceil((e.tableOffset + e.tableSize * 8) / cs); c++) clusters.push(c);
+    const table = Buffer.alloc(e.tableSize * 8);
+    await node.file.read(e.tableOffset, table);
+    for (let i = 0; i < e.tableSize; i++) {
+      const offset = Number(table.readBigUInt64BE(i * 8) & ENTRY_OFFSET_MASK);
+      if (offset) clusters.push(offset / cs);
+    }
+  }
+  return clusters;
+}
+
+/**
+ * Stores the persistent bitmaps at a clean close: new data clusters, tables
+ * and directory. Returns the new header extension (undefined for none) and
+ * the clusters of the old bitmaps, which the caller frees after the header
+ * names the new directory (a crash in between leaks them, never more).
+ */
+export async function storeBitmaps(node: Qcow2Node, bitmaps: DirtyBitmap[]): Promise<{ ext: Buffer | undefined; old: number[] }> {
+  const cs = node.clusterBytes;
+  // The old clusters are freed by the caller only once the header names the new directory.
+  const old = await clustersInUse(node);
+  if (bitmaps.length === 0) return { ext: undefined, old };
+  const entries: Buffer[] = [];
+  for (const b of bitmaps) {
+    const bitsPerCluster = cs * 8;
+    const tableSize = Math.ceil(b.bits.size / bitsPerCluster);
+    const table = Buffer.alloc(Math.max(8, tableSize * 8));
+    if (!b.inconsistent) {
+      const bytes = b.bits.bytes();
+      for (let i = 0; i < tableSize; i++) {
+        const chunk = bytes.subarray(i * cs, Math.min(bytes.length, (i + 1) * cs));
+        if (chunk.every((x) => x === 0)) continue;
+        const data = Buffer.alloc(cs);
+        chunk.copy(data);
+        const host = (await node.refcounts.allocate(1)) * cs;
+        await node.file.write(host, data);
+        writeU64(table, i * 8, host);
+      }
+    }
+    let tableOffset = 0;
+    if (tableSize) {
+      const clusters = Math.ceil((tableSize * 8) / cs);
+      tableOffset = (await node.refcounts.allocate(clusters)) * cs;
+      await node.file.write(tableOffset, table.subarray(0, tableSize * 8));
+    }
+    const name = Buffer.from(b.name ?? '');
+    const entry = Buffer.alloc(Math.ceil((24 + name.length) / 8) * 8);
+    writeU64(entry, 0, tableOffset);
+    entry.writeUInt32BE(tableSize, 8);
+    entry.writeUInt32BE((b.enabled || b.recording ? BITMAP_AUTO : 0) | (b.inconsistent ? BITMAP_IN_USE : 0), 12);
+    entry[16] = TYPE_DIRTY_TRACKING;
+    entry[17] = Math.log2(b.granularity);
+    entry.writeUInt16BE(name.length, 18);
+    entry.writeUInt32BE(0, 20);
+    name.copy(entry, 24);
+    entries.push(entry);
+  }
+  const dir = Buffer.concat(entries);
+  const dirOffset = (await node.refcounts.allocate(Math.ceil(dir.length / cs))) * cs;
+  await node.file.write(dirOffset, dir);
+  const ext = Buffer.alloc(24);
+  ext.writeUInt32BE(bitmaps.length, 0);
+  writeU64(ext, 8, dir.length);
+  writeU64(ext, 16, dirOffset);
+  return { ext, old };
+}

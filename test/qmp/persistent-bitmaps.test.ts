@@ -1,0 +1,123 @@
+/**
+ * Persistent dirty bitmaps in qcow2, with QEMU as the referee both ways:
+ * bitmaps vdisk stores at close are loaded by qemu-storage-daemon with the
+ * same content (x-debug-block-dirty-bitmap-sha256) and flags, and pass
+ * qemu-img check; bitmaps QEMU stored are loaded by vdisk the same way; a
+ * writer that dies leaves them in use, which the next open reports as
+ * inconsistent.
+ */
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import path from 'node:path';
+import { startDaemon, waitForSocket } from '../helpers/daemon.js';
+import { QmpWire } from '../helpers/qmp.js';
+import { requireTool, run, tempDir } from '../helpers/tools.js';
+
+t.before(() => {
+  for (const tool of ['qemu-storage-daemon', 'qemu-img']) requireTool(t, tool);
+});
+
+async function qsd(t: Parameters<typeof startDaemon>[0], dir: string): Promise<{ w: QmpWire; stop: () => Promise<void> }> {
+  const sock = path.join(dir, `qsd-${Date.now()}.sock`);
+  const p = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'], { stdio: 'ignore' });
+  const exited = new Promise((r) => p.on('exit', r));
+  t.teardown(() => p.kill('SIGKILL'));
+  await waitForSocket(sock);
+  const w = await QmpWire.connect(sock);
+  return {
+    w,
+    stop: async () => {
+      await w.cmd('quit');
+      await exited;
+    },
+  };
+}
+
+async function vdisk(t: Parameters<typeof startDaemon>[0], dir: string) {
+  const sock = path.join(dir, `vdisk-${Date.now()}.sock`);
+  const d = await startDaemon(t, { dir, nbdServer: false, args: ['--qmp', `unix:${sock}`, '--log-level', 'warn'] });
+  const w = await QmpWire.connect(sock);
+  return { d, w };
+}
+
+const sha = async (w: QmpWire, name: string) => ((await w.ok('x-debug-block-dirty-bitmap-sha256', { node: 'd', name })) as { sha256: string }).sha256;
+const bitmaps = async (w: QmpWire) => {
+  const nodes = (await w.ok('query-named-block-nodes')) as Array<Record<string, unknown>>;
+  return (nodes.find((n) => n['node-name'] === 'd')?.['dirty-bitmaps'] ?? []) as Array<Record<string, unknown>>;
+};
+const byName = (list: Array<Record<string, unknown>>) => Object.fromEntries(list.map((b) => [b.name, { count: b.count, granularity: b.granularity, recording: b.recording, persistent: b.persistent, inconsistent: b.inconsistent ?? false }]));
+
+t.test('vdisk stores, QEMU loads the same bitmaps', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'p.qcow2');
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '64M'])).code, 0);
+  const { w, d } = await vdisk(t, dir);
+  await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'p', persistent: true });
+  await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'q', persistent: true, granularity: 4096 });
+  await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'gone', persistent: false });
+  for (const cmd of ['write -P 1 0 512', 'write -P 2 16M 256k', 'write -P 3 32736k 64k', 'write -z 40M 1M']) {
+    await w.ok('human-monitor-command', { 'command-line': `qemu-io d "${cmd}"` });
+  }
+  await w.ok('block-dirty-bitmap-disable', { node: 'd', name: 'q' });
+  await w.ok('human-monitor-command', { 'command-line': 'qemu-io d "write -P 4 50M 64k"' });
+  const ours = { p: await sha(w, 'p'), q: await sha(w, 'q') };
+  const oursInfo = byName(await bitmaps(w));
+  t.same(Object.keys(oursInfo).sort(), ['gone', 'p', 'q']);
+  await w.ok('blockdev-del', { 'node-name': 'd' });
+  t.equal((await run('qemu-img', ['check', img])).code, 0, 'qemu-img check is clean after the bitmaps were stored');
+  const info = JSON.parse((await run('qemu-img', ['info', '--output=json', img])).stdout);
+  t.same(
+    (info['format-specific'].data.bitmaps as Array<Record<string, unknown>>).map((b) => [b.name, b.granularity, b.flags]).sort(),
+    [['p', 65536, ['auto']], ['q', 4096, []]],
+    'qemu-img info lists the stored bitmaps: enabled ones with the auto flag',
+  );
+  w.close();
+  await d.stop();
+
+  const q = await qsd(t, dir);
+  await q.w.ok('qmp_capabilities').catch(() => undefined);
+  await q.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  t.same({ p: await sha(q.w, 'p'), q: await sha(q.w, 'q') }, ours, 'QEMU loads the same bits');
+  const theirs = byName(await bitmaps(q.w));
+  t.same(theirs, { p: oursInfo.p, q: oursInfo.q }, 'and the same counts, granularities and recording state');
+  await q.stop();
+  t.equal((await run('qemu-img', ['check', img])).code, 0);
+});
+
+t.test('QEMU stores, vdisk loads; a writer that dies leaves them inconsistent', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'q.qcow2');
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '64M'])).code, 0);
+  const q = await qsd(t, dir);
+  await q.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  await q.w.ok('block-dirty-bitmap-add', { node: 'd', name: 'b', persistent: true, granularity: 32768 });
+  await q.w.ok('nbd-server-start', { addr: { type: 'unix', data: { path: path.join(dir, 'n.sock') } } });
+  await q.w.ok('block-export-add', { type: 'nbd', id: 'd', 'node-name': 'd', writable: true });
+  t.equal((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 5 1M 100k', '-c', 'write -P 6 33M 1k', `nbd+unix:///d?socket=${path.join(dir, 'n.sock')}`])).code, 0);
+  const theirs = await sha(q.w, 'b');
+  const theirInfo = byName(await bitmaps(q.w));
+  await q.stop();
+
+  const { w, d } = await vdisk(t, dir);
+  await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  t.equal(await sha(w, 'b'), theirs, "vdisk loads QEMU's bits");
+  t.same(byName(await bitmaps(w)), theirInfo, 'with the same count, granularity and state');
+  await w.ok('human-monitor-command', { 'command-line': 'qemu-io d "write -P 7 60M 4k"' });
+  const after = await sha(w, 'b');
+  // A crash while the image is open writable: the bitmap is left "in use" on disk.
+  d.proc.kill('SIGKILL');
+  await new Promise((r) => d.proc.on('exit', r));
+  const crashed = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', img])).stdout);
+  t.same(crashed['format-specific'].data.bitmaps.map((b: Record<string, unknown>) => b.flags), [['in-use', 'auto']], 'on disk: in use');
+  const again = await vdisk(t, dir);
+  await again.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  t.match((await bitmaps(again.w))[0], { name: 'b', inconsistent: true }, 'reopened: inconsistent, as QEMU reports it');
+  t.match((await again.w.cmd('block-dirty-bitmap-clear', { node: 'd', name: 'b' })).error?.desc, /is inconsistent and cannot be used/);
+  await again.w.ok('block-dirty-bitmap-remove', { node: 'd', name: 'b' });
+  await again.w.ok('blockdev-del', { 'node-name': 'd' });
+  const c = await run('qemu-img', ['check', img]);
+  t.equal(c.code, 0, `after removing it, qemu-img check is clean: ${c.stdout}`);
+  t.equal(JSON.parse((await run('qemu-img', ['info', '--output=json', img])).stdout)['format-specific'].data.bitmaps, undefined, 'and no bitmap is left');
+  void after;
+});

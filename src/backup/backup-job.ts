@@ -40,6 +40,8 @@ export interface BackupOptions {
   filterNodeName?: string;
   /** The job opened the target (drive-backup) and closes it at the end. */
   ownsTarget: boolean;
+  /** Write compressed clusters (qcow2 targets). */
+  compress?: boolean;
 }
 
 /** Background copies at once (QEMU: up to 64 block-copy tasks; fewer are enough on 2 cores). */
@@ -88,6 +90,7 @@ export class BackupJob extends BlockJob implements NodeUser {
       this.progressCurrent = Math.min(this.progressTotal, this.progressCurrent + n);
     };
     this.copy.topOnly = o.sync === 'top';
+    this.copy.compress = o.compress ?? false;
     this.copy.onSkip = (n) => {
       this.progressTotal = Math.max(this.progressCurrent, this.progressTotal - n);
     };

@@ -36,6 +36,8 @@ export class BlockCopy {
   onProgress: (bytes: number) => void = () => undefined;
   /** sync=top: ranges the source's top layer does not allocate are skipped. */
   topOnly = false;
+  /** compress=on: data goes to the target as compressed clusters (qcow2). */
+  compress = false;
   /** Called with the bytes skipped as unallocated (sync=top). */
   onSkip: (bytes: number) => void = () => undefined;
 
@@ -123,6 +125,12 @@ export class BlockCopy {
       this.toCopy.bits.reset(c, n);
       return;
     }
+    if (this.compress && !this.topOnly) {
+      await this.copyCompressed(offset, length);
+      this.toCopy.bits.reset(c, n);
+      this.onProgress(length);
+      return;
+    }
     let skipped = 0;
     // Extent by extent: zero ranges are written as zeroes (a qcow2 target records them, so they
     // do not read through to its backing file); data is read now, before anything overwrites it.
@@ -162,6 +170,26 @@ export class BlockCopy {
     this.toCopy.bits.reset(c, n);
     if (skipped) this.onSkip(skipped);
     this.onProgress(length - skipped);
+  }
+
+  /** The whole run read at once, then each target cluster written compressed (or as zeroes). */
+  private async copyCompressed(offset: number, length: number): Promise<void> {
+    const buf = Buffer.allocUnsafe(length);
+    try {
+      await this.source.read(offset, buf);
+    } catch (err) {
+      throw new CopyError('read', err as VdiskError);
+    }
+    const tcs = this.target.compressionClusterSize;
+    try {
+      for (let at = 0; at < length; at += tcs) {
+        const piece = buf.subarray(at, Math.min(length, at + tcs));
+        if (piece.every((x) => x === 0)) await this.target.writeZeroes(offset + at, piece.length, ReqFlags.MAY_UNMAP);
+        else await this.target.writeCompressed(offset + at, piece);
+      }
+    } catch (err) {
+      throw new CopyError('write', err as VdiskError);
+    }
   }
 
   /** Waits for every copy in flight (before the job ends). */

@@ -230,7 +230,7 @@ function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsT
   }
   if (bitmapName === undefined && bitmapMode !== undefined) throw new VdiskError('EINVAL', 'Cannot specify bitmap sync mode without a bitmap');
   if (source === target) throw new VdiskError('EINVAL', 'Source and target cannot be the same');
-  if (d.compress) throw new VdiskError('ENOTSUP', `Compression is not supported for this drive ${target.nodeName}`);
+  if (d.compress && target.compressionClusterSize === 0) throw new VdiskError('ENOTSUP', `Compression is not supported for this drive ${target.nodeName}`);
   if (target.readOnly) throw new VdiskError('EROFS', `target '${target.nodeName}' is read-only`);
   if (source.size !== target.size) throw new VdiskError('EINVAL', 'Source and target image have different sizes');
   const job = new BackupJob({
@@ -248,6 +248,7 @@ function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsT
     autoDismiss: d['auto-dismiss'] as boolean | undefined,
     filterNodeName: d['filter-node-name'] as string | undefined,
     ownsTarget,
+    compress: Boolean(d.compress),
   });
   if ((d.speed as number | undefined) !== undefined && (d.speed as number) < 0) throw new VdiskError('EINVAL', "Parameter 'speed' expects a non-negative value");
   daemon.jobs.add(job, false);

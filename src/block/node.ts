@@ -287,6 +287,37 @@ export abstract class BlockNode {
     }
   }
 
+  /**
+   * Writes whole clusters compressed (qcow2), for backups and convert -c.
+   * Drivers without compression refuse with ENOTSUP; a cluster that does
+   * not compress is written normally by the driver.
+   */
+  async writeCompressed(offset: number, buf: Buffer): Promise<void> {
+    this.checkRange('write', offset, buf.length, true);
+    if (buf.length === 0) return;
+    this.inFlight++;
+    try {
+      if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
+      await this.doWriteCompressed(offset, buf);
+      if (offset + buf.length > this.length) this.grow(offset + buf.length);
+    } catch (err) {
+      throw toVdiskError(err, `compressed write at ${offset} on node '${this.nodeName}'`);
+    } finally {
+      this.markDirty(offset, buf.length);
+      this.requestDone();
+    }
+  }
+
+  /** Whole clusters at cluster-aligned offsets; ENOTSUP unless the driver compresses. */
+  protected doWriteCompressed(_offset: number, _buf: Buffer): Promise<void> {
+    return Promise.reject(new VdiskError('ENOTSUP', `Compression is not supported for this drive ${this.nodeName}`));
+  }
+
+  /** The cluster size compressed writes need, or 0 when the node does not compress. */
+  get compressionClusterSize(): number {
+    return 0;
+  }
+
   /** Makes a range read as zeroes; MAY_UNMAP allows deallocation, NO_FALLBACK refuses slow paths. */
   async writeZeroes(offset: number, length: number, flags: number = 0): Promise<void> {
     this.checkRange('write-zeroes', offset, length, true);

@@ -12,9 +12,9 @@
  * reach the node, as QEMU's block backend does, so a request past the end
  * fails with EIO ("Input/output error") as in qemu-io.
  *
- * Deliberate differences: vdisk nodes have no VM state and no compressed
- * writes, so `read -b`, `write -b` and `write -c` fail with "Operation not
- * supported" after qemu-io's checks; `truncate -m` other than off is
+ * Deliberate differences: vdisk nodes have no VM state, so `read -b` and
+ * `write -b` fail with "Operation not supported" after qemu-io's checks
+ * (`write -c` works on qcow2, whole clusters, as in QEMU); `truncate -m` other than off is
  * refused; `help` lists only these commands.
  */
 import fs from 'node:fs';
@@ -417,7 +417,7 @@ const writeCmd: CommandDef = {
       if (bflag) throw new VdiskError('ENOTSUP', 'vdisk nodes have no VM state');
       checkRange(ctx.node, offset, count);
       if (zflag) await ctx.node.writeZeroes(offset, count, flags);
-      else if (compressed) throw new VdiskError('ENOTSUP', 'vdisk does not write compressed clusters');
+      else if (compressed) await ctx.node.writeCompressed(offset, buf!);
       else await ctx.node.write(offset, buf!, flags);
     } catch (e) {
       ctx.out(`write failed: ${errnoText(e)}\n`);

@@ -138,3 +138,19 @@ t.test('block-job verbs: set-speed, pause, resume, cancel of a paused job', asyn
   await h.noJobs();
   void d;
 });
+
+t.test('compress=on: a full backup into compressed qcow2 clusters', async (t) => {
+  const h = new Harness(t);
+  await h.start();
+  const d = await h.addDrive('drive0');
+  const target = path.join(h.dir, 'comp.qcow2');
+  t.ok(await h.backup({ 'job-id': 'drive0', device: 'drive0', sync: 'full', format: 'qcow2', target, compress: true }), 'compressed full backup');
+  const chk = await run('qemu-img', ['check', '-U', '--output=json', target]);
+  t.equal(chk.code, 0, 'qemu-img check clean');
+  t.ok(JSON.parse(chk.stdout)['compressed-clusters'] > 0, 'with compressed clusters');
+  t.equal((await run('qemu-img', ['compare', '-U', target, d.file])).code, 0, 'the backup equals the drive');
+  const raw = path.join(h.dir, 'plain.raw');
+  await h.qimg(['create', '-f', 'raw', raw, '64M']);
+  const r = await h.w.cmd('drive-backup', { 'job-id': 'x', device: 'drive0', sync: 'full', format: 'raw', target: raw, mode: 'existing', compress: true });
+  t.match(r.error?.desc, /Compression is not supported for this drive/, 'a raw target cannot be compressed');
+});

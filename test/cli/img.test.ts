@@ -296,3 +296,21 @@ t.test('resize: grow both formats, shrink only with --shrink', async (t) => {
   t.equal(zero.code, 1);
   t.match(zero.stderr, /New image size must be positive/);
 });
+
+t.test('convert -c: compressed clusters qemu-img reads, checks and maps as compressed', async (t) => {
+  const dir = tempDir(t);
+  const text = Buffer.alloc(3 * MiB, 'vdisk compresses this well. ');
+  fs.writeFileSync(path.join(dir, 'text.raw'), Buffer.concat([text, Buffer.alloc(MiB), patternBuffer(MiB, 3)]));
+  await ok(t, vdisk(['convert', '-c', '-O', 'qcow2', 'text.raw', 'c.qcow2'], dir), 'convert -c');
+  t.equal((await qimg(['compare', '-f', 'raw', '-F', 'qcow2', 'text.raw', 'c.qcow2'], dir)).code, 0, 'same content');
+  const chk = await qimg(['check', '--output=json', 'c.qcow2'], dir);
+  t.equal(chk.code, 0, 'qemu-img check clean');
+  const j = JSON.parse(chk.stdout);
+  t.ok(j['compressed-clusters'] >= 48, `compressed clusters: ${j['compressed-clusters']}`);
+  // Each compressed cluster has a host cluster of its own, written only as far as its data goes:
+  // the file's length is that of an uncompressed image, the space it takes is small.
+  t.ok(fs.statSync(path.join(dir, 'c.qcow2')).blocks * 512 < 2 * MiB, `and takes little space (${fs.statSync(path.join(dir, 'c.qcow2')).blocks * 512} bytes)`);
+  const r = await vdisk(['convert', '-c', '-O', 'raw', 'text.raw', 'x.raw'], dir);
+  t.equal(r.code, 1, 'raw cannot be compressed');
+  t.match(r.stderr, /Compression not supported for format 'raw'/);
+});

@@ -43,7 +43,6 @@ export async function convertCommand(argv: string[]): Promise<number> {
     CONVERT_USAGE,
   );
   if (positionals.length < 2) throw new VdiskError('EINVAL', `Expecting image file name(s) and a target\n${CONVERT_USAGE}`);
-  if (flags.c) throw new VdiskError('ENOTSUP', 'Compressed output (-c) is not supported by vdisk yet');
   const targetName = positionals[positionals.length - 1];
   const sourceNames = positionals.slice(0, -1);
   const outFormat = (flags.O as string | undefined) ?? 'raw';
@@ -73,7 +72,8 @@ export async function convertCommand(argv: string[]): Promise<number> {
     // A target we just made (without a backing file) reads as zeroes: zero ranges need no writing.
     const targetIsZero = (!flags.n && flags.B === undefined) || Boolean(flags['target-is-zero']);
     const progress = new Progress(Boolean(flags.p) && !flags.q);
-    const copier = new Copier(target.node, { sparse, parallel, targetIsZero, topOnly: flags.B !== undefined, total, progress });
+    if (flags.c && target.node.compressionClusterSize === 0) throw new VdiskError('ENOTSUP', `Compression not supported for format '${outFormat}'`);
+    const copier = new Copier(target.node, { sparse, parallel, targetIsZero, topOnly: flags.B !== undefined, total, progress, compress: Boolean(flags.c) });
     let base = 0;
     for (const s of sources) {
       await copier.copy(s.node, base);
@@ -106,6 +106,8 @@ interface CopyOptions {
   topOnly: boolean;
   total: number;
   progress: Progress;
+  /** -c: whole target clusters, written compressed. */
+  compress?: boolean;
 }
 
 /** Copies sources into the target with a fixed number of requests in flight. */
@@ -157,6 +159,8 @@ export class Copier {
       // Not allocated in the source's top layer: the target's backing file provides it.
     } else if (flags & Status.ZERO) {
       if (!this.o.targetIsZero) await this.target.writeZeroes(dst, length, ReqFlags.MAY_UNMAP);
+    } else if (this.o.compress) {
+      await this.writeCompressed(source, dst, off, length, scratch);
     } else {
       const buf = scratch.subarray(0, length);
       await source.read(off, buf);
@@ -167,6 +171,33 @@ export class Copier {
     if (Date.now() - this.lastLog > PROGRESS_LOG_MS) {
       this.lastLog = Date.now();
       logEvent('info', 'img-convert-progress', { done: this.done, total: this.o.total, percent: Math.floor((this.done * 100) / Math.max(1, this.o.total)) });
+    }
+  }
+
+  /**
+   * -c: the target's clusters covering the extent are read whole from the
+   * source (an extent may start or end inside one) and written compressed;
+   * clusters of zeroes are left out (or zero-written).
+   */
+  private async writeCompressed(source: BlockNode, dst: number, off: number, length: number, scratch: Buffer): Promise<void> {
+    const cs = this.target.compressionClusterSize;
+    const start = dst - (dst % cs);
+    const end = Math.min(Math.ceil((dst + length) / cs) * cs, this.target.size);
+    for (let at = start; at < end; at += cs) {
+      const n = Math.min(cs, end - at);
+      const buf = scratch.subarray(0, n);
+      // A target offset maps to source offset at - (dst - off); the source ends where the target does.
+      const srcAt = at - (dst - off);
+      buf.fill(0);
+      const readFrom = Math.max(srcAt, 0);
+      const readTo = Math.min(srcAt + n, source.size);
+      if (readTo > readFrom) await source.read(readFrom, buf.subarray(readFrom - srcAt, readTo - srcAt));
+      if (isZero(buf, 0, n)) {
+        if (!this.o.targetIsZero) await this.target.writeZeroes(at, n, ReqFlags.MAY_UNMAP);
+      } else {
+        await this.target.writeCompressed(at, Buffer.from(buf));
+      }
+      this.written += n;
     }
   }
 

@@ -347,6 +347,18 @@ export function encodeEntry(b: Buffer, at: number, offset: number, copied: boole
   b.writeUInt32BE(((offset >>> 0) | (zero ? OFLAG_ZERO_LO : 0)) >>> 0, at + 4);
 }
 
+/**
+ * Writes a compressed cluster descriptor: the host byte offset in the low
+ * x = 62 - (cluster_bits - 8) bits, then the number of 512-byte sectors the
+ * data spans beyond the one holding its first byte; flag bit 62 set.
+ */
+export function encodeCompressedEntry(b: Buffer, at: number, offset: number, length: number, clusterBits: number): void {
+  const x = 62 - (clusterBits - 8);
+  const extraSectors = Math.floor((offset + length - 1) / 512) - Math.floor(offset / 512);
+  const value = (1n << 62n) | (BigInt(extraSectors) << BigInt(x)) | BigInt(offset);
+  b.writeBigUInt64BE(value, at);
+}
+
 /** Host offset in an L1 entry (bits 9-55). */
 export function l1Offset(hi: number, lo: number): number {
   return (hi & 0x00ffffff) * 2 ** 32 + ((lo & ~0x1ff) >>> 0);

@@ -43,6 +43,7 @@ import {
   INCOMPAT_DIRTY,
   type Qcow2Header,
   decodeL2,
+  encodeCompressedEntry,
   encodeEntry,
   l1Offset,
   parseHeader,
@@ -53,6 +54,7 @@ import { Refcounts } from './refcounts.js';
 import { loadBitmaps, storeBitmaps } from './bitmaps.js';
 
 const inflateRaw = promisify(zlib.inflateRaw);
+const deflateRaw = promisify(zlib.deflateRaw);
 
 /** Memory for cached L2 tables at most (covers 256 GiB of guest disk with 64 KiB clusters). */
 const L2_CACHE_BYTES = 32 * 1024 * 1024;
@@ -628,6 +630,57 @@ export class Qcow2Node extends BlockNode {
       return end - within;
     } finally {
       for (const unlock of unlocks) unlock();
+    }
+  }
+
+  override get compressionClusterSize(): number {
+    return this.header.version === 3 || this.header.version === 2 ? this.clusterSize : 0;
+  }
+
+  /**
+   * Compressed clusters (raw deflate with a 4 KiB window: QEMU inflates with
+   * window bits 12). A cluster that does not shrink below a cluster minus a
+   * sector is written normally, as QEMU does. Each compressed cluster gets a
+   * host cluster of its own (QEMU packs several into one; both are valid).
+   */
+  protected override async doWriteCompressed(offset: number, buf: Buffer): Promise<void> {
+    const cs = this.clusterSize;
+    if (offset % cs !== 0 || (buf.length % cs !== 0 && offset + buf.length !== this.length)) {
+      throw new VdiskError('EINVAL', `qcow2: compressed writes must cover whole clusters (offset ${offset}, ${buf.length} bytes)`);
+    }
+    const epoch = this.beginWrite();
+    try {
+      await this.compressClusters(offset, buf);
+    } finally {
+      this.endWrite(epoch);
+    }
+  }
+
+  private async compressClusters(offset: number, buf: Buffer): Promise<void> {
+    const cs = this.clusterSize;
+    for (let done = 0; done < buf.length; done += cs) {
+      const cluster = (offset + done) / cs;
+      let data = buf.subarray(done, Math.min(buf.length, done + cs));
+      if (data.length < cs) data = Buffer.concat([data, Buffer.alloc(cs - data.length)]);
+      const packed = await deflateRaw(data, { windowBits: 12, level: 6 });
+      if (packed.length >= cs - 512) {
+        await this.doWrite(offset + done, data.subarray(0, Math.min(cs, buf.length - done)), 0);
+        continue;
+      }
+      const unlock = await this.lockCluster(cluster);
+      try {
+        const e = await this.entry(cluster);
+        const table = await this.l2ForWrite(cluster);
+        const host = (await this.refcounts.allocate(1)) * cs;
+        if (this.isMetadata(host / cs)) throw corrupt(`allocator returned metadata cluster ${host / cs}`);
+        this.file.debugEvent('write_compressed');
+        await this.file.write(host, packed);
+        encodeCompressedEntry(table.buf, (cluster % this.l2Entries) * 8, host, packed.length, this.clusterBits);
+        table.dirty = true;
+        this.releaseOld(e);
+      } finally {
+        unlock();
+      }
     }
   }
 

@@ -7,18 +7,7 @@
 import t from 'tap';
 import { createHash } from 'node:crypto';
 import { SparseBitmap } from '../../src/block/sparse-bitmap.js';
-
-/** A seeded PRNG (mulberry32), so a failure reproduces with the printed seed. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { rng } from '../helpers/tools.js';
 
 function check(t: Parameters<Parameters<typeof t.test>[1]>[0], b: SparseBitmap, model: Uint8Array, what: string): void {
   let count = 0;

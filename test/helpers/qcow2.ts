@@ -10,6 +10,8 @@ import { BlockGraph } from '../../src/block/graph.js';
 import { type BlockNode, Status } from '../../src/block/node.js';
 import { type RunResult, run } from './tools.js';
 
+export { rng } from './tools.js';
+
 /** Runs a QEMU tool; any exit code but 0 (or one in `okCodes`) throws with its output. */
 export async function tool(cmd: string, args: string[], okCodes: number[] = [0], timeoutMs = 60_000): Promise<RunResult> {
   const r = await run(cmd, args, { timeoutMs });
@@ -97,18 +99,6 @@ export function describeDifference(actual: Buffer, expected: Buffer): string {
   if (at < 0) return 'identical';
   const show = (b: Buffer) => b.subarray(at, at + 16).toString('hex');
   return `first difference at byte ${at} (0x${at.toString(16)}): got ${show(actual)}, expected ${show(expected)}`;
-}
-
-/** A deterministic random number generator (mulberry32), so a seed reproduces a run. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** The dirty bit (incompatible feature bit 0, header bytes 72..79) as it is on disk now. */

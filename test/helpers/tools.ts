@@ -111,3 +111,15 @@ export function nbdsh(script: string, uri?: string, timeoutMs = 60_000): Promise
   const args = uri ? ['-u', uri, '-c', script] : ['-c', script];
   return run('nbdsh', args, { timeoutMs, env: { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ''}` } });
 }
+
+/** A deterministic random number generator (mulberry32), so a seed reproduces a run. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = a;
+    x = Math.imul(x ^ (x >>> 15), x | 1);
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+}

@@ -364,12 +364,7 @@ export class Qcow2Node extends BlockNode {
     // Reads count as in flight for the epochs too: a host cluster this read has looked up must not be
     // freed and handed to another guest cluster (and written) before the read has read it, or the read
     // returns another cluster's data.
-    const epoch = this.beginWrite();
-    try {
-      await this.readClusters(offset, buf);
-    } finally {
-      this.endWrite(epoch);
-    }
+    await this.inEpoch(() => this.readClusters(offset, buf));
   }
 
   private async readClusters(offset: number, buf: Buffer): Promise<void> {
@@ -474,6 +469,16 @@ export class Qcow2Node extends BlockNode {
           done += await this.allocatingWriteRun(cluster, within, buf, done);
         }
       }
+    } finally {
+      this.endWrite(epoch);
+    }
+  }
+
+  /** Runs a request counted in the current epoch, so clusters it may use are not reused under it. */
+  private async inEpoch(fn: () => Promise<void>): Promise<void> {
+    const epoch = this.beginWrite();
+    try {
+      await fn();
     } finally {
       this.endWrite(epoch);
     }
@@ -648,12 +653,7 @@ export class Qcow2Node extends BlockNode {
     if (offset % cs !== 0 || (buf.length % cs !== 0 && offset + buf.length !== this.length)) {
       throw new VdiskError('EINVAL', `qcow2: compressed writes must cover whole clusters (offset ${offset}, ${buf.length} bytes)`);
     }
-    const epoch = this.beginWrite();
-    try {
-      await this.compressClusters(offset, buf);
-    } finally {
-      this.endWrite(epoch);
-    }
+    await this.inEpoch(() => this.compressClusters(offset, buf));
   }
 
   private async compressClusters(offset: number, buf: Buffer): Promise<void> {

@@ -4,10 +4,6 @@
  */
 import { VdiskError } from '../errors.js';
 import { type LogLevel, flushLog, setLogLevel } from '../log.js';
-import { IMG_USAGE, imgCommand } from './img/index.js';
-import { IO_USAGE, ioCommand } from './io.js';
-import { QMP_USAGE, qmpCommand } from './qmp.js';
-import { SERVE_USAGE, serveCommand } from './serve.js';
 import { VERSION } from '../version.js';
 
 const USAGE = `Usage: vdisk <command> [options]
@@ -26,21 +22,23 @@ Commands:
 Run 'vdisk serve --help' for the daemon's options.
 `;
 
+// Each command's module is loaded only when that command runs: `vdisk img info` should not pay
+// for the daemon's modules (start-up time is most of a short command's time).
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
     case 'serve':
-      return serveCommand(rest);
+      return (await import('./serve.js')).serveCommand(rest);
     case 'qmp':
-      return qmpCommand(rest);
+      return (await import('./qmp.js')).qmpCommand(rest);
     case 'img':
       // A tool, not a daemon: only warnings and errors unless asked (VDISK_LOG_LEVEL=info shows progress events).
       setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
-      return imgCommand(rest);
+      return (await import('./img/index.js')).imgCommand(rest);
     case 'io':
       // A tool too: its output is qemu-io's, so only warnings and errors are logged unless asked.
       setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
-      return ioCommand(rest);
+      return (await import('./io.js')).ioCommand(rest);
     case 'version':
     case '--version':
       process.stdout.write(`vdisk ${VERSION}\n`);
@@ -49,11 +47,26 @@ export async function main(argv: string[]): Promise<number> {
     case '--help':
     case '-h':
     case undefined:
-      process.stdout.write(rest[0] === 'serve' ? SERVE_USAGE : rest[0] === 'img' ? IMG_USAGE : rest[0] === 'io' ? IO_USAGE : rest[0] === 'qmp' ? QMP_USAGE : USAGE);
+      process.stdout.write(await usageOf(rest[0]));
       return command === undefined ? 1 : 0;
     default:
       process.stderr.write(`vdisk: unknown command '${command}'\n${USAGE}`);
       return 1;
+  }
+}
+
+async function usageOf(command: string | undefined): Promise<string> {
+  switch (command) {
+    case 'serve':
+      return (await import('./serve.js')).SERVE_USAGE;
+    case 'img':
+      return (await import('./img/index.js')).IMG_USAGE;
+    case 'io':
+      return (await import('./io.js')).IO_USAGE;
+    case 'qmp':
+      return (await import('./qmp.js')).QMP_USAGE;
+    default:
+      return USAGE;
   }
 }
 

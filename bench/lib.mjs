@@ -156,3 +156,110 @@ export function saveResults(prefix, fields, results) {
   fs.writeFileSync(file, JSON.stringify(doc, null, 2) + '\n');
   log(`results saved to ${path.relative(ROOT, file)}`);
 }
+
+/**
+ * A minimal QMP client on the unix socket sock: reads the greeting, sends
+ * qmp_capabilities. Returns { cmd(execute, args) -> Promise<return value>
+ * (rejects with the error's class and desc), waitEvent(name, pred) ->
+ * Promise<event> (also finds events already received), close() }.
+ */
+export async function qmpConnect(sock) {
+  const s = net.connect(sock);
+  await new Promise((resolve, reject) => {
+    s.once('connect', resolve);
+    s.once('error', reject);
+  });
+  s.setEncoding('utf8');
+  let buf = '';
+  let greeted;
+  const greeting = new Promise((r) => (greeted = r));
+  const pending = []; // replies arrive in command order
+  const events = [];
+  const waiters = [];
+  let failed;
+  const fail = (err) => {
+    failed = err;
+    for (const p of pending.splice(0)) p.reject(err);
+    for (const w of waiters.splice(0)) w.reject(err);
+  };
+  s.on('error', fail);
+  s.on('close', () => fail(new Error('QMP connection closed')));
+  s.on('data', (d) => {
+    buf += d;
+    let nl;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl).replace(/\r$/, '');
+      buf = buf.slice(nl + 1);
+      if (!line.trim()) continue;
+      const msg = JSON.parse(line);
+      if (msg.QMP) greeted(msg);
+      else if (msg.event) {
+        const i = waiters.findIndex((w) => w.name === msg.event && w.pred(msg));
+        if (i >= 0) waiters.splice(i, 1)[0].resolve(msg);
+        else events.push(msg);
+      } else if ('return' in msg || msg.error) {
+        const p = pending.shift();
+        if (!p) continue;
+        if (msg.error) p.reject(new Error(`${p.execute}: ${msg.error.class}: ${msg.error.desc}`));
+        else p.resolve(msg.return);
+      }
+    }
+  });
+  const cmd = (execute, args) =>
+    new Promise((resolve, reject) => {
+      if (failed) return reject(failed);
+      pending.push({ execute, resolve, reject });
+      s.write(JSON.stringify(args ? { execute, arguments: args } : { execute }) + '\n');
+    });
+  const waitEvent = (name, pred = () => true) => {
+    const i = events.findIndex((e) => e.event === name && pred(e));
+    if (i >= 0) return Promise.resolve(events.splice(i, 1)[0]);
+    if (failed) return Promise.reject(failed);
+    return new Promise((resolve, reject) => waiters.push({ name, pred, resolve, reject }));
+  };
+  await greeting;
+  await cmd('qmp_capabilities');
+  return { cmd, waitEvent, close: () => s.destroy() };
+}
+
+/**
+ * Starts fio's workload w (time-based, `runtime` seconds at most) against export
+ * "disk" on sock in the background, pinned to the client CPU, logging IOPS every
+ * logMs into logPrefix_iops.1.log. Returns { stop() -> Promise<{ job, log }> }:
+ * stop() interrupts fio (SIGINT) and resolves with fio's JSON job and the log
+ * samples as [{ t: epoch ms, iops }]. Throws from stop() when fio failed.
+ */
+export function startFio(w, sock, { size, runtime, logPrefix, logMs = 200 }) {
+  const args = [
+    '-c', CLIENT_CPU, 'fio', '--name=bench', '--ioengine=nbd', `--uri=nbd+unix:///disk?socket=${sock}`,
+    `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, '--numjobs=1', `--size=${size}`,
+    '--time_based', `--runtime=${runtime}`, '--output-format=json',
+    `--write_iops_log=${logPrefix}`, `--log_avg_msec=${logMs}`, '--log_unix_epoch=1',
+  ];
+  const proc = spawn('taskset', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  proc.stdout.on('data', (d) => (out += d));
+  proc.stderr.on('data', (d) => (err += d));
+  const closed = new Promise((r) => proc.once('close', (code) => r(code)));
+  atCleanup(() => proc.exitCode === null && proc.kill('SIGKILL'));
+  return {
+    proc,
+    async stop() {
+      if (proc.exitCode === null) proc.kill('SIGINT');
+      const code = await closed;
+      const at = out.indexOf('{');
+      if (at < 0) throw new Error(`fio failed (exit ${code}): ${err}${out}`);
+      const job = JSON.parse(out.slice(at)).jobs[0];
+      if (job.error) throw new Error(`fio failed: error ${job.error}: ${err}`);
+      const logFile = `${logPrefix}_iops.1.log`;
+      const samples = fs.existsSync(logFile)
+        ? fs.readFileSync(logFile, 'utf8').trim().split('\n').filter(Boolean).map((l) => {
+          const [t, v] = l.split(',').map((x) => Number(x.trim()));
+          return { t, iops: v };
+        })
+        : [];
+      return { job, samples };
+    },
+  };
+}

@@ -12,6 +12,10 @@
  *   the scheme QEMU's file-posix driver uses, so QEMU and vdisk see each other.
  * - Block device geometry (BLKGETSIZE64, BLKSSZGET, BLKPBSZGET) and memory
  *   aligned for O_DIRECT.
+ * - For the FUSE export (src/fuse/): mount(2) and umount2(2) (on the thread
+ *   pool, so the event loop never waits on a mount), plain read(2)/write(2)
+ *   on /dev/fuse, and a uv_poll watcher that calls JavaScript on the event
+ *   loop when /dev/fuse has requests.
  *
  * Every function returns a negative errno on failure rather than throwing: the
  * JavaScript side turns it into a VdiskError with the right errno name, and
@@ -27,10 +31,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <uv.h>
 
 #define CHECK(call)                                                            \
   do {                                                                         \
@@ -289,6 +295,8 @@ enum op {
   OP_SEEK = 6,       /* flags: whence (SEEK_DATA / SEEK_HOLE) */
   OP_BLKDISCARD = 7,
   OP_BLKZEROOUT = 8,
+  OP_MOUNT = 9,      /* buf: "source\0target\0fstype\0data\0"; flags: mountflags */
+  OP_UMOUNT = 10,    /* buf: "target\0"; flags: umount2 flags */
 };
 
 typedef struct {
@@ -332,6 +340,25 @@ static void run_request(napi_env env, void *data) {
   case OP_BLKZEROOUT: {
     uint64_t range[2] = {(uint64_t)r->pos, (uint64_t)r->len};
     int rc = ioctl(r->fd, r->op == OP_BLKDISCARD ? BLKDISCARD : BLKZEROOUT, range);
+    r->result = rc < 0 ? -errno : 0;
+    break;
+  }
+  case OP_MOUNT:
+  case OP_UMOUNT: {
+    /* The buffer holds NUL-terminated strings; refuse one that is not. */
+    const char *f[4] = {NULL, NULL, NULL, NULL};
+    int want = r->op == OP_MOUNT ? 4 : 1, got = 0;
+    size_t i = 0;
+    while (got < want && i < r->len) {
+      f[got++] = r->ptr + i;
+      while (i < r->len && r->ptr[i]) i++;
+      if (i == r->len) { got = -1; break; }
+      i++;
+    }
+    if (got != want) { r->result = -EINVAL; break; }
+    int rc = r->op == OP_MOUNT
+                 ? mount(f[0], f[1], f[2], (unsigned long)r->flags, f[3])
+                 : umount2(f[0], r->flags);
     r->result = rc < 0 ? -errno : 0;
     break;
   }
@@ -400,6 +427,142 @@ static napi_value js_submit(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+/* ---- FUSE: /dev/fuse I/O and its watcher ---------------------------------- */
+
+/* readFd(fd, buf, bufOffset, length) -> bytes | -errno (one read(2); /dev/fuse
+ * returns exactly one request per read) */
+static napi_value js_read_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int64_t fd;
+  char *p;
+  size_t len;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4 || !get_i64(env, argv[0], &fd) ||
+      !get_window(env, argv[1], argv[2], argv[3], &p, &len))
+    return make_i64(env, -EINVAL);
+  ssize_t r = read((int)fd, p, len);
+  return make_i64(env, r < 0 ? -errno : (int64_t)r);
+}
+
+/* writeFd(fd, buf, bufOffset, length) -> bytes | -errno (one write(2)) */
+static napi_value js_write_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int64_t fd;
+  char *p;
+  size_t len;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4 || !get_i64(env, argv[0], &fd) ||
+      !get_window(env, argv[1], argv[2], argv[3], &p, &len))
+    return make_i64(env, -EINVAL);
+  ssize_t r;
+  do {
+    r = write((int)fd, p, len);
+  } while (r < 0 && errno == EINTR);
+  return make_i64(env, r < 0 ? -errno : (int64_t)r);
+}
+
+/* umountSync(target, flags) -> 0 | -errno. Only for process exit, after the
+ * /dev/fuse descriptor is closed (an aborted connection cannot block). */
+static napi_value js_umount_sync(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  char path[4096];
+  size_t n;
+  int64_t flags;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 ||
+      napi_get_value_string_utf8(env, argv[0], path, sizeof path, &n) != napi_ok ||
+      n >= sizeof path - 1 || !get_i64(env, argv[1], &flags))
+    return make_i64(env, -EINVAL);
+  return make_i64(env, umount2(path, (int)flags) < 0 ? -errno : 0);
+}
+
+typedef struct {
+  uv_poll_t handle;
+  napi_env env;
+  napi_ref cb;
+  napi_async_context ctx;
+  int stopped;
+} fd_watch;
+
+static void watch_closed(uv_handle_t *h) { free(h->data); }
+
+static void watch_cb(uv_poll_t *h, int status, int events) {
+  fd_watch *w = (fd_watch *)h->data;
+  if (w->stopped) return;
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  napi_value cb, recv, arg, result;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_get_reference_value(env, w->cb, &cb);
+  napi_get_global(env, &recv); /* MakeCallback needs an object receiver */
+  napi_create_int32(env, status, &arg);
+  /* make_callback runs the microtask queue afterwards, so promise
+   * continuations started by the callback proceed at once. */
+  if (napi_make_callback(env, w->ctx, recv, cb, 1, &arg, &result) ==
+      napi_pending_exception) {
+    napi_value err;
+    napi_get_and_clear_last_exception(env, &err);
+    napi_fatal_exception(env, err);
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+/* watchFd(fd, callback) -> handle: calls callback(status) on the event loop
+ * whenever fd is readable (status < 0 on a poll error). */
+static napi_value js_watch_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], ext, name;
+  int64_t fd;
+  uv_loop_t *loop;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 || !get_i64(env, argv[0], &fd)) {
+    napi_throw_type_error(env, NULL, "watchFd: bad arguments");
+    return NULL;
+  }
+  CHECK(napi_get_uv_event_loop(env, &loop));
+  fd_watch *w = (fd_watch *)calloc(1, sizeof *w);
+  if (!w) {
+    napi_throw_error(env, "ENOMEM", "watchFd: out of memory");
+    return NULL;
+  }
+  w->env = env;
+  w->handle.data = w;
+  if (uv_poll_init(loop, &w->handle, (int)fd) != 0) {
+    free(w);
+    napi_throw_error(env, NULL, "watchFd: uv_poll_init failed");
+    return NULL;
+  }
+  CHECK(napi_create_reference(env, argv[1], 1, &w->cb));
+  CHECK(napi_create_string_utf8(env, "vdisk-fuse", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_async_init(env, NULL, name, &w->ctx));
+  uv_poll_start(&w->handle, UV_READABLE, watch_cb);
+  CHECK(napi_create_external(env, w, NULL, NULL, &ext));
+  return ext;
+}
+
+/* unwatchFd(handle): stops the watcher (before the fd is closed). Idempotent. */
+static napi_value js_unwatch_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  void *data;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 1 || napi_get_value_external(env, argv[0], &data) != napi_ok) {
+    napi_throw_type_error(env, NULL, "unwatchFd: bad handle");
+    return NULL;
+  }
+  fd_watch *w = (fd_watch *)data;
+  if (w->stopped) return NULL;
+  w->stopped = 1;
+  uv_poll_stop(&w->handle);
+  napi_delete_reference(env, w->cb);
+  napi_async_destroy(env, w->ctx);
+  uv_close((uv_handle_t *)&w->handle, watch_closed);
+  return NULL;
+}
+
 /* ---- module -------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -414,6 +577,11 @@ static napi_value init(napi_env env, napi_value exports) {
       {"blockDeviceInfo", NULL, js_blockdev_info, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, js_aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
       {"submit", NULL, js_submit, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"readFd", NULL, js_read_fd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"writeFd", NULL, js_write_fd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"umountSync", NULL, js_umount_sync, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"watchFd", NULL, js_watch_fd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"unwatchFd", NULL, js_unwatch_fd, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0],
                              props) != napi_ok)

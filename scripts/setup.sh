@@ -13,7 +13,7 @@ mode="${1:-run}"
 # g++/make/python3 build the native addon (node-gyp).
 packages=(g++ make python3)
 # The tests' peers: nobody here wrote them.
-test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux coreutils)
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
   run) ;;

@@ -10,6 +10,7 @@ import { BlockGraph } from './block/graph.js';
 import type { BlockNode } from './block/node.js';
 import { type BlockExport, ExportRegistry } from './export/registry.js';
 import { type NbdServerOptions, NbdServer, checkNbdServerOptions, nbdExportDriver } from './nbd/server.js';
+import { fuseExportDriver } from './fuse/export.js';
 import type { InputMode } from './qapi/schema.js';
 import { JobManager } from './jobs/job.js';
 
@@ -28,6 +29,12 @@ export class Daemon extends EventEmitter {
   constructor() {
     super();
     this.exports.registerDriver(nbdExportDriver(() => this.nbd));
+    // A FUSE session the kernel ended (someone unmounted it) takes its export with it, as in QEMU.
+    this.exports.registerDriver(
+      fuseExportDriver((id) => {
+        if (this.exports.get(id)?.shuttingDown === false) void this.exports.delete(id, 'hard').catch(() => undefined);
+      }),
+    );
     this.exports.on('event', (e: QmpEvent) => this.emit('event', e));
     this.jobs.on('event', (e: QmpEvent) => this.emit('event', e));
     this.graph.onEvent = (e) => this.emit('event', e);

@@ -24,6 +24,15 @@ export interface VdiskNative {
   alignedBuffer(size: number, alignment: number): Buffer;
   /** Runs one operation on the libuv thread pool; resolves to a result >= 0 or -errno. */
   submit(op: number, fd: number, buf: Buffer | null, bufOffset: number, length: number, position: number, flags: number): Promise<number>;
+  /** One read(2) (FUSE: one whole request). */
+  readFd(fd: number, buf: Buffer, bufOffset: number, length: number): number;
+  /** One write(2) (FUSE: one whole reply). */
+  writeFd(fd: number, buf: Buffer, bufOffset: number, length: number): number;
+  /** umount2 on the calling thread: only for a mount whose /dev/fuse descriptor is already closed. */
+  umountSync(target: string, flags: number): number;
+  /** Calls callback(status) on the event loop whenever fd is readable. */
+  watchFd(fd: number, callback: (status: number) => void): object;
+  unwatchFd(handle: object): void;
 }
 
 export const Op = {
@@ -35,6 +44,10 @@ export const Op = {
   SEEK: 6,
   BLKDISCARD: 7,
   BLKZEROOUT: 8,
+  /** buf: "source\0target\0fstype\0data\0", flags: mount flags. */
+  MOUNT: 9,
+  /** buf: "target\0", flags: umount2 flags. */
+  UMOUNT: 10,
 } as const;
 
 /** pwrite flag for Op.PWRITE: RWF_DSYNC. */

@@ -224,6 +224,8 @@ function printEndpoints(daemon: Daemon, qmp: QmpServer, isDefault: boolean): voi
   for (const exp of daemon.exports.list()) {
     const node = exp.node;
     lines.push(`vdisk: export '${exp.id}': node '${node.nodeName}' (${node.driverName}, ${formatSize(node.size)}, ${exp.writable ? 'writable' : 'read-only'}) ${node.filename}`);
+    const mountpoint = (exp.handle as { mountpoint?: string }).mountpoint;
+    if (exp.type === 'fuse' && mountpoint) lines.push(`  fuse: ${mountpoint}    try: qemu-img info -f raw ${mountpoint}`);
     if (exp.type !== 'nbd' || !server) continue;
     const name = server.listExports().find((e) => e.node === node)?.name ?? exp.id;
     for (const ep of server.endpoints) {
@@ -234,7 +236,7 @@ function printEndpoints(daemon: Daemon, qmp: QmpServer, isDefault: boolean): voi
       lines.push(`  ${uri}    try: ${hint}`);
     }
   }
-  if (!server && qmp.endpoints.length === 0) lines.push('vdisk: no NBD server (add --nbd-server addr.type=...)');
+  if (!server && qmp.endpoints.length === 0 && !daemon.exports.list().some((e) => e.type === 'fuse')) lines.push('vdisk: no NBD server (add --nbd-server addr.type=...)');
   if (isDefault) lines.push('vdisk: stop with Ctrl-C or SIGTERM; the disk stays in the data directory.');
   process.stdout.write(lines.join('\n') + '\n');
 }

@@ -13,7 +13,9 @@ mode="${1:-run}"
 # g++/make/python3 build the native addon (node-gyp).
 packages=(g++ make python3)
 # The tests' peers: nobody here wrote them.
-test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils)
+# busybox-static and cpio go into the initramfs of the guest that test/guest boots
+# (scripts/build-guest.sh, which fetches Debian's kernel package itself).
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
   run) ;;
@@ -54,4 +56,10 @@ if [ ! -f "$stamp" ] || [ -n "$(find src tsconfig.json package.json -newer "$sta
   rm -rf dist
   npx --no-install tsc -p . >&2
   touch "$stamp"
+fi
+
+# The guest kernel and initramfs for test/guest, when missing or out of date
+# (the test builds them too; done here so a download is not timed by tap).
+if [ "$mode" = --test ]; then
+  bash scripts/build-guest.sh >/dev/null
 fi

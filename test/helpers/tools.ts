@@ -26,7 +26,11 @@ const PACKAGES: Record<string, string> = {
   fio: 'fio',
   'mkfs.ext4': 'e2fsprogs',
   e2fsck: 'e2fsprogs',
+  debugfs: 'e2fsprogs',
+  dumpe2fs: 'e2fsprogs',
   losetup: 'mount',
+  busybox: 'busybox-static',
+  cpio: 'cpio',
 };
 
 interface TestLike {

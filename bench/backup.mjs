@@ -28,6 +28,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
+  rng,
   ROOT, atCleanup, cleanup, die, log, pick, qmpConnect, requireTools, saveResults, settle, sh, startFio,
   startServer, stopServer,
 } from './lib.mjs';
@@ -59,16 +60,6 @@ const nbdSock = p('nbd.sock');
 const SRC = p('src.qcow2'); // 1 GiB, fully allocated, random
 const EMPTY4 = p('empty4g.qcow2'); // the incremental target's backing file
 
-/** Seeded PRNG (mulberry32), so every server dirties the same clusters. */
-function rng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = Math.imul(a ^ (a >>> 15), a | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** DIRTY_FRACTION of the clusters of INCR_SIZE, distinct, in random order. */
 function dirtyClusters() {

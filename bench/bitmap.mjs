@@ -9,19 +9,11 @@
 //
 // Run after `npm run build`: node bench/bitmap.mjs
 import { SparseBitmap } from '../dist/block/sparse-bitmap.js';
+import { rng } from './lib.mjs';
 
 const BITS = 2 ** 28;
 const WRITES = 2_000_000;
 
-function rng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = Math.imul(a ^ (a >>> 15), a | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 class FlatBitmap {
   constructor(bits) {

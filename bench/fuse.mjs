@@ -23,7 +23,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ROOT, atCleanup, cleanup, die, formatValue, log, pick, printTable, requireTools, saveResults, settle, sh } from './lib.mjs';
+import { ROOT, atCleanup, cleanup, die, fioJob, formatValue, log, pick, printTable, requireTools, saveResults, settle, sh } from './lib.mjs';
 
 const RUNTIME = Number(process.env.BENCH_RUNTIME ?? 4);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 2);
@@ -100,17 +100,7 @@ async function stop(procs, mnt) {
 }
 
 function runFio(w, file) {
-  const args = [
-    '-c', CLIENT_CPU, 'fio', '--name=bench', '--ioengine=psync', `--filename=${file}`,
-    `--rw=${w.rw}`, `--bs=${w.bs}`, `--numjobs=${w.numjobs}`, '--group_reporting', `--size=${IMAGE_SIZE}`,
-    '--time_based', `--runtime=${RUNTIME}`, '--output-format=json',
-  ];
-  const r = spawnSync('taskset', args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
-  if (r.status !== 0) throw new Error(`fio failed (exit ${r.status}): ${r.stderr}${r.stdout}`);
-  const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
-  if (job.error) throw new Error(`fio failed: error ${job.error}: ${r.stderr}`);
-  const io = w.rw.includes('read') ? job.read : job.write;
-  return w.unit === 'IOPS' ? io.iops : io.bw_bytes / 1e6;
+  return fioJob(w, ['--ioengine=psync', `--filename=${file}`, `--numjobs=${w.numjobs}`, '--group_reporting', `--size=${IMAGE_SIZE}`, `--runtime=${RUNTIME}`]);
 }
 
 async function main() {

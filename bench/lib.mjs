@@ -107,11 +107,15 @@ export async function stopServer(proc) {
  * pinned to the client CPU; returns IOPS or MB/s (w.unit). Throws when fio fails.
  */
 export function runFio(w, sock, { size, runtime }) {
-  const args = [
-    '-c', CLIENT_CPU, 'fio', '--name=bench', '--ioengine=nbd', `--uri=nbd+unix:///disk?socket=${sock}`,
-    `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, '--numjobs=1', `--size=${size}`,
-    '--time_based', `--runtime=${runtime}`, '--output-format=json',
-  ];
+  return fioJob(w, ['--ioengine=nbd', `--uri=nbd+unix:///disk?socket=${sock}`, `--iodepth=${w.iodepth}`, '--numjobs=1', `--size=${size}`, `--runtime=${runtime}`]);
+}
+
+/**
+ * Runs one fio job pinned to the client CPU with the given engine arguments
+ * and returns the workload's figure (IOPS or MB/s, as w.unit says).
+ */
+export function fioJob(w, engineArgs) {
+  const args = ['-c', CLIENT_CPU, 'fio', '--name=bench', `--rw=${w.rw}`, `--bs=${w.bs}`, ...engineArgs, '--time_based', '--output-format=json'];
   const r = spawnSync('taskset', args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
   if (r.status !== 0) throw new Error(`fio failed (exit ${r.status}): ${r.stderr}${r.stdout}`);
   // fio's nbd engine prints a line of its own before the JSON.
@@ -119,6 +123,17 @@ export function runFio(w, sock, { size, runtime }) {
   if (job.error) throw new Error(`fio failed: error ${job.error}: ${r.stderr}`);
   const io = w.rw.includes('read') ? job.read : job.write;
   return w.unit === 'IOPS' ? io.iops : io.bw_bytes / 1e6;
+}
+
+/** A seeded PRNG (mulberry32), so every run and every server sees the same "random" choices. */
+export function rng(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = Math.imul(a ^ (a >>> 15), a | 1);
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
 }
 
 export function formatValue(v, unit) {

@@ -445,8 +445,7 @@ export class Qcow2Node extends BlockNode {
   // ---- writes ---------------------------------------------------------------------
 
   protected override async doWrite(offset: number, buf: Buffer, _flags: number): Promise<void> {
-    const epoch = this.beginWrite();
-    try {
+    await this.inEpoch(async () => {
       const cs = this.clusterSize;
       let done = 0;
       while (done < buf.length) {
@@ -469,9 +468,7 @@ export class Qcow2Node extends BlockNode {
           done += await this.allocatingWriteRun(cluster, within, buf, done);
         }
       }
-    } finally {
-      this.endWrite(epoch);
-    }
+    });
   }
 
   /** Runs a request counted in the current epoch, so clusters it may use are not reused under it. */

@@ -91,6 +91,8 @@ export class BackupJob extends BlockJob implements NodeUser {
     };
     this.copy.topOnly = o.sync === 'top';
     this.copy.compress = o.compress ?? false;
+    // Copies made for guest writes are not held back by the speed limit, but they count against it (as QEMU's).
+    this.copy.onGuestCopy = (n) => this.rate.charge(n);
     this.copy.onSkip = (n) => {
       this.progressTotal = Math.max(this.progressCurrent, this.progressTotal - n);
     };
@@ -105,7 +107,7 @@ export class BackupJob extends BlockJob implements NodeUser {
       // Nothing to copy in the background: copy-before-write does the work until the job is cancelled.
       for (;;) {
         await this.pausePoint();
-        await new Promise((r) => setTimeout(r, 100));
+        await this.sleep(Infinity);
       }
     }
     let lastLog = Date.now();
@@ -115,9 +117,17 @@ export class BackupJob extends BlockJob implements NodeUser {
       try {
         while (failure === undefined) {
           await this.pausePoint();
+          // The speed check, the choice of the next run and its charge are one synchronous step,
+          // so eight workers cannot all slip past one check.
+          const wait = this.rate.delay(0);
+          if (wait > 0) {
+            await this.sleep(wait);
+            continue;
+          }
           const started = this.copy.startNext(next);
           if (!started) return;
           next = started.end;
+          this.rate.charge(started.bytes);
           try {
             await started.done;
           } catch (err) {
@@ -126,7 +136,6 @@ export class BackupJob extends BlockJob implements NodeUser {
             // Retry: what is still to copy in that run is picked up again.
             next = 0;
           }
-          await this.rateLimit(this.copy.clusterSize * 16);
           if (Date.now() - lastLog > 5000) {
             lastLog = Date.now();
             logEvent('info', 'backup-progress', { id: this.id, offset: this.progressCurrent, len: this.progressTotal });

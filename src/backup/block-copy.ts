@@ -38,6 +38,8 @@ export class BlockCopy {
   topOnly = false;
   /** compress=on: data goes to the target as compressed clusters (qcow2). */
   compress = false;
+  /** Called with the bytes of each copy started for a guest write (they count against the job's speed). */
+  onGuestCopy: (bytes: number) => void = () => undefined;
   /** Called with the bytes skipped as unallocated (sync=top). */
   onSkip: (bytes: number) => void = () => undefined;
 
@@ -84,6 +86,7 @@ export class BlockCopy {
       let n = 1;
       while (c + n < end && n * cs < MAX_COPY && this.toCopy.bits.get(c + n) && !this.inflight.has(c + n)) n++;
       waits.push(this.copyClusters(c, n));
+      this.onGuestCopy(this.runBytes(c, n));
       c += n;
     }
     await Promise.all(waits);
@@ -97,13 +100,18 @@ export class BlockCopy {
    * make a worker copy a cluster twice (the second copy would read data
    * written after the point in time).
    */
-  startNext(cluster: number): { end: number; done: Promise<void> } | undefined {
+  startNext(cluster: number): { end: number; bytes: number; done: Promise<void> } | undefined {
     let c = this.toCopy.bits.nextSet(cluster);
     while (c >= 0 && this.inflight.has(c)) c = this.toCopy.bits.nextSet(c + 1);
     if (c < 0) return undefined;
     let n = 1;
     while (n * this.clusterSize < MAX_COPY && this.toCopy.bits.get(c + n) && !this.inflight.has(c + n)) n++;
-    return { end: c + n, done: this.copyClusters(c, n) };
+    return { end: c + n, bytes: this.runBytes(c, n), done: this.copyClusters(c, n) };
+  }
+
+  /** The bytes of clusters [c, c + n) that lie inside the source. */
+  private runBytes(c: number, n: number): number {
+    return Math.max(0, Math.min(n * this.clusterSize, this.size - c * this.clusterSize));
   }
 
   /** Copies clusters [c, c + n) (all still to copy, none in flight): registered in flight at once. */

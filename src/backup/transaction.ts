@@ -292,9 +292,11 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
     'detect-zeroes': 'unmap',
     file: { driver: 'file', filename: path.resolve(filename) },
   };
-  // A new target whose backing file is the source (none) or the source's backing file (top) gets
-  // that open node as its backing, as QEMU does: opening the file again would collide with its lock.
-  if (mode !== 'existing' && format === 'qcow2') {
+  // sync=none and sync=top targets, new or existing, get the source (none) or the source's backing
+  // node (top) as their backing, as QEMU's drive-backup does (it opens them with no backing, then
+  // sets it): opening the backing file again would collide with its lock, and a fleecing target
+  // must read through to the very node the job guards.
+  if (format === 'qcow2') {
     if (d.sync === 'none') options.backing = source.nodeName;
     else if (d.sync === 'top' && source.child('backing')) options.backing = source.child('backing')!.nodeName;
   }

@@ -84,6 +84,10 @@ export async function serveCommand(argv: string[]): Promise<number> {
 
   // One failed promise nobody awaited must not take every export down: log it and keep serving.
   process.on('unhandledRejection', (err) => logEvent('error', 'internal-error', { error: (err as Error)?.stack ?? String(err) }));
+  // SIGHUP's default would kill the daemon with no clean stop (bitmaps left in use, sockets and
+  // pidfile left behind): a closed terminal or a careless `kill -HUP` must not cost that. There is
+  // no log file to reopen (logs go to stderr) and no config to reload, so it is only logged.
+  process.on('SIGHUP', () => logEvent('info', 'signal-ignored', { signal: 'SIGHUP', why: 'vdisk stops on SIGTERM, SIGINT or QMP quit' }));
   const daemon = new Daemon();
   const config = values.config === undefined ? undefined : readConfig(values.config);
   const explicit = values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
@@ -254,7 +258,7 @@ function formatSize(n: number): string {
 
 /**
  * Serves until SIGINT, SIGTERM or QMP 'quit', then shuts down cleanly; a
- * second signal exits at once.
+ * second signal exits at once. SIGHUP is logged and otherwise ignored.
  */
 function waitForStop(daemon: Daemon, qmp: QmpServer): Promise<void> {
   return new Promise((resolve) => {

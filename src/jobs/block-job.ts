@@ -6,6 +6,7 @@
 import { VdiskError, strerror, toVdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import { Job, type JobOptions } from './job.js';
+import { RateLimit } from './rate-limit.js';
 
 export type BlockdevOnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
 export type IoStatus = 'ok' | 'failed' | 'nospace';
@@ -14,12 +15,12 @@ export abstract class BlockJob extends Job {
   /** Bytes per second, 0 = unlimited. */
   speed = 0;
   ioStatus: IoStatus = 'ok';
-  private rateStart = 0;
-  private rateBytes = 0;
+  protected readonly rate = new RateLimit();
 
   constructor(options: JobOptions & { speed?: number }) {
     super(options);
     this.speed = options.speed ?? 0;
+    this.rate.setSpeed(this.speed);
   }
 
   /** The errno text, as QEMU reports block job errors ("Input/output error"). */
@@ -47,25 +48,13 @@ export abstract class BlockJob extends Job {
     this.manager.emitEvent('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
   }
 
+  /** block-job-set-speed: applies at once (a worker asleep under the old limit wakes and re-checks). */
   setSpeed(speed: number): void {
     this.checkVerb('set-speed');
     if (speed < 0) throw new VdiskError('EINVAL', "Parameter 'speed' expects a non-negative value");
     this.speed = speed;
-    this.rateStart = 0;
-    this.rateBytes = 0;
-  }
-
-  /** Waits as long as the speed limit asks before `bytes` more may be copied. */
-  protected async rateLimit(bytes: number): Promise<void> {
-    if (this.speed <= 0) return;
-    const now = performance.now();
-    if (this.rateStart === 0 || now - this.rateStart > 1000) {
-      this.rateStart = now;
-      this.rateBytes = 0;
-    }
-    this.rateBytes += bytes;
-    const due = this.rateStart + (this.rateBytes / this.speed) * 1000;
-    if (due > now) await new Promise((r) => setTimeout(r, Math.min(due - now, 1000)));
+    this.rate.setSpeed(speed);
+    this.kick();
   }
 
   /**

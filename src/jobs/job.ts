@@ -123,6 +123,8 @@ export abstract class Job {
   manager!: JobManager;
   txn: JobTxn;
   private resumeWaiters: Array<() => void> = [];
+  /** Workers in sleep(): woken early by any verb, so a rate-limited job answers at once. */
+  private sleepers = new Set<() => void>();
   private pausedWorkers = 0;
   private beforePause: JobStatus = 'running';
   private finalizing = false;
@@ -198,6 +200,8 @@ export abstract class Job {
   pause(): void {
     this.checkVerb('pause');
     this.pauseCount++;
+    // A worker asleep under the speed limit must reach its pause point now, not when the sleep ends.
+    this.kick();
   }
 
   resume(): void {
@@ -208,8 +212,33 @@ export abstract class Job {
   }
 
   protected wake(): void {
+    this.kick();
     if (this.pauseCount > 0 && !this.cancelled) return;
     for (const w of this.resumeWaiters.splice(0)) w();
+  }
+
+  /**
+   * Waits ms milliseconds, or less if kick() comes first (cancel, pause,
+   * resume, a new speed): QEMU's job_sleep_ns woken by job_enter. Callers
+   * re-check their state afterwards; an early wake-up is never an error.
+   */
+  protected sleep(ms: number): Promise<void> {
+    if (this.cancelled) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.sleepers.delete(done);
+        resolve();
+      };
+      // Timers take at most 2^31-1 ms; a longer wait is cut there and the caller asks again.
+      const timer = setTimeout(done, Math.min(Math.max(0, ms), 2 ** 31 - 1));
+      this.sleepers.add(done);
+    });
+  }
+
+  /** Ends every sleep() in progress. */
+  protected kick(): void {
+    for (const s of [...this.sleepers]) s();
   }
 
   /** Registered by the manager: undefined -> created. */

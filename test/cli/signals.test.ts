@@ -1,0 +1,88 @@
+/**
+ * Signals and clean stops: SIGHUP is logged and survived; SIGTERM, SIGINT
+ * and QMP quit each stop the daemon cleanly, removing the pidfile and the
+ * sockets, and storing every persistent bitmap (not left "in use") with the
+ * bits the writes made, including one a running backup was using. The
+ * bitmaps are read back by QEMU's tools: qemu-img info / check and
+ * qemu-nbd -B with nbdinfo --map.
+ */
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { startDaemon } from '../helpers/daemon.js';
+import { QmpWire } from '../helpers/qmp.js';
+import { bitmapExtents } from '../helpers/bitmaps.js';
+import { requireTool, run, tempDir } from '../helpers/tools.js';
+
+const MiB = 1024 * 1024;
+
+t.before(() => {
+  for (const tool of ['qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo']) requireTool(t, tool);
+});
+
+type Stop = 'SIGTERM' | 'SIGINT' | 'quit';
+
+for (const how of ['SIGTERM', 'SIGINT', 'quit'] as Stop[]) {
+  t.test(`SIGHUP is survived; ${how} stops cleanly and stores the bitmaps`, async (t) => {
+    const dir = tempDir(t);
+    const img = path.join(dir, 'd.qcow2');
+    t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '64M'])).code, 0);
+    const qmpSock = path.join(dir, 'qmp.sock');
+    const pidfile = path.join(dir, 'vdisk.pid');
+    const d = await startDaemon(t, {
+      dir,
+      args: [
+        '--blockdev', `driver=qcow2,node-name=d,file.driver=file,file.filename=${img}`,
+        '--export', 'type=nbd,id=e,node-name=d,name=d,writable=on',
+        '--qmp', `unix:${qmpSock}`,
+        '--pidfile', pidfile,
+      ],
+    });
+    const w = await QmpWire.connect(qmpSock);
+    t.teardown(() => w.close());
+    await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'b', persistent: true });
+    await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'frozen', persistent: true });
+    let r = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 512', '-c', 'write -P 2 16M 256k', d.uri('d')]);
+    t.equal(r.code, 0, r.stderr);
+
+    d.proc.kill('SIGHUP');
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    t.equal(d.proc.exitCode, null, 'SIGHUP: still running');
+    t.match(d.stderr(), /signal-ignored.*SIGHUP/, 'SIGHUP is logged');
+    r = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 3 40M 64k', '-c', 'read -P 2 16M 256k', d.uri('d')]);
+    t.equal(r.code, 0, 'still serving after SIGHUP');
+    t.notMatch(r.stdout, /verification failed/);
+
+    // A backup using 'frozen' is still running (1 byte/s) when the stop comes: the job is
+    // cancelled and the bitmap gets back every bit before it is stored.
+    await w.ok('drive-backup', { 'job-id': 'slow', device: 'd', sync: 'incremental', bitmap: 'frozen', format: 'qcow2', target: path.join(dir, 'inc.qcow2'), speed: 1 });
+
+    let code: number | null;
+    if (how === 'quit') {
+      await w.ok('quit');
+      code = await new Promise((resolve) => (d.proc.exitCode !== null ? resolve(d.proc.exitCode) : d.proc.on('exit', resolve)));
+    } else {
+      code = await d.stop(how);
+    }
+    t.equal(code, 0, `${how}: exit status 0`);
+    t.notOk(fs.existsSync(pidfile), 'the pidfile is removed');
+    t.notOk(fs.existsSync(qmpSock), 'the QMP socket is removed');
+    t.notOk(fs.existsSync(d.socket), 'the NBD socket is removed');
+
+    const c = await run('qemu-img', ['check', img]);
+    t.equal(c.code, 0, `qemu-img check is clean: ${c.stdout}${c.stderr}`);
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', img])).stdout);
+    t.same(
+      info['format-specific'].data.bitmaps.map((b: Record<string, unknown>) => [b.name, b.flags]).sort(),
+      [['b', ['auto']], ['frozen', ['auto']]],
+      'both bitmaps stored, enabled and not in use',
+    );
+    const expected = [
+      { offset: 0, length: 65536 },
+      { offset: 16 * MiB, length: 256 * 1024 },
+      { offset: 40 * MiB, length: 65536 },
+    ];
+    t.same(await bitmapExtents(t, img, 'b'), expected, 'b holds every write, as qemu-nbd reads it');
+    t.same(await bitmapExtents(t, img, 'frozen'), expected, 'so does the bitmap of the cancelled backup');
+  });
+}

@@ -20,6 +20,8 @@ import { logEvent } from '../log.js';
 import { type BlockdevOnError, BlockJob } from '../jobs/block-job.js';
 import { BlockCopy, CopyError } from './block-copy.js';
 import { CopyBeforeWriteNode } from './cbw.js';
+import { SnapshotAccessNode } from './snapshot-access.js';
+import { VdiskError } from '../errors.js';
 
 export type SyncMode = 'full' | 'top' | 'none' | 'incremental' | 'bitmap';
 export type BitmapMode = 'on-success' | 'always' | 'never';
@@ -42,6 +44,8 @@ export interface BackupOptions {
   ownsTarget: boolean;
   /** Write compressed clusters (qcow2 targets). */
   compress?: boolean;
+  /** Most bytes copy-before-write may save into the target (x-scratch-limit); 0 or absent: no limit. */
+  scratchLimit?: number;
 }
 
 /** Background copies at once (QEMU: up to 64 block-copy tasks; fewer are enough on 2 cores). */
@@ -54,6 +58,8 @@ export class BackupJob extends BlockJob implements NodeUser {
   private readonly cbw: CopyBeforeWriteNode;
   /** The user bitmap's successor while the job runs. */
   private successor: DirtyBitmap | undefined;
+  /** The point-in-time view put in a fleecing target's backing link, if any. */
+  private view: SnapshotAccessNode | undefined;
 
   constructor(o: BackupOptions) {
     super({ id: o.id, autoFinalize: o.autoFinalize, autoDismiss: o.autoDismiss, speed: o.speed });
@@ -76,9 +82,11 @@ export class BackupJob extends BlockJob implements NodeUser {
   setUp(): void {
     const o = this.o;
     // The filter's name may be taken: fail before anything else changes.
-    o.graph.insertImplicit(this.cbw);
+    o.graph.insertFilter(this.cbw, o.source);
     const bits = this.copy.toCopy;
-    if (o.sync === 'full' || o.sync === 'top') bits.bits.set(0, bits.bits.size);
+    // sync=none copies nothing in the background, but every cluster is still to be saved before a
+    // guest write changes it (QEMU sets the whole copy bitmap): that is what fleecing reads.
+    if (o.sync === 'full' || o.sync === 'top' || o.sync === 'none') bits.bits.set(0, bits.bits.size);
     else if ((o.sync === 'bitmap' || o.sync === 'incremental') && o.bitmap) bits.mergeFrom(o.bitmap);
     if (o.bitmap) {
       this.successor = o.bitmap.createSuccessor(o.source.size);
@@ -96,10 +104,45 @@ export class BackupJob extends BlockJob implements NodeUser {
     this.copy.onSkip = (n) => {
       this.progressTotal = Math.max(this.progressCurrent, this.progressTotal - n);
     };
+    this.copy.scratchLimit = o.scratchLimit ?? 0;
+    this.copy.onBreak = (err) => {
+      logEvent('warn', 'backup-point-in-time-given-up', { id: this.id, error: err.message });
+      // The job fails with this error; a worker asleep under the speed limit (or sync=none) wakes to say so.
+      this.kick();
+    };
     this.cbw.attach();
     o.source.users.add(this);
     o.target.users.add(this);
-    logEvent('info', 'backup-started', { id: this.id, source: o.source.nodeName, target: o.target.filename, sync: o.sync, bytes: this.progressTotal });
+    if (o.sync === 'none' || o.sync === 'full') this.installView();
+    logEvent('info', 'backup-started', { id: this.id, source: o.source.nodeName, target: o.target.filename, sync: o.sync, bytes: this.progressTotal, fleecing: this.view !== undefined });
+  }
+
+  /**
+   * A target that reads through to the source (its backing chain reaches it:
+   * fleecing) gets the point-in-time view in that backing link, so its
+   * readers never see a guest write made after the job started. A view left
+   * there by an earlier job on the same target is replaced.
+   */
+  private installView(): void {
+    const o = this.o;
+    for (let parent: BlockNode | undefined = o.target; parent; ) {
+      const below: BlockNode | undefined = parent.child('backing');
+      if (!below) return;
+      const old = below instanceof SnapshotAccessNode && below.source === o.source ? below : undefined;
+      if (below === o.source || old) {
+        const view = new SnapshotAccessNode('', o.source, this.copy, this.id);
+        o.graph.insertImplicit(view);
+        if (!o.graph.replaceChildOf(parent, below, view)) {
+          void o.graph.release(view);
+          logEvent('warn', 'fleecing-view-not-installed', { id: this.id, target: parent.nodeName, why: `driver ${parent.driverName} cannot swap its backing link` });
+          return;
+        }
+        this.view = view;
+        if (old) void o.graph.release(old);
+        return;
+      }
+      parent = below;
+    }
   }
 
   protected async run(): Promise<void> {
@@ -107,6 +150,7 @@ export class BackupJob extends BlockJob implements NodeUser {
       // Nothing to copy in the background: copy-before-write does the work until the job is cancelled.
       for (;;) {
         await this.pausePoint();
+        if (this.copy.broken) throw this.copy.broken;
         await this.sleep(Infinity);
       }
     }
@@ -117,6 +161,7 @@ export class BackupJob extends BlockJob implements NodeUser {
       try {
         while (failure === undefined) {
           await this.pausePoint();
+          if (this.copy.broken) throw this.copy.broken;
           // The speed check, the choice of the next run and its charge are one synchronous step,
           // so eight workers cannot all slip past one check.
           const wait = this.rate.delay(0);
@@ -152,6 +197,7 @@ export class BackupJob extends BlockJob implements NodeUser {
       await this.copy.drain();
     }
     if (failure !== undefined) throw failure;
+    if (this.copy.broken) throw this.copy.broken;
     await this.o.target.flush();
     // Everything is copied: progress ends at its total, as QEMU reports it (offset == len).
     this.progressCurrent = this.progressTotal;
@@ -201,9 +247,12 @@ export class BackupJob extends BlockJob implements NodeUser {
     const o = this.o;
     this.cbw.detach();
     await this.copy.drain();
+    // Nothing is saved any more: a fleecing view left in the target's backing link now refuses
+    // what was never saved instead of showing newer data.
+    this.copy.giveUp(new VdiskError('EACCES', `backup job '${this.id}' has ended; this image no longer holds its point in time`));
     o.source.users.delete(this);
     o.target.users.delete(this);
-    await o.graph.release(this.cbw);
+    await o.graph.removeFilter(this.cbw, o.source);
     if (o.ownsTarget) await o.graph.release(o.target);
     else await o.target.flush().catch(() => undefined);
   }

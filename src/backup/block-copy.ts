@@ -9,9 +9,17 @@
  * for that copy instead of starting another. A copy reads the source's
  * current data, so a cluster must be copied before any write changes it:
  * that is what keeps the backup at the point in time the job started.
+ *
+ * Snapshot reads (fleecing: readers of the target see the point in time)
+ * take a cluster from the source while it is still to copy, holding it so
+ * that a guest write waits until the read is over, and from the target once
+ * it was copied. The decision and the hold are one synchronous step, so no
+ * guest write can slip between them. When the point in time is given up
+ * (the scratch limit is exceeded, or the job has ended) snapshot reads of
+ * clusters that were never saved fail instead of returning newer data.
  */
 import { DirtyBitmap } from '../block/dirty-bitmap.js';
-import type { BlockNode } from '../block/node.js';
+import type { BlockNode, Extent } from '../block/node.js';
 import { ReqFlags, Status } from '../block/node.js';
 import { VdiskError } from '../errors.js';
 
@@ -42,6 +50,16 @@ export class BlockCopy {
   onGuestCopy: (bytes: number) => void = () => undefined;
   /** Called with the bytes skipped as unallocated (sync=top). */
   onSkip: (bytes: number) => void = () => undefined;
+  /** Most bytes copies for guest writes may put in the target (x-scratch-limit); 0: no limit. */
+  scratchLimit = 0;
+  /** Bytes copied for guest writes so far. */
+  guestCopied = 0;
+  /** Why the point in time was given up; snapshot reads of clusters never saved fail with it. */
+  broken: VdiskError | undefined;
+  /** Called once when the point in time is given up because of the scratch limit. */
+  onBreak: (err: VdiskError) => void = () => undefined;
+  /** Snapshot readers holding source clusters: cluster -> readers, and who waits for them to go. */
+  private readonly held = new Map<number, { readers: number; gone: Promise<void>; release: () => void }>();
 
   constructor(
     readonly source: BlockNode,
@@ -71,7 +89,7 @@ export class BlockCopy {
     const end = Math.min(Math.ceil((offset + length) / cs), this.toCopy.bits.size);
     const waits: Array<Promise<void>> = [];
     let c = first;
-    while (c < end) {
+    while (c < end && !this.broken) {
       const busy = this.inflight.get(c);
       if (busy) {
         waits.push(busy);
@@ -85,11 +103,126 @@ export class BlockCopy {
       // A run of clusters to copy that nobody else is copying.
       let n = 1;
       while (c + n < end && n * cs < MAX_COPY && this.toCopy.bits.get(c + n) && !this.inflight.has(c + n)) n++;
+      const bytes = this.runBytes(c, n);
+      if (this.scratchLimit > 0 && this.guestCopied + bytes > this.scratchLimit) {
+        // Saving this would pass the limit: the backup gives up its point in time, the guest's
+        // write goes on (a full scratch disk must not fail the guest).
+        this.giveUp(
+          new VdiskError('ENOSPC', `copy-before-write needs more than the scratch limit of ${this.scratchLimit} bytes (x-scratch-limit): the point in time is given up`, {
+            code: 'VDISK_SCRATCH_LIMIT',
+          }),
+        );
+        this.onBreak(this.broken!);
+        break;
+      }
+      this.guestCopied += bytes;
       waits.push(this.copyClusters(c, n));
-      this.onGuestCopy(this.runBytes(c, n));
+      this.onGuestCopy(bytes);
       c += n;
     }
     await Promise.all(waits);
+    // A snapshot reader may still be reading these clusters from the source: the write waits for it.
+    await this.readersGone(first, end);
+  }
+
+  /** Gives up the point in time: snapshot reads of clusters never saved fail with `why` from now on. */
+  giveUp(why: VdiskError): void {
+    this.broken ??= why;
+  }
+
+  /**
+   * Reads the point-in-time content of [offset, offset + buf.length): from
+   * the source for clusters still to copy (held, so guest writes wait for the
+   * read), from the target for clusters already copied.
+   */
+  async snapshotRead(offset: number, buf: Buffer): Promise<void> {
+    const end = offset + buf.length;
+    for (let pos = offset; pos < end; ) {
+      const run = this.snapshotRun(pos, end);
+      if (run.kind === 'inflight') {
+        await run.wait;
+        continue;
+      }
+      const part = buf.subarray(pos - offset, run.end - offset);
+      if (run.kind === 'source') {
+        try {
+          await this.source.read(pos, part);
+        } finally {
+          this.unhold(run.first, run.count);
+        }
+      } else {
+        await this.target.read(pos, part);
+      }
+      pos = run.end;
+    }
+  }
+
+  /** Block status of the point in time at offset (the run it starts), by the same rules as snapshotRead. */
+  async snapshotBlockStatus(offset: number, length: number): Promise<Extent> {
+    for (;;) {
+      const run = this.snapshotRun(offset, offset + length);
+      if (run.kind === 'inflight') {
+        await run.wait;
+        continue;
+      }
+      if (run.kind === 'target') return this.target.blockStatus(offset, run.end - offset);
+      try {
+        return await this.source.blockStatus(offset, run.end - offset);
+      } finally {
+        this.unhold(run.first, run.count);
+      }
+    }
+  }
+
+  /**
+   * Classifies the clusters from pos on, as one synchronous step: a run still
+   * to copy (then held for the caller), one being copied, or one copied.
+   */
+  private snapshotRun(pos: number, end: number):
+    | { kind: 'source'; end: number; first: number; count: number }
+    | { kind: 'target'; end: number }
+    | { kind: 'inflight'; wait: Promise<unknown> } {
+    const cs = this.clusterSize;
+    const c = Math.floor(pos / cs);
+    const busy = this.inflight.get(c);
+    if (busy) return { kind: 'inflight', wait: busy.catch(() => undefined) };
+    const last = Math.ceil(end / cs);
+    const toCopy = this.toCopy.bits.get(c);
+    if (toCopy && this.broken) throw new VdiskError('EACCES', `cannot read the point in time at ${pos}: ${this.broken.message}`);
+    let n = 1;
+    while (c + n < last && this.toCopy.bits.get(c + n) === toCopy && !this.inflight.has(c + n)) n++;
+    const runEnd = Math.min(end, (c + n) * cs);
+    if (!toCopy) return { kind: 'target', end: runEnd };
+    for (let i = 0; i < n; i++) this.hold(c + i);
+    return { kind: 'source', end: runEnd, first: c, count: n };
+  }
+
+  private hold(c: number): void {
+    const h = this.held.get(c);
+    if (h) {
+      h.readers++;
+      return;
+    }
+    let release!: () => void;
+    const gone = new Promise<void>((r) => (release = r));
+    this.held.set(c, { readers: 1, gone, release });
+  }
+
+  private unhold(first: number, count: number): void {
+    for (let c = first; c < first + count; c++) {
+      const h = this.held.get(c);
+      if (!h) continue;
+      if (--h.readers === 0) {
+        this.held.delete(c);
+        h.release();
+      }
+    }
+  }
+
+  /** Resolves when no snapshot reader holds a cluster of [first, end). */
+  private async readersGone(first: number, end: number): Promise<void> {
+    if (this.held.size === 0) return;
+    for (const [c, h] of [...this.held]) if (c >= first && c < end) await h.gone;
   }
 
   /**

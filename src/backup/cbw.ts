@@ -2,21 +2,29 @@
  * The copy-before-write filter (QEMU's block/copy-before-write.c) for the
  * life of a backup job.
  *
- * It is a node in the graph (driver copy-before-write, children file =
- * the source and target), listed by query-named-block-nodes with the
- * block-copy bitmap, as QEMU shows it. Its work is done by a hook on the
- * source node (BlockNode.beforeWrite): every write, write-zeroes and discard
- * that reaches the source — from an export, a parent, qemu-io — first has
- * the old data of the clusters it covers copied to the target. If that copy
- * fails, the guest write fails (QEMU's on-cbw-error=break-guest-write): the
- * backup must never silently lose its point in time.
+ * A real filter node: children file = the source and target; while the job
+ * runs the graph puts it above the source (BlockGraph.insertFilter), so the
+ * source's exports and parents send their requests through it, as QEMU's
+ * bdrv_replace_node does. Before a write, write-zeroes or discard reaches the
+ * source, the old data of the clusters it covers is copied to the target. If
+ * that copy fails, the write fails (QEMU's on-cbw-error=break-guest-write):
+ * a backup must never silently lose its point in time.
+ *
+ * Whoever still reaches the source directly (qemu-io on the node by name, a
+ * parent whose driver cannot swap its child) is caught by a guard on the
+ * source itself (BlockNode.beforeWrite) running the same copy; for writes
+ * that came through the filter it finds nothing left to copy.
+ *
+ * Reads, block status and cache pass through; a flush goes to the source
+ * only (the target is made durable by the job, not by every guest flush).
  */
-import { BlockNode, type Extent } from '../block/node.js';
+import { VdiskError } from '../errors.js';
+import { BlockNode, type ChildLink, type Extent } from '../block/node.js';
 import type { BlockCopy } from './block-copy.js';
 
 export class CopyBeforeWriteNode extends BlockNode {
   readonly driverName = 'copy-before-write';
-  private readonly hook: (offset: number, length: number) => Promise<void>;
+  private readonly guard: (offset: number, length: number) => Promise<void>;
 
   constructor(
     nodeName: string,
@@ -27,44 +35,62 @@ export class CopyBeforeWriteNode extends BlockNode {
     super({ nodeName, readOnly: source.readOnly });
     this.length = source.size;
     this.limits = { ...source.limits };
+    // FUA goes down with the write; the source honours it.
+    this.nativeFua = true;
     this.children.push({ role: 'file', node: source }, { role: 'target', node: target });
+    // QEMU lists the block-copy bitmap on the filter node.
     this.dirtyBitmaps.push(copy.toCopy);
-    this.hook = (offset, length) => this.copy.copyRange(offset, length);
+    this.guard = (offset, length) => this.copy.copyRange(offset, length);
   }
 
   override get filename(): string {
     return this.source.filename;
   }
 
-  /** Starts intercepting the source's writes. */
+  /** Starts guarding the source against writers that do not come through the filter. */
   attach(): void {
-    this.source.beforeWrite.push(this.hook);
+    this.source.beforeWrite.push(this.guard);
   }
 
-  /** Stops intercepting (the job is over). */
+  /** Stops guarding (the job is over). */
   detach(): void {
-    const i = this.source.beforeWrite.indexOf(this.hook);
+    const i = this.source.beforeWrite.indexOf(this.guard);
     if (i >= 0) this.source.beforeWrite.splice(i, 1);
   }
 
-  // Requests to the filter itself go to the source (which runs the hook for writes).
+  protected override get flushedChildren(): readonly ChildLink[] {
+    return this.children.slice(0, 1);
+  }
+
   protected override doRead(offset: number, buf: Buffer): Promise<void> {
     return this.source.read(offset, buf);
   }
 
-  protected override doWrite(offset: number, buf: Buffer, flags: number): Promise<void> {
-    return this.source.write(offset, buf, flags);
+  protected override async doWrite(offset: number, buf: Buffer, flags: number): Promise<void> {
+    await this.copy.copyRange(offset, buf.length);
+    await this.source.write(offset, buf, flags);
   }
 
-  protected override doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
-    return this.source.writeZeroes(offset, length, flags);
+  protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    await this.copy.copyRange(offset, length);
+    await this.source.writeZeroes(offset, length, flags);
   }
 
-  protected override doDiscard(offset: number, length: number): Promise<void> {
-    return this.source.discard(offset, length);
+  protected override async doDiscard(offset: number, length: number): Promise<void> {
+    await this.copy.copyRange(offset, length);
+    await this.source.discard(offset, length);
   }
 
   protected override doBlockStatus(offset: number, length: number): Promise<Extent> {
     return this.source.blockStatus(offset, length);
+  }
+
+  protected override doCache(offset: number, length: number): Promise<void> {
+    return this.source.cache(offset, length);
+  }
+
+  protected override doTruncate(): Promise<void> {
+    // The job's bitmaps and target are sized to the source, as QEMU's backup forbids resizing.
+    return Promise.reject(new VdiskError('EBUSY', `node '${this.source.nodeName}' cannot be resized while a backup job uses it`));
   }
 }

@@ -249,6 +249,7 @@ function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsT
     filterNodeName: d['filter-node-name'] as string | undefined,
     ownsTarget,
     compress: Boolean(d.compress),
+    scratchLimit: d['x-scratch-limit'] as number | undefined,
   });
   if ((d.speed as number | undefined) !== undefined && (d.speed as number) < 0) throw new VdiskError('EINVAL', "Parameter 'speed' expects a non-negative value");
   daemon.jobs.add(job, false);

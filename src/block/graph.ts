@@ -29,6 +29,15 @@ class ChildEdge implements NodeUser {
   get userDescription(): string {
     return `node '${this.parent.nodeName}' (as ${this.role})`;
   }
+  moveTo(from: BlockNode, to: BlockNode): boolean {
+    return this.parent.replaceChild(from, to);
+  }
+}
+
+/** Whether `target` is `from` or lies below it. */
+function reaches(from: BlockNode, target: BlockNode): boolean {
+  if (from === target) return true;
+  return from.children.some((c) => reaches(c.node, target));
 }
 
 export class BlockGraph {
@@ -142,6 +151,60 @@ export class BlockGraph {
     else node.nodeName = this.autoName();
     this.link(node);
     return node;
+  }
+
+  /**
+   * Puts `filter` (an implicit node whose children include `below`) above
+   * `below`: every user of `below` that can move (parent nodes whose driver
+   * can swap the child, exports) now uses the filter, as QEMU's
+   * bdrv_replace_node. A parent the filter itself reaches is left alone
+   * (moving it would make a cycle: a fleecing target whose backing is the
+   * source, under a copy-before-write filter whose target it is).
+   */
+  insertFilter(filter: BlockNode, below: BlockNode): void {
+    this.insertImplicit(filter);
+    for (const u of [...below.users]) {
+      if (u instanceof ChildEdge && reaches(filter, u.parent)) continue;
+      if (!u.moveTo?.(below, filter)) continue;
+      below.users.delete(u);
+      filter.users.add(u);
+    }
+    logEvent('debug', 'filter-inserted', { filter: filter.nodeName, driver: filter.driverName, below: below.nodeName });
+  }
+
+  /**
+   * Takes a filter put in by insertFilter away again: its users go back to
+   * `below`, then it is closed and removed. A user that cannot move back
+   * keeps the filter in the graph (it passes requests through).
+   */
+  async removeFilter(filter: BlockNode, below: BlockNode): Promise<void> {
+    for (const u of [...filter.users]) {
+      if (u instanceof ChildEdge && u.parent === filter) continue;
+      if (!u.moveTo?.(filter, below)) continue;
+      filter.users.delete(u);
+      below.users.add(u);
+    }
+    const left = [...filter.users].filter((u) => !(u instanceof ChildEdge && u.parent === filter));
+    if (left.length) {
+      logEvent('warn', 'filter-kept', { filter: filter.nodeName, usedBy: left.map((u) => u.userDescription) });
+      return;
+    }
+    await this.release(filter);
+  }
+
+  /**
+   * Points one parent's link to `old` at `replacement` (a node with the same
+   * content), moving the graph's record of who uses what. False when the
+   * parent's driver cannot swap that child.
+   */
+  replaceChildOf(parent: BlockNode, old: BlockNode, replacement: BlockNode): boolean {
+    const edges = [...old.users].filter((u): u is ChildEdge => u instanceof ChildEdge && u.parent === parent);
+    if (!parent.replaceChild(old, replacement)) return false;
+    for (const e of edges) {
+      old.users.delete(e);
+      replacement.users.add(e);
+    }
+    return true;
   }
 
   /** Closes and removes an implicit node and the implicit children it leaves unused. */

@@ -81,6 +81,12 @@ export interface ChildLink {
 export interface NodeUser {
   /** For error messages: "node 'q0' (as file)", "export 'disk0'". */
   readonly userDescription: string;
+  /**
+   * Moves this user from `from` to `to`, a node showing the same content (a
+   * filter inserted above the node it uses, or taken away). Users that cannot
+   * move (jobs) leave it out; false means "not now".
+   */
+  moveTo?(from: BlockNode, to: BlockNode): boolean;
 }
 
 /** Largest offset or length vdisk accepts: JavaScript numbers are exact below 2^53. */
@@ -187,6 +193,40 @@ export abstract class BlockNode {
   child(role: ChildRole): BlockNode | undefined {
     for (const c of this.children) if (c.role === role) return c.node;
     return undefined;
+  }
+
+  /**
+   * Points this node's links to `old` at `replacement`, a node that shows the
+   * same content (a filter inserted above `old`, or taken away again), as
+   * QEMU's bdrv_replace_node does for each parent. Returns false and changes
+   * nothing when the driver cannot swap that child while open; it then keeps
+   * using `old`. The graph keeps the users' bookkeeping (BlockGraph.insertFilter).
+   */
+  replaceChild(old: BlockNode, replacement: BlockNode): boolean {
+    const links = this.children.filter((c) => c.node === old);
+    if (links.length === 0 || !links.every((c) => this.canReplaceChild(c.role))) return false;
+    for (const c of links) {
+      c.node = replacement;
+      this.childReplaced(c.role, replacement);
+    }
+    return true;
+  }
+
+  /** Whether the driver can be given another node for a child role while open (it re-reads nothing). */
+  protected canReplaceChild(_role: ChildRole): boolean {
+    return false;
+  }
+
+  /** Updates what the driver holds for a child role (called by replaceChild). */
+  protected childReplaced(_role: ChildRole, _node: BlockNode): void {}
+
+  /**
+   * The children a flush of this node must reach. All of them by default; a
+   * filter whose other children are not the guest's data (a backup's target,
+   * a fleecing view's source) narrows it, as QEMU's copy-before-write does.
+   */
+  protected get flushedChildren(): readonly ChildLink[] {
+    return this.children;
   }
 
   // ---- driver hooks ------------------------------------------------------
@@ -390,8 +430,9 @@ export abstract class BlockNode {
       }
       await this.doFlush();
       this.flushedGen = gen;
-      if (this.children.length === 1) await this.children[0].node.flush();
-      else if (this.children.length > 1) await Promise.all(this.children.map((c) => c.node.flush()));
+      const kids = this.flushedChildren;
+      if (kids.length === 1) await kids[0].node.flush();
+      else if (kids.length > 1) await Promise.all(kids.map((c) => c.node.flush()));
     } catch (err) {
       throw toVdiskError(err, `flush on node '${this.nodeName}'`);
     } finally {
@@ -558,7 +599,7 @@ export abstract class BlockNode {
 
   private async flushNoCount(): Promise<void> {
     await this.doFlush();
-    for (const c of this.children) await c.node.flush();
+    for (const c of this.flushedChildren) await c.node.flush();
   }
 
   /**

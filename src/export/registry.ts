@@ -34,7 +34,12 @@ export class BlockExport implements NodeUser {
   constructor(
     readonly id: string,
     readonly type: string,
-    readonly node: BlockNode,
+    /**
+     * The node served. A filter inserted above it (a backup's copy-before-write)
+     * takes its place, as QEMU's BlockBackend follows bdrv_replace_node: the
+     * protocol drivers read it per request, so new requests go to the filter.
+     */
+    public node: BlockNode,
     readonly writable: boolean,
     /** Flush after every write. */
     readonly writethrough: boolean,
@@ -42,6 +47,12 @@ export class BlockExport implements NodeUser {
 
   get userDescription(): string {
     return `export '${this.id}'`;
+  }
+
+  moveTo(from: BlockNode, to: BlockNode): boolean {
+    if (this.node !== from || to.size !== from.size) return false;
+    this.node = to;
+    return true;
   }
 }
 

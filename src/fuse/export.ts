@@ -49,7 +49,10 @@ export function fuseExportDriver(deleteExport: DeleteExport): ExportDriver {
       const allowOther = (options['allow-other'] as string | undefined) ?? 'auto';
       const session = new FuseSession({
         id: exp.id,
-        node: exp.node,
+        // Read per request: a filter inserted above the node (a backup) takes the next ones.
+        get node() {
+          return exp.node;
+        },
         mountpoint,
         directory: st.isDirectory(),
         writable: exp.writable,

@@ -26,7 +26,9 @@ export abstract class BlockJob extends Job {
   /** The errno text, as QEMU reports block job errors ("Input/output error"). */
   protected override errorText(err: unknown): string {
     const e = toVdiskError(err, 'block job');
-    return e.errno === 'ECANCELED' ? 'Operation canceled' : strerror(e.errno);
+    if (e.errno === 'ECANCELED') return 'Operation canceled';
+    // The scratch limit is vdisk's own failure and says what happened; I/O errors read as QEMU's.
+    return e.code === 'VDISK_SCRATCH_LIMIT' ? e.message : strerror(e.errno);
   }
 
   private blockInfo(): Record<string, unknown> {

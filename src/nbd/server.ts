@@ -233,7 +233,10 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined): ExportD
       const nbdExp: NbdExport = {
         name,
         description,
-        node: exp.node,
+        // Read per request: a filter inserted above the node (a backup) takes the next ones.
+        get node() {
+          return exp.node;
+        },
         writable: exp.writable,
         writethrough: exp.writethrough,
         connections: new Set(),

@@ -4,7 +4,7 @@
  * passes requests through, and its block status is the child's.
  */
 import { VdiskError } from '../../errors.js';
-import { BlockNode, type Extent } from '../node.js';
+import { BlockNode, type ChildRole, type Extent } from '../node.js';
 
 export interface RawOptions {
   nodeName: string;
@@ -16,7 +16,7 @@ export interface RawOptions {
 
 export class RawNode extends BlockNode {
   readonly driverName = 'raw';
-  private readonly file: BlockNode;
+  private file: BlockNode;
   private readonly offset: number;
   /** A fixed size was given: the node does not follow its child's length. */
   private readonly hasFixedSize: boolean;
@@ -47,6 +47,14 @@ export class RawNode extends BlockNode {
     this.limits = { ...options.file.limits };
     // FUA passes through: the child honours it (natively or by its own flush).
     this.nativeFua = true;
+  }
+
+  protected override canReplaceChild(): boolean {
+    return true;
+  }
+
+  protected override childReplaced(_role: ChildRole, node: BlockNode): void {
+    this.file = node;
   }
 
   protected override doRead(offset: number, buf: Buffer): Promise<void> {

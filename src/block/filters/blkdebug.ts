@@ -13,7 +13,7 @@
  * deleted.
  */
 import { VdiskError, errnoError } from '../../errors.js';
-import { BlockNode, type Extent } from '../node.js';
+import { BlockNode, type ChildRole, type Extent } from '../node.js';
 
 export const BLKDEBUG_EVENTS = [
   'l1_update', 'l1_grow_alloc_table', 'l1_grow_write_table', 'l1_grow_activate_table', 'l2_load', 'l2_update',
@@ -85,7 +85,7 @@ export class BlkdebugNode extends BlockNode {
   /** Rules newest first, as QEMU keeps them. */
   readonly rules: BlkdebugRule[];
   private active: InjectErrorRule[] = [];
-  private readonly image: BlockNode;
+  private image: BlockNode;
   private nextRuleId = 1;
   /** Breakpoints: an event that suspends the request announced after it, under a tag. */
   private breakpoints: Array<{ event: string; tag: string }> = [];
@@ -121,6 +121,14 @@ export class BlkdebugNode extends BlockNode {
 
   override get filename(): string {
     return this.image.filename;
+  }
+
+  protected override canReplaceChild(): boolean {
+    return true;
+  }
+
+  protected override childReplaced(_role: ChildRole, node: BlockNode): void {
+    this.image = node;
   }
 
   /** An event announced by the parent: rules for it fire in the state as it was before. */

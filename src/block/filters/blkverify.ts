@@ -16,7 +16,7 @@
 import { createHash } from 'node:crypto';
 import { VdiskError, errnoNumber, toVdiskError } from '../../errors.js';
 import { logEvent } from '../../log.js';
-import { BlockNode, type Extent } from '../node.js';
+import { BlockNode, type ChildRole, type Extent } from '../node.js';
 
 export type MismatchAction = 'abort' | 'eio' | 'log';
 
@@ -42,8 +42,8 @@ export interface BlkverifyOptions {
 
 export class BlkverifyNode extends BlockNode {
   readonly driverName = 'blkverify';
-  private readonly test: BlockNode;
-  private readonly raw: BlockNode;
+  private test: BlockNode;
+  private raw: BlockNode;
   readonly mismatchAction: MismatchAction;
   private readonly onMismatch: (data: Record<string, unknown>) => void;
   private readonly trail: TrailEntry[] = [];
@@ -68,6 +68,15 @@ export class BlkverifyNode extends BlockNode {
 
   override get filename(): string {
     return `blkverify:${this.raw.filename}:${this.test.filename}`;
+  }
+
+  protected override canReplaceChild(): boolean {
+    return true;
+  }
+
+  protected override childReplaced(role: ChildRole, node: BlockNode): void {
+    if (role === 'raw') this.raw = node;
+    else this.test = node;
   }
 
   private remember(op: string, offset: number, length: number): void {

@@ -22,6 +22,9 @@ const BACKUP_COMMON: Members = {
   '*auto-dismiss': bool,
   '*filter-node-name': str,
   '*x-perf': struct('BackupPerf', { '*use-copy-range': bool, '*max-workers': int('int'), '*max-chunk': int('int64') }),
+  // vdisk: the most bytes copy-before-write may save into the target (a fleecing overlay's scratch
+  // space); past it the job fails and gives up its point in time instead of failing guest writes.
+  '*x-scratch-limit': int('uint64'),
 };
 const DRIVE_BACKUP: Type = struct('DriveBackup', { ...BACKUP_COMMON, target: str, '*format': str, '*mode': enumOf('NewImageMode', ['existing', 'absolute-paths']) });
 const BLOCKDEV_BACKUP: Type = struct('BlockdevBackup', { ...BACKUP_COMMON, target: str });

@@ -34,7 +34,7 @@ import { promisify } from 'node:util';
 import zlib from 'node:zlib';
 import { VdiskError } from '../../../errors.js';
 import { logEvent } from '../../../log.js';
-import { BlockNode, type Extent, ReqFlags, Status } from '../../node.js';
+import { BlockNode, type ChildRole, type Extent, ReqFlags, Status } from '../../node.js';
 import {
   AUTOCLEAR_BITMAPS,
   type DecodedL2,
@@ -130,6 +130,15 @@ export class Qcow2Node extends BlockNode {
 
   override get filename(): string {
     return this.file.filename;
+  }
+
+  /** The backing link may be swapped while open (a fleecing view put between a target and its source). */
+  protected override canReplaceChild(role: ChildRole): boolean {
+    return role === 'backing';
+  }
+
+  protected override childReplaced(_role: ChildRole, node: BlockNode): void {
+    this.backing = node;
   }
 
   get clusterBytes(): number {

@@ -248,6 +248,41 @@ export class SparseBitmap {
     }
   }
 
+  /**
+   * Bits [first, first + n) as bytes in the flat layout (bit i of the range
+   * is bit i % 8 of byte i / 8); `first` must be a multiple of 8. Bits past
+   * the end read as clear.
+   */
+  bytesOf(first: number, n: number): Buffer {
+    if (first % 8) throw new RangeError('bytesOf: the first bit must be byte-aligned');
+    const out = Buffer.alloc(Math.ceil(n / 8));
+    const chunkBytes = CHUNK_BITS / 8;
+    const startByte = first / 8;
+    for (let at = 0; at < out.length; ) {
+      const byte = startByte + at;
+      const ci = Math.floor(byte / chunkBytes);
+      const within = byte - ci * chunkBytes;
+      const take = Math.min(out.length - at, chunkBytes - within);
+      const c = this.chunks[ci];
+      if (c) Buffer.from(c.buffer, c.byteOffset, c.byteLength).copy(out, at, within, within + take);
+      at += take;
+    }
+    // Bits at or past the end of the bitmap are not part of it.
+    const valid = this.nbits - first;
+    if (valid < n) {
+      for (let i = Math.max(0, valid); i < n; i++) out[i >> 3] &= ~(1 << (i & 7));
+    }
+    return out;
+  }
+
+  /** Makes bits [first, first + n) equal to those of `other` (first a multiple of 8). */
+  copyRange(other: SparseBitmap, first: number, n: number): void {
+    const end = Math.min(first + n, this.nbits);
+    if (end <= first) return;
+    this.reset(first, end - first);
+    this.setFromBytes(other.bytesOf(first, end - first), first, end - first);
+  }
+
   clone(): SparseBitmap {
     const b = new SparseBitmap(this.nbits);
     b.chunks = this.chunks.map((c) => (c ? new Uint32Array(c) : undefined));

@@ -42,6 +42,7 @@ export interface BlkverifyOptions {
 
 export class BlkverifyNode extends BlockNode {
   readonly driverName = 'blkverify';
+  override readonly filteredRole = 'raw' as const;
   private readonly test: BlockNode;
   private readonly raw: BlockNode;
   readonly mismatchAction: MismatchAction;

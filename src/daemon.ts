@@ -28,7 +28,7 @@ export class Daemon extends EventEmitter {
 
   constructor() {
     super();
-    this.exports.registerDriver(nbdExportDriver(() => this.nbd));
+    this.exports.registerDriver(nbdExportDriver(() => this.nbd, this.graph));
     // A FUSE session the kernel ended (someone unmounted it) takes its export with it, as in QEMU.
     this.exports.registerDriver(
       fuseExportDriver((id) => {

@@ -89,7 +89,7 @@ export class BackupJob extends BlockJob implements NodeUser {
     if (o.sync === 'full' || o.sync === 'top' || o.sync === 'none') bits.bits.set(0, bits.bits.size);
     else if ((o.sync === 'bitmap' || o.sync === 'incremental') && o.bitmap) bits.mergeFrom(o.bitmap);
     if (o.bitmap) {
-      this.successor = o.bitmap.createSuccessor(o.source.size);
+      this.successor = o.bitmap.createSuccessor(o.source.size, this);
       o.source.dirtyBitmaps.unshift(this.successor);
     }
     // Progress counts whole job clusters, as QEMU's: a full backup of 64 MiB has len 64 MiB.

@@ -24,6 +24,7 @@ import type { BlockCopy } from './block-copy.js';
 
 export class CopyBeforeWriteNode extends BlockNode {
   readonly driverName = 'copy-before-write';
+  override readonly filteredRole = 'file' as const;
   private readonly guard: (offset: number, length: number) => Promise<void>;
 
   constructor(

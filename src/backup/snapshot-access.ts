@@ -22,6 +22,8 @@ import type { BlockCopy } from './block-copy.js';
 
 export class SnapshotAccessNode extends BlockNode {
   readonly driverName = 'snapshot-access';
+  // A filter in QEMU's sense (snapshot-access is one): lookups and depths look through it to the source.
+  override readonly filteredRole = 'file' as const;
 
   constructor(
     nodeName: string,

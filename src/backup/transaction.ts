@@ -84,17 +84,19 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
     }
     case 'block-dirty-bitmap-remove': {
       let found: { node: BlockNode; bitmap: DirtyBitmap } | undefined;
+      const holder = { userDescription: `transaction removing bitmap '${String(d.name)}'` };
       return {
         prepare: async () => {
           found = lookupBitmap(g, d.node as string, d.name as string);
           found.bitmap.check({ busy: true, readOnly: true }, found.node.readOnly);
           // Busy until the transaction ends, so nothing else starts using it.
-          found.bitmap.busy = true;
+          found.bitmap.claim(holder);
         },
-        commit: () => detachBitmap(found!.node, found!.bitmap),
-        abort: () => {
-          if (found) found.bitmap.busy = false;
+        commit: () => {
+          found!.bitmap.release(holder);
+          detachBitmap(found!.node, found!.bitmap);
         },
+        abort: () => found?.bitmap.release(holder),
       };
     }
     case 'block-dirty-bitmap-clear': {

@@ -9,7 +9,8 @@
  * successor: the successor records new writes while the parent stays frozen
  * at the job's point in time; the job's outcome then abdicates (the
  * successor replaces the parent) or reclaims (the successor's bits go back
- * into the parent), so no write is ever lost track of.
+ * into the parent), so no write is ever lost track of. An NBD export that
+ * publishes a bitmap holds it busy too, for the export's life.
  */
 import { VdiskError } from '../errors.js';
 import { SparseBitmap } from './sparse-bitmap.js';
@@ -18,10 +19,21 @@ export const MIN_GRANULARITY = 512;
 export const MAX_GRANULARITY = 2 ** 31;
 export const MAX_NAME_BYTES = 1023;
 
+/** Whoever holds a bitmap busy: a backup job, an NBD export, a pending transaction action. */
+export interface BitmapHolder {
+  readonly userDescription: string;
+}
+
 export class DirtyBitmap {
   readonly bits: SparseBitmap;
   enabled: boolean;
-  busy = false;
+  /**
+   * Who holds the bitmap busy, if anyone. One holder at a time: a job, an
+   * export and a pending remove all exclude each other, as in QEMU. Keeping
+   * the holder (not a bare flag) means one user's release can never clear a
+   * claim another user made.
+   */
+  private holder: BitmapHolder | undefined;
   persistent: boolean;
   /** A persistent bitmap found in use at load: its content cannot be trusted. */
   inconsistent = false;
@@ -90,24 +102,45 @@ export class DirtyBitmap {
     return { offset: start, length: stop - start };
   }
 
+  /** In use by a job, an export or a pending transaction (QEMU's "busy"). */
+  get busy(): boolean {
+    return this.holder !== undefined;
+  }
+
+  /**
+   * Makes the bitmap busy on behalf of holder; refused with QEMU's busy error
+   * when someone else holds it. Claiming again by the same holder is a no-op
+   * (an export may list one bitmap twice, as QEMU allows).
+   */
+  claim(holder: BitmapHolder): void {
+    if (this.holder !== undefined && this.holder !== holder) this.check({ busy: true });
+    this.holder = holder;
+  }
+
+  /** Ends holder's claim; a release by anyone else changes nothing. */
+  release(holder: BitmapHolder): void {
+    if (this.holder === holder) this.holder = undefined;
+  }
+
   /** QEMU's check flags for commands (bdrv_dirty_bitmap_check). */
   check(flags: { busy?: boolean; readOnly?: boolean; inconsistent?: boolean }, nodeReadOnly = false): void {
     const name = this.name ?? '';
     if (flags.busy && this.busy) throw new VdiskError('EBUSY', `Bitmap '${name}' is currently in use by another operation and cannot be used`);
     if (flags.readOnly && nodeReadOnly) throw new VdiskError('EROFS', `Bitmap '${name}' is readonly and cannot be modified`);
     if (flags.inconsistent && this.inconsistent) {
-      throw new VdiskError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk`);
+      // QEMU adds "Try block-dirty-bitmap-remove to delete this bitmap from disk" as a hint, which QMP never sends.
+      throw new VdiskError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`);
     }
   }
 
   /** Starts a job's use: a successor records from now on, the bitmap itself is frozen and busy. */
-  createSuccessor(size: number): DirtyBitmap {
+  createSuccessor(size: number, job: BitmapHolder): DirtyBitmap {
     if (this.busy) throw new VdiskError('EBUSY', `Cannot create a successor for a bitmap currently in use`);
     if (this.successor) throw new VdiskError('EBUSY', 'Cannot create a successor for a bitmap that already has one');
     const s = new DirtyBitmap(undefined, this.granularity, size, { enabled: this.enabled });
     this.successor = s;
     this.enabled = false;
-    this.busy = true;
+    this.holder = job;
     return s;
   }
 
@@ -123,7 +156,7 @@ export class DirtyBitmap {
     s.persistent = this.persistent;
     this.successor = undefined;
     this.name = undefined;
-    this.busy = false;
+    this.holder = undefined;
     return s;
   }
 
@@ -134,7 +167,7 @@ export class DirtyBitmap {
     this.bits.merge(s.bits);
     this.enabled = s.enabled;
     this.successor = undefined;
-    this.busy = false;
+    this.holder = undefined;
     return this;
   }
 

@@ -184,6 +184,18 @@ export abstract class BlockNode {
   /** A debug event announced by a parent (blkdebug acts on them; other nodes ignore them). */
   debugEvent(_event: string): void {}
 
+  /**
+   * A filter names the child whose content it passes on (QEMU's filtered
+   * child: blkdebug's image, blkverify's raw, copy-before-write's file);
+   * undefined for formats and protocols.
+   */
+  readonly filteredRole: ChildRole | undefined = undefined;
+
+  /** The next node down a chain of filters and backing files (QEMU's bdrv_filter_or_cow_bs). */
+  get filterOrBacking(): BlockNode | undefined {
+    return this.filteredRole !== undefined ? this.child(this.filteredRole) : this.child('backing');
+  }
+
   /** The child events go to: the file (formats) or the filtered image. */
   private get primaryChild(): BlockNode | undefined {
     return this.child('file') ?? this.child('image');

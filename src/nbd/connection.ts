@@ -23,6 +23,19 @@ import { logEvent, isLogLevelEnabled } from '../log.js';
 import { ReqFlags, Status } from '../block/node.js';
 import { native } from '../native.js';
 import { ByteQueue } from './byte-queue.js';
+import {
+  MAX_EXTENTS,
+  META_ID_BASE_ALLOCATION,
+  META_ID_ALLOCATION_DEPTH,
+  META_ID_DIRTY_BITMAP,
+  type MetaSelection,
+  addExtent,
+  allocationFlags,
+  dirtyExtents,
+  selectContexts,
+  selectedContexts,
+  statusExtents,
+} from './meta.js';
 import * as P from './protocol.js';
 import type { NbdExport, NbdServer } from './server.js';
 
@@ -37,9 +50,6 @@ const GRACEFUL_CLOSE_MS = 10_000;
 const MAX_OPTIONS = 1000;
 /** Reads at least this long look for holes and send them as hole chunks. */
 const HOLE_SCAN_MIN = 64 * 1024;
-/** Most extents sent in one block-status reply (QEMU: 2^17 per chunk). */
-const MAX_EXTENTS = 4096;
-const META_CONTEXT_ID_BASE_ALLOCATION = 1;
 
 const enum State {
   ClientFlags,
@@ -79,15 +89,17 @@ export class NbdConnection {
   private optionCount = 0;
   private option = 0;
   private optionLength = 0;
-  /** Export chosen by SET_META_CONTEXT, and whether base:allocation was selected for it. */
-  private metaExportName: string | undefined;
-  private metaBaseAllocation = false;
+  /** What the last NBD_OPT_SET_META_CONTEXT selected, and on which export. */
+  private metaSelection: MetaSelection | undefined;
   private handshakeTimer: NodeJS.Timeout | undefined;
 
   /** Transmission phase. */
   private exp: NbdExport | undefined;
   private exportSize = 0;
-  private canBlockStatus = false;
+  /** The contexts BLOCK_STATUS answers for; undefined when none was negotiated for this export. */
+  private meta: MetaSelection | undefined;
+  /** Only base:allocation: block status takes the path that allocates no more than it must. */
+  private metaBaseOnly = false;
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -433,7 +445,9 @@ export class NbdConnection {
     const bs = Buffer.allocUnsafe(14);
     bs.writeUInt16BE(P.NBD_INFO_BLOCK_SIZE, 0);
     bs.writeUInt32BE(min, 2);
-    bs.writeUInt32BE(Math.max(min, exp.node.limits.preferredSize), 6);
+    // Preferred: 4096 (or the minimum), as QEMU advertises whatever the node; a qcow2 node's cluster
+    // size would make nbdinfo's answer differ from qemu-storage-daemon's for no gain to clients.
+    bs.writeUInt32BE(Math.max(min, 4096), 6);
     bs.writeUInt32BE(Math.min(P.NBD_MAX_PAYLOAD, Math.max(min, exp.node.limits.maxTransfer)), 10);
     this.optionReply(option, P.NBD_REP_INFO, bs);
     const ex = Buffer.allocUnsafe(12);
@@ -451,47 +465,53 @@ export class NbdConnection {
 
   private optMetaContext(option: number, data: Buffer): void {
     const set = option === P.NBD_OPT_SET_META_CONTEXT;
-    if (set) {
-      // Failure also clears the selection (the spec: the request replaces it in every case).
-      this.metaExportName = undefined;
-      this.metaBaseAllocation = false;
-    }
-    if (!this.structured) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'structured replies not negotiated');
+    const what = set ? 'NBD_OPT_SET_META_CONTEXT' : 'NBD_OPT_LIST_META_CONTEXT';
+    // Only SET needs structured replies (BLOCK_STATUS answers in chunks); LIST is just a question.
+    if (set && !this.structured) return this.optionError(option, P.NBD_REP_ERR_INVALID, `request option '${what}' when structured reply is not negotiated`);
+    // A SET replaces the selection whatever follows, even if it then fails (QEMU clears it first).
+    if (set) this.metaSelection = undefined;
     let pos = 0;
     const need = (n: number): boolean => pos + n <= data.length;
-    if (!need(4)) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'option data too short');
+    const inconsistent = `Inconsistent lengths in option ${what}`;
+    if (!need(4)) return this.optionError(option, P.NBD_REP_ERR_INVALID, inconsistent);
     const nameLength = data.readUInt32BE(pos);
     pos += 4;
-    if (nameLength > P.NBD_MAX_STRING || !need(nameLength + 4)) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'bad export name length');
+    if (nameLength > P.NBD_MAX_STRING) return this.optionError(option, P.NBD_REP_ERR_INVALID, `Invalid name length: ${nameLength}`);
+    if (!need(nameLength + 4)) return this.optionError(option, P.NBD_REP_ERR_INVALID, inconsistent);
     const name = data.toString('utf8', pos, pos + nameLength);
     pos += nameLength;
     const count = data.readUInt32BE(pos);
     pos += 4;
     const queries: string[] = [];
     for (let i = 0; i < count; i++) {
-      if (!need(4)) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'option data too short');
+      if (!need(4)) return this.optionError(option, P.NBD_REP_ERR_INVALID, inconsistent);
       const len = data.readUInt32BE(pos);
       pos += 4;
-      if (len > P.NBD_MAX_STRING || !need(len)) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'bad query length');
-      queries.push(data.toString('utf8', pos, pos + len));
+      if (!need(len)) return this.optionError(option, P.NBD_REP_ERR_INVALID, inconsistent);
+      // A query longer than any context name cannot match: skipped, as QEMU does, not an error.
+      if (len <= P.NBD_MAX_STRING) {
+        if (data.subarray(pos, pos + len).includes(0)) {
+          return this.optionError(option, P.NBD_REP_ERR_INVALID, `Unexpected embedded NUL in option ${what}`);
+        }
+        queries.push(data.toString('utf8', pos, pos + len));
+      }
       pos += len;
     }
-    if (pos !== data.length) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'trailing option data');
+    if (pos !== data.length) return this.optionError(option, P.NBD_REP_ERR_INVALID, `option '${what}' has unexpected length`);
     const exp = this.server.findExport(name);
     if (!exp) return this.optionError(option, P.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
-    // base:allocation is the one context; for LIST, "base:" is a wildcard and no query means all.
-    const matches =
-      (!set && queries.length === 0) || queries.some((q) => q === P.BASE_ALLOCATION || (!set && q === 'base:'));
-    if (matches) {
-      const n = Buffer.from(P.BASE_ALLOCATION);
+    const sel = selectContexts(exp, queries, !set);
+    const contexts = selectedContexts(sel);
+    for (const c of contexts) {
+      const n = Buffer.from(c.name);
       const b = Buffer.allocUnsafe(4 + n.length);
-      b.writeUInt32BE(set ? META_CONTEXT_ID_BASE_ALLOCATION : 0, 0);
+      b.writeUInt32BE(set ? c.id : 0, 0);
       n.copy(b, 4);
       this.optionReply(option, P.NBD_REP_META_CONTEXT, b);
     }
-    if (set) {
-      this.metaExportName = exp.name;
-      this.metaBaseAllocation = matches;
+    if (set) this.metaSelection = sel;
+    if (isLogLevelEnabled('debug')) {
+      logEvent('debug', 'nbd-meta-context', { connection: this.id, option: set ? 'set' : 'list', export: exp.name, queries, contexts: contexts.map((c) => c.name) });
     }
     this.optionReply(option, P.NBD_REP_ACK);
   }
@@ -511,10 +531,19 @@ export class NbdConnection {
     this.handshakeTimer = undefined;
     this.exp = exp;
     this.exportSize = exp.node.size;
-    this.canBlockStatus = this.metaBaseAllocation && this.metaExportName === exp.name;
+    // Contexts selected for another export (or an export since replaced under the same name) do not count.
+    const sel = this.metaSelection;
+    this.meta = sel !== undefined && sel.exp === exp && sel.count > 0 ? sel : undefined;
+    this.metaBaseOnly = this.meta !== undefined && this.meta.count === 1 && this.meta.baseAllocation;
     this.state = State.RequestHeader;
     exp.connections.add(this);
-    logEvent('info', 'nbd-client-connected', { connection: this.id, peer: this.peer, export: exp.name, structured: this.structured });
+    logEvent('info', 'nbd-client-connected', {
+      connection: this.id,
+      peer: this.peer,
+      export: exp.name,
+      structured: this.structured,
+      contexts: this.meta ? selectedContexts(this.meta).map((c) => c.name) : [],
+    });
   }
 
   // ---- transmission -------------------------------------------------------
@@ -599,8 +628,8 @@ export class NbdConnection {
     }
     if (isWrite && !this.exp!.writable) return { code: P.NBD_EPERM, message: 'export is read-only' };
     if (type === P.NBD_CMD_BLOCK_STATUS) {
-      if (!this.canBlockStatus) return { code: P.NBD_EINVAL, message: 'CMD_BLOCK_STATUS not negotiated' };
       if (length === 0) return { code: P.NBD_EINVAL, message: 'need non-zero length' };
+      if (this.meta === undefined) return { code: P.NBD_EINVAL, message: 'CMD_BLOCK_STATUS not negotiated' };
     }
     return undefined;
   }
@@ -723,31 +752,69 @@ export class NbdConnection {
     );
   }
 
-  private async blockStatusReply(cookieHi: number, cookieLo: number, flags: number, offset: number, length: number): Promise<void> {
+  private blockStatusReply(cookieHi: number, cookieLo: number, flags: number, offset: number, length: number): Promise<void> {
+    const max = flags & P.NBD_CMD_FLAG_REQ_ONE ? 1 : MAX_EXTENTS;
+    if (this.metaBaseOnly) return this.baseAllocationReply(cookieHi, cookieLo, max, offset, length);
+    return this.contextsReply(cookieHi, cookieLo, max, offset, length);
+  }
+
+  /**
+   * The common case, base:allocation alone: the walk is inline (no extra
+   * async frame) and the reply costs two arrays and one buffer, exactly what
+   * it cost before other contexts existed.
+   */
+  private async baseAllocationReply(cookieHi: number, cookieLo: number, max: number, offset: number, length: number): Promise<void> {
     const node = this.exp!.node;
-    const reqOne = (flags & P.NBD_CMD_FLAG_REQ_ONE) !== 0;
     const lengths: number[] = [];
     const states: number[] = [];
-    let pos = offset;
     const end = offset + length;
-    while (pos < end && lengths.length < MAX_EXTENTS) {
+    for (let pos = offset; pos < end; ) {
       const ext = await node.blockStatus(pos, end - pos);
-      const state = (ext.flags & Status.DATA ? 0 : P.NBD_STATE_HOLE) | (ext.flags & Status.ZERO ? P.NBD_STATE_ZERO : 0);
-      const last = lengths.length - 1;
-      if (last >= 0 && states[last] === state) lengths[last] += ext.length;
-      else {
-        if (reqOne && lengths.length === 1) break;
-        lengths.push(ext.length);
-        states.push(state);
-      }
+      if (!addExtent(lengths, states, max, ext.length, allocationFlags(ext.flags))) break;
       pos += ext.length;
     }
-    const b = Buffer.allocUnsafe(20 + 4 + 8 * lengths.length);
-    writeChunkHeader(b, cookieHi, cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_BLOCK_STATUS, 4 + 8 * lengths.length);
-    b.writeUInt32BE(META_CONTEXT_ID_BASE_ALLOCATION, 20);
-    for (let i = 0; i < lengths.length; i++) {
-      b.writeUInt32BE(lengths[i], 24 + 8 * i);
-      b.writeUInt32BE(states[i], 28 + 8 * i);
+    const b = Buffer.allocUnsafe(24 + 8 * lengths.length);
+    writeBlockStatusChunk(b, 0, cookieHi, cookieLo, true, META_ID_BASE_ALLOCATION, lengths, states);
+    this.send(b);
+  }
+
+  /**
+   * One BLOCK_STATUS chunk per selected context, in QEMU's order, DONE on the
+   * last. Every context is worked out before anything is sent, so a failure
+   * is one clean error reply rather than chunks followed by an error.
+   */
+  private async contextsReply(cookieHi: number, cookieLo: number, max: number, offset: number, length: number): Promise<void> {
+    const exp = this.exp!;
+    const sel = this.meta!;
+    const ids: number[] = [];
+    const lengths: number[][] = [];
+    const values: number[][] = [];
+    const add = (id: number): [number[], number[]] => {
+      const l: number[] = [];
+      const v: number[] = [];
+      ids.push(id);
+      lengths.push(l);
+      values.push(v);
+      return [l, v];
+    };
+    const [bl, bf] = sel.baseAllocation ? add(META_ID_BASE_ALLOCATION) : [undefined, undefined];
+    const [dl, dv] = sel.allocationDepth ? add(META_ID_ALLOCATION_DEPTH) : [undefined, undefined];
+    if (bl || dl) await statusExtents(exp.node, offset, length, max, bl, bf, dl, dv);
+    // Bitmaps are read after the node walk's last await, so every bitmap chunk shows one instant.
+    for (let i = 0; i < exp.bitmaps.length; i++) {
+      if (!sel.bitmaps[i]) continue;
+      const [l, v] = add(META_ID_DIRTY_BITMAP + i);
+      dirtyExtents(exp.bitmaps[i].bitmap, offset, length, max, l, v);
+    }
+    let total = 0;
+    for (const l of lengths) total += 24 + 8 * l.length;
+    const b = Buffer.allocUnsafe(total);
+    let at = 0;
+    for (let c = 0; c < ids.length; c++) {
+      at = writeBlockStatusChunk(b, at, cookieHi, cookieLo, c === ids.length - 1, ids[c], lengths[c], values[c]);
+    }
+    if (isLogLevelEnabled('debug')) {
+      logEvent('debug', 'nbd-block-status', { connection: this.id, offset, length, contexts: ids, extents: lengths.map((l) => l.length) });
     }
     this.send(b);
   }
@@ -807,6 +874,25 @@ function writeChunkHeader(b: Buffer, cookieHi: number, cookieLo: number, flags: 
   b.writeUInt32BE(cookieHi, 8);
   b.writeUInt32BE(cookieLo, 12);
   b.writeUInt32BE(length, 16);
+}
+
+/** Writes one NBD_REPLY_TYPE_BLOCK_STATUS chunk at `at`; returns where the next one goes. */
+function writeBlockStatusChunk(b: Buffer, at: number, cookieHi: number, cookieLo: number, done: boolean, id: number, lengths: number[], flags: number[]): number {
+  const payload = 4 + 8 * lengths.length;
+  b.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, at);
+  b.writeUInt16BE(done ? P.NBD_REPLY_FLAG_DONE : 0, at + 4);
+  b.writeUInt16BE(P.NBD_REPLY_TYPE_BLOCK_STATUS, at + 6);
+  b.writeUInt32BE(cookieHi, at + 8);
+  b.writeUInt32BE(cookieLo, at + 12);
+  b.writeUInt32BE(payload, at + 16);
+  b.writeUInt32BE(id, at + 20);
+  let p = at + 24;
+  for (let i = 0; i < lengths.length; i++) {
+    b.writeUInt32BE(lengths[i], p);
+    b.writeUInt32BE(flags[i] >>> 0, p + 4);
+    p += 8;
+  }
+  return p;
 }
 
 function writeU64(b: Buffer, at: number, value: number): void {

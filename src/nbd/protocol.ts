@@ -97,6 +97,8 @@ export const NBD_REPLY_TYPE_ERROR_OFFSET = 2 ** 15 + 2;
 // base:allocation extent flags.
 export const NBD_STATE_HOLE = 1 << 0;
 export const NBD_STATE_ZERO = 1 << 1;
+// qemu:dirty-bitmap:NAME extent flag.
+export const NBD_STATE_DIRTY = 1 << 0;
 
 // Error values on the wire.
 export const NBD_EPERM = 1;
@@ -139,4 +141,8 @@ export const NBD_MAX_STRING = 4096;
 export const NBD_MAX_PAYLOAD = 32 * 1024 * 1024;
 /** Option data larger than this gets NBD_REP_ERR_TOO_BIG and is skipped unread. */
 export const NBD_MAX_OPTION_LENGTH = 64 * 1024;
+
+// Meta contexts (the names QEMU publishes; docs/interop/nbd.txt in qemu/qemu).
 export const BASE_ALLOCATION = 'base:allocation';
+export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+export const QEMU_DIRTY_BITMAP = 'qemu:dirty-bitmap:';

@@ -7,11 +7,15 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
+import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
+import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockExport, ExportDriver, ExportHandle } from '../export/registry.js';
+import { BLOCK_DIRTY_BITMAP, lookupBitmap } from '../qmp/commands/bitmaps.js';
 import { type Members, type Type, bool, check, enumOf, int, str, struct, union, arrayOf, alternate } from '../qapi/schema.js';
 import { NbdConnection } from './connection.js';
-import { NBD_MAX_STRING } from './protocol.js';
+import type { ExportedBitmap } from './meta.js';
+import { NBD_MAX_STRING, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP } from './protocol.js';
 
 /** SocketAddress (flat, as qemu-storage-daemon's --nbd-server takes it). */
 export type SocketAddress =
@@ -74,6 +78,10 @@ export interface NbdExport {
   connections: Set<NbdConnection>;
   /** Set when the export is being removed: no new clients. */
   closing: boolean;
+  /** Published as qemu:allocation-depth. */
+  allocationDepth: boolean;
+  /** Published as qemu:dirty-bitmap:NAME, in the order given (which fixes their context ids). */
+  bitmaps: ExportedBitmap[];
 }
 
 export class NbdServer {
@@ -161,6 +169,11 @@ export class NbdServer {
     return [...this.exports.values()].filter((e) => !e.closing);
   }
 
+  /** Whether a name is taken, by a live export or one still closing (its name is not free yet). */
+  hasExport(name: string): boolean {
+    return this.exports.has(name);
+  }
+
   addExport(exp: NbdExport): void {
     if (this.exports.has(exp.name)) throw new VdiskError('EEXIST', `NBD server already has export named '${exp.name}'`);
     this.exports.set(exp.name, exp);
@@ -205,17 +218,48 @@ async function removeStaleSocket(path: string): Promise<void> {
   fs.rmSync(path, { force: true });
 }
 
+/**
+ * The bitmaps option of block-export-add, resolved as QEMU's nbd_export_create
+ * does: a name is looked for on the exported node and then down its chain
+ * of filters and backing files; {node, name} names one bitmap exactly. An
+ * enabled bitmap found by name on a writable node cannot go out on a
+ * read-only export (it would keep changing under a client that was
+ * promised a fixed view); a busy or inconsistent bitmap cannot go at all.
+ */
+function resolveBitmaps(graph: BlockGraph, exp: BlockExport, items: Array<string | { node: string; name: string }>): DirtyBitmap[] {
+  return items.map((item) => {
+    if (typeof item !== 'string') {
+      const { bitmap } = lookupBitmap(graph, item.node, item.name);
+      bitmap.check({ busy: true, inconsistent: true });
+      return bitmap;
+    }
+    let node: BlockNode | undefined = exp.node;
+    let bitmap: DirtyBitmap | undefined;
+    for (; node; node = node.filterOrBacking) {
+      bitmap = node.dirtyBitmaps.find((b) => b.name === item);
+      if (bitmap) break;
+    }
+    if (!bitmap || !node) throw new VdiskError('ENOENT', `Bitmap '${item}' is not found`);
+    if (!exp.writable && !node.readOnly && bitmap.enabled) {
+      throw new VdiskError('EINVAL', `Enabled bitmap '${item}' incompatible with readonly export`);
+    }
+    bitmap.check({ busy: true, inconsistent: true });
+    return bitmap;
+  });
+}
+
 /** The nbd type of block-export-add. */
-export function nbdExportDriver(getServer: () => NbdServer | undefined): ExportDriver {
+export function nbdExportDriver(getServer: () => NbdServer | undefined, graph: BlockGraph): ExportDriver {
   return {
     type: 'nbd',
     members: {
       '*name': str,
       '*description': str,
-      '*bitmaps': arrayOf(str),
+      '*bitmaps': arrayOf(alternate('BlockDirtyBitmapOrStr', [str, BLOCK_DIRTY_BITMAP])),
       '*allocation-depth': bool,
     },
     async create(exp: BlockExport, options: Record<string, unknown>): Promise<ExportHandle> {
+      // Checks in QEMU's order, so the first problem reported is the one QEMU reports.
       const server = getServer();
       if (!server) throw new VdiskError('ENOENT', 'NBD server not running');
       const name = (options.name as string | undefined) ?? exp.node.nodeName;
@@ -224,12 +268,8 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined): ExportD
       if (description !== undefined && Buffer.byteLength(description) > NBD_MAX_STRING) {
         throw new VdiskError('EINVAL', `description '${description}' too long`);
       }
-      if ((options.bitmaps as string[] | undefined)?.length) {
-        throw new VdiskError('ENOTSUP', 'exporting dirty bitmaps over NBD is not supported yet');
-      }
-      if (options['allocation-depth']) {
-        throw new VdiskError('ENOTSUP', 'the qemu:allocation-depth context is not supported yet');
-      }
+      if (server.hasExport(name)) throw new VdiskError('EEXIST', `NBD server already has export named '${name}'`);
+      const bitmaps = resolveBitmaps(graph, exp, (options.bitmaps as Array<string | { node: string; name: string }> | undefined) ?? []);
       const nbdExp: NbdExport = {
         name,
         description,
@@ -241,11 +281,25 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined): ExportD
         writethrough: exp.writethrough,
         connections: new Set(),
         closing: false,
+        allocationDepth: (options['allocation-depth'] as boolean | undefined) ?? false,
+        bitmaps: bitmaps.map((bitmap) => ({ bitmap, context: QEMU_DIRTY_BITMAP + bitmap.name! })),
       };
       server.addExport(nbdExp);
+      // Nothing can fail from here on, and nothing awaited since the checks: the claims cannot collide.
+      for (const b of bitmaps) b.claim(exp);
+      if (bitmaps.length || nbdExp.allocationDepth) {
+        logEvent('info', 'nbd-export-contexts', {
+          export: name,
+          contexts: [...(nbdExp.allocationDepth ? [QEMU_ALLOCATION_DEPTH] : []), ...nbdExp.bitmaps.map((b) => b.context)],
+        });
+      }
       return {
         clientCount: () => nbdExp.connections.size,
-        shutdown: (hard) => server.removeExport(nbdExp, hard),
+        shutdown: async (hard) => {
+          await server.removeExport(nbdExp, hard);
+          // Free once no client can ask about them any more, before the export is reported gone.
+          for (const b of bitmaps) b.release(exp);
+        },
       };
     },
   };

@@ -81,6 +81,7 @@ export interface BlkdebugOptions {
 
 export class BlkdebugNode extends BlockNode {
   readonly driverName = 'blkdebug';
+  override readonly filteredRole = 'image' as const;
   state = 1;
   /** Rules newest first, as QEMU keeps them. */
   readonly rules: BlkdebugRule[];

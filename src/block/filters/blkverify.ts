@@ -42,6 +42,7 @@ export interface BlkverifyOptions {
 
 export class BlkverifyNode extends BlockNode {
   readonly driverName = 'blkverify';
+  override readonly filteredRole = 'raw' as const;
   private test: BlockNode;
   private raw: BlockNode;
   readonly mismatchAction: MismatchAction;

@@ -25,7 +25,8 @@ export const BLOCK_DIRTY_BITMAP_MERGE: Type = struct('BlockDirtyBitmapMerge', {
 /** The bitmap lookup of the bitmap commands (QEMU's block_dirty_bitmap_lookup). */
 export function lookupBitmap(graph: BlockGraph, nodeName: string, name: string): { node: BlockNode; bitmap: DirtyBitmap } {
   const node = graph.get(nodeName);
-  if (!node) throw new VdiskError('ENOENT', `Cannot find device='${nodeName}' nor node-name='${nodeName}'`);
+  // QEMU's block_dirty_bitmap_lookup has its own text (not bdrv_lookup_bs's "Cannot find device=...").
+  if (!node) throw new VdiskError('ENOENT', `Node '${nodeName}' not found`);
   const bitmap = node.dirtyBitmaps.find((b) => b.name === name);
   if (!bitmap) throw new VdiskError('ENOENT', `Dirty bitmap '${name}' not found`);
   return { node, bitmap };
@@ -78,7 +79,8 @@ export function mergedBits(graph: BlockGraph, args: Record<string, unknown>): { 
   merged.bits.merge(target.bits);
   for (const src of args.bitmaps as Array<string | { node: string; name: string }>) {
     const s = typeof src === 'string' ? lookupBitmap(graph, args.node as string, src).bitmap : lookupBitmap(graph, src.node, src.name).bitmap;
-    s.check({ inconsistent: true });
+    // As QEMU's bdrv_merge_dirty_bitmap: a source in use (a backup's, an export's) is refused too.
+    s.check({ busy: true, inconsistent: true });
     if (s.size !== target.size) {
       throw new VdiskError('EINVAL', `Bitmaps are of different sizes (destination size is ${target.size}, source size is ${s.size}) and can't be merged`);
     }

@@ -1,0 +1,64 @@
+/**
+ * qemu-storage-daemon and vdisk side by side, each with a QMP socket in its
+ * own temp dir, for tests that send both the same commands and compare
+ * what clients then see. Both are killed at teardown.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import path from 'node:path';
+import { startDaemon, waitForSocket } from './daemon.js';
+import { QmpWire } from './qmp.js';
+import { tempDir } from './tools.js';
+
+export interface Peer {
+  name: 'qsd' | 'vdisk';
+  dir: string;
+  w: QmpWire;
+  /** The NBD unix socket the test's nbd-server-start is expected to use. */
+  nbdSocket: string;
+  uri(exportName: string): string;
+}
+
+interface TestLike {
+  teardown(fn: () => unknown): void;
+  fail(message: string): void;
+}
+
+/** Starts qemu-storage-daemon with a QMP monitor on dir/qmp.sock (and any extra arguments). */
+export async function startQsd(t: TestLike, dir: string, extra: string[] = []): Promise<QmpWire> {
+  const sock = path.join(dir, 'qmp.sock');
+  const proc: ChildProcess = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0', ...extra], {
+    stdio: 'ignore',
+  });
+  t.teardown(() => {
+    proc.kill('SIGKILL');
+  });
+  await waitForSocket(sock);
+  const w = await QmpWire.connect(sock);
+  t.teardown(() => w.close());
+  return w;
+}
+
+/** Starts `vdisk serve` with QMP on dir/qmp.sock (and any extra arguments). */
+export async function startVdiskQmp(t: TestLike, dir: string, extra: string[] = []): Promise<QmpWire> {
+  const sock = path.join(dir, 'qmp.sock');
+  await startDaemon(t, { dir, nbdServer: false, args: ['--qmp', `unix:${sock}`, '--log-level', 'warn', ...extra] });
+  const w = await QmpWire.connect(sock);
+  t.teardown(() => w.close());
+  return w;
+}
+
+/**
+ * Both daemons, qemu-storage-daemon first. prepare runs in each peer's
+ * directory before its daemon starts (to create the same images).
+ */
+export async function startPeers(t: TestLike, prepare: (dir: string) => Promise<void>): Promise<[Peer, Peer]> {
+  const peers: Peer[] = [];
+  for (const name of ['qsd', 'vdisk'] as const) {
+    const dir = tempDir(t);
+    await prepare(dir);
+    const w = name === 'qsd' ? await startQsd(t, dir) : await startVdiskQmp(t, dir);
+    const nbdSocket = path.join(dir, 'nbd.sock');
+    peers.push({ name, dir, w, nbdSocket, uri: (e) => `nbd+unix:///${e}?socket=${nbdSocket}` });
+  }
+  return [peers[0], peers[1]];
+}

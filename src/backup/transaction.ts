@@ -45,18 +45,38 @@ export async function runTransaction(daemon: Daemon, actions: TransactionAction[
     if (odd) throw new VdiskError('EINVAL', `Action '${odd.type}' does not support transaction property completion-mode = grouped`);
   }
   const txn = completionMode === 'grouped' ? new JobTxn() : undefined;
-  const prepared: Action[] = [];
+  // One point in time for every action: the nodes they name take no write until all have
+  // prepared and committed (QEMU drains all I/O for a transaction). Preparing a drive-backup
+  // creates and opens its target, so without this a guest write could land between two actions.
+  const releases: Array<() => void> = [];
   try {
-    for (const a of actions) {
-      const action = makeAction(daemon, a, txn);
-      await action.prepare();
-      prepared.push(action);
+    for (const node of namedNodes(daemon, actions)) releases.push(await node.quiesce());
+    const prepared: Action[] = [];
+    try {
+      for (const a of actions) {
+        const action = makeAction(daemon, a, txn);
+        await action.prepare();
+        prepared.push(action);
+      }
+    } catch (err) {
+      for (const action of prepared.reverse()) await action.abort();
+      throw err;
     }
-  } catch (err) {
-    for (const action of prepared.reverse()) await action.abort();
-    throw err;
+    for (const action of [...prepared].reverse()) action.commit();
+  } finally {
+    for (const release of releases) release();
   }
-  for (const action of [...prepared].reverse()) action.commit();
+}
+
+/** The existing nodes a transaction's actions name (sources, bitmap nodes, merge sources). */
+function namedNodes(daemon: Daemon, actions: TransactionAction[]): BlockNode[] {
+  const names = new Set<string>();
+  for (const a of actions) {
+    const d = a.data ?? {};
+    for (const key of ['device', 'node']) if (typeof d[key] === 'string') names.add(d[key] as string);
+    if (Array.isArray(d.bitmaps)) for (const b of d.bitmaps) if (b && typeof b === 'object' && typeof (b as { node?: unknown }).node === 'string') names.add((b as { node: string }).node);
+  }
+  return [...names].map((n) => daemon.graph.get(n)).filter((n): n is BlockNode => n !== undefined);
 }
 
 function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefined): Action {

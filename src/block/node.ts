@@ -152,6 +152,10 @@ export abstract class BlockNode {
   protected length = 0;
 
   private inFlight = 0;
+  /** Set while quiesced: writes wait for it before they start. */
+  private writeGate: Promise<void> | undefined;
+  private openGate: (() => void) | undefined;
+  private quiesceCount = 0;
   private drainWaiters: Array<() => void> = [];
   private closed = false;
   private closing: Promise<void> | undefined;
@@ -311,6 +315,7 @@ export abstract class BlockNode {
     if (this.detectZeroes !== 'off' && isAllZero(buf)) {
       return this.writeZeroes(offset, buf.length, (flags & ReqFlags.FUA) | (this.detectZeroes === 'unmap' ? ReqFlags.MAY_UNMAP : 0));
     }
+    while (this.writeGate) await this.writeGate;
     this.inFlight++;
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
@@ -347,6 +352,7 @@ export abstract class BlockNode {
   async writeCompressed(offset: number, buf: Buffer): Promise<void> {
     this.checkRange('write', offset, buf.length, true);
     if (buf.length === 0) return;
+    while (this.writeGate) await this.writeGate;
     this.inFlight++;
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
@@ -375,6 +381,7 @@ export abstract class BlockNode {
     this.checkRange('write-zeroes', offset, length, true);
     if (length === 0) return;
     if (!this.discardEnabled) flags &= ~ReqFlags.MAY_UNMAP;
+    while (this.writeGate) await this.writeGate;
     this.inFlight++;
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
@@ -412,6 +419,7 @@ export abstract class BlockNode {
   async discard(offset: number, length: number): Promise<void> {
     this.checkRange('discard', offset, length, true);
     if (length === 0 || !this.discardEnabled) return;
+    while (this.writeGate) await this.writeGate;
     this.inFlight++;
     try {
       if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
@@ -519,6 +527,33 @@ export abstract class BlockNode {
     } finally {
       this.requestDone();
     }
+  }
+
+  /**
+   * Holds new writes, write-zeroes and discards at the door and waits for
+   * the requests in progress: a transaction takes its point in time with the
+   * nodes it names quiet, so no guest write lands between two of its actions
+   * (QEMU drains every node for a transaction). Reads go on. Nested calls
+   * count; the returned function ends this one.
+   */
+  async quiesce(): Promise<() => void> {
+    if (this.quiesceCount++ === 0) this.writeGate = new Promise((r) => (this.openGate = r));
+    let ended = false;
+    const end = (): void => {
+      if (ended) return;
+      ended = true;
+      if (--this.quiesceCount === 0) {
+        this.writeGate = undefined;
+        this.openGate?.();
+      }
+    };
+    try {
+      await this.drain();
+    } catch (err) {
+      end();
+      throw err;
+    }
+    return end;
   }
 
   /** Resolves when no request is in progress on this node. */

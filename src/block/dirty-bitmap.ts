@@ -18,6 +18,22 @@ export const MIN_GRANULARITY = 512;
 export const MAX_GRANULARITY = 2 ** 31;
 export const MAX_NAME_BYTES = 1023;
 
+/**
+ * What a driver contributes to dirty bitmaps, as QEMU's BlockDriver
+ * callbacks do (bdrv_get_info's cluster size, bdrv_co_can_store_new_dirty_bitmap,
+ * bdrv_co_remove_persistent_dirty_bitmap). A node whose image can keep
+ * persistent bitmaps (qcow2) sets BlockNode.bitmapDriver; the bitmap
+ * operations (bitmap-ops.ts) ask it, so they need not know the driver.
+ */
+export interface BitmapDriverHooks {
+  /** The image's cluster size: a new bitmap's default granularity follows it. */
+  readonly clusterSize: number;
+  /** Throws QEMU's error when a new persistent bitmap of this name and granularity could not be stored. */
+  checkCanStore(name: string, granularity: number): void;
+  /** A persistent bitmap was removed: it is no longer part of the image. */
+  removePersistent(name: string): void;
+}
+
 export class DirtyBitmap {
   readonly bits: SparseBitmap;
   enabled: boolean;

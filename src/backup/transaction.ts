@@ -12,6 +12,19 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import {
+  type BitmapRef,
+  type MergeSource,
+  attachBitmap,
+  checkClearable,
+  checkRemovable,
+  checkTogglable,
+  createBitmap,
+  detachBitmap,
+  dropBitmap,
+  lookupBitmap,
+  mergedBits,
+} from '../block/bitmap-ops.js';
 import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
@@ -22,7 +35,6 @@ import type { Daemon } from '../daemon.js';
 import { VdiskError } from '../errors.js';
 import { JobTxn } from '../jobs/job.js';
 import type { BlockdevOnError } from '../jobs/block-job.js';
-import { createBitmap, detachBitmap, lookupBitmap, mergedBits } from '../qmp/commands/bitmaps.js';
 import { SparseBitmap } from '../block/sparse-bitmap.js';
 import { BackupJob, type BitmapMode, type SyncMode } from './backup-job.js';
 
@@ -90,11 +102,15 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
         abort: () => undefined,
       };
     case 'block-dirty-bitmap-add': {
-      let made: { node: BlockNode; bitmap: DirtyBitmap } | undefined;
+      let made: BitmapRef | undefined;
       return {
         prepare: async () => {
-          made = createBitmap(g, d);
-          made.node.dirtyBitmaps.unshift(made.bitmap);
+          made = createBitmap(g, d.node as string, d.name as string, {
+            granularity: d.granularity as number | undefined,
+            persistent: d.persistent as boolean | undefined,
+            disabled: d.disabled as boolean | undefined,
+          });
+          attachBitmap(made);
         },
         commit: () => undefined,
         abort: () => {
@@ -103,18 +119,18 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
       };
     }
     case 'block-dirty-bitmap-remove': {
-      let found: { node: BlockNode; bitmap: DirtyBitmap } | undefined;
+      let found: BitmapRef | undefined;
       const holder = { userDescription: `transaction removing bitmap '${String(d.name)}'` };
       return {
         prepare: async () => {
           found = lookupBitmap(g, d.node as string, d.name as string);
-          found.bitmap.check({ busy: true, readOnly: true }, found.node.readOnly);
+          checkRemovable(found);
           // Busy until the transaction ends, so nothing else starts using it.
           found.bitmap.claim(holder);
         },
         commit: () => {
           found!.bitmap.release(holder);
-          detachBitmap(found!.node, found!.bitmap);
+          dropBitmap(found!);
         },
         abort: () => found?.bitmap.release(holder),
       };
@@ -125,7 +141,7 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
       return {
         prepare: async () => {
           const f = lookupBitmap(g, d.node as string, d.name as string);
-          f.bitmap.check({ busy: true, readOnly: true, inconsistent: true }, f.node.readOnly);
+          checkClearable(f);
           bitmap = f.bitmap;
           saved = bitmap.bits.clone();
           bitmap.bits.clear();
@@ -143,7 +159,7 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
       return {
         prepare: async () => {
           bitmap = lookupBitmap(g, d.node as string, d.name as string).bitmap;
-          bitmap.check({ busy: true, inconsistent: true });
+          checkTogglable(bitmap);
           was = bitmap.enabled;
           bitmap.enabled = a.type === 'block-dirty-bitmap-enable';
         },
@@ -158,7 +174,7 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
       let saved: SparseBitmap | undefined;
       return {
         prepare: async () => {
-          const m = mergedBits(g, d);
+          const m = mergedBits(g, d.node as string, d.target as string, d.bitmaps as MergeSource[]);
           target = m.target;
           saved = target.bits.clone();
           target.bits.merge(m.merged.bits);

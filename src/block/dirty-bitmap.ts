@@ -24,6 +24,22 @@ export interface BitmapHolder {
   readonly userDescription: string;
 }
 
+/**
+ * What a driver contributes to dirty bitmaps, as QEMU's BlockDriver
+ * callbacks do (bdrv_get_info's cluster size, bdrv_co_can_store_new_dirty_bitmap,
+ * bdrv_co_remove_persistent_dirty_bitmap). A node whose image can keep
+ * persistent bitmaps (qcow2) sets BlockNode.bitmapDriver; the bitmap
+ * operations (bitmap-ops.ts) ask it, so they need not know the driver.
+ */
+export interface BitmapDriverHooks {
+  /** The image's cluster size: a new bitmap's default granularity follows it. */
+  readonly clusterSize: number;
+  /** Throws QEMU's error when a new persistent bitmap of this name and granularity could not be stored. */
+  checkCanStore(name: string, granularity: number): void;
+  /** A persistent bitmap was removed: it is no longer part of the image. */
+  removePersistent(name: string): void;
+}
+
 export class DirtyBitmap {
   readonly bits: SparseBitmap;
   enabled: boolean;

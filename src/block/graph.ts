@@ -134,8 +134,8 @@ export class BlockGraph {
    * backup job's target): auto-named unless the options name it, not
    * deletable with blockdev-del, and gone when the operation releases it.
    */
-  async addImplicit(rawOptions: Record<string, unknown>): Promise<BlockNode> {
-    const options = check(this.blockdevOptions, rawOptions, '', 'json') as Record<string, unknown>;
+  async addImplicit(rawOptions: Record<string, unknown>, mode: InputMode = 'json'): Promise<BlockNode> {
+    const options = check(this.blockdevOptions, rawOptions, '', mode) as Record<string, unknown>;
     const created: BlockNode[] = [];
     try {
       return await this.open(options, created);

@@ -4,6 +4,7 @@
  * query-named-block-nodes). Member names and order follow QEMU 7.2's output.
  */
 import fs from 'node:fs';
+import { BITMAP_AUTO, BITMAP_IN_USE } from './drivers/qcow2/bitmaps.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from './drivers/qcow2/format.js';
 import { Qcow2Node } from './drivers/qcow2/qcow2.js';
 import type { BlockNode } from './node.js';
@@ -67,26 +68,59 @@ export function imageInfo(node: BlockNode, filename: string = node.filename, bac
   info['cluster-size'] = node.clusterBytes;
   info.format = 'qcow2';
   if (actual !== undefined) info['actual-size'] = actual;
-  info['format-specific'] = {
-    type: 'qcow2',
-    data:
-      h.version === 3
-        ? {
-            compat: '1.1',
-            'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
-            'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
-            'refcount-bits': 2 ** h.refcountOrder,
-            corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
-            'extended-l2': (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n,
-          }
-        : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 },
-  };
+  let data: Record<string, unknown>;
+  if (h.version === 3) {
+    // Member order is that of QEMU's output (a QDict's hash order), bitmaps only when the image has some.
+    data = {
+      compat: '1.1',
+      'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
+      'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
+    };
+    if (node.storedBitmaps.length) data.bitmaps = node.storedBitmaps.map(bitmapInfo);
+    Object.assign(data, {
+      'refcount-bits': 2 ** h.refcountOrder,
+      corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+      'extended-l2': (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n,
+    });
+  } else {
+    data = { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
+  }
+  info['format-specific'] = { type: 'qcow2', data };
   if (h.backingFile !== undefined) {
     info['full-backing-filename'] = h.backingFile.startsWith('json:') ? h.backingFile : pathCombine(filename, h.backingFile);
     info['backing-filename'] = h.backingFile;
   }
   info['dirty-flag'] = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
   return info as ImageInfo;
+}
+
+/**
+ * Qcow2BitmapInfo of a directory entry: what the image says, not the live
+ * bitmap (QEMU's qcow2_get_bitmap_info_list reads the directory, so a bitmap
+ * of an image open writable shows in-use, and one added since is not there).
+ */
+function bitmapInfo(e: { name: string; granularity: number; flags: number }): Record<string, unknown> {
+  const flags: string[] = [];
+  if (e.flags & BITMAP_IN_USE) flags.push('in-use');
+  if (e.flags & BITMAP_AUTO) flags.push('auto');
+  return { flags, name: e.name, granularity: e.granularity };
+}
+
+/**
+ * Format-specific information as qemu-img info and qemu-io's info print it
+ * (QEMU's bdrv_image_info_specific_dump): one "key: value" line per member,
+ * dashes in keys shown as spaces, nested objects and lists indented by four
+ * more spaces, list items as "[i]:".
+ */
+export function formatSpecificText(data: Record<string, unknown>, indent = 1): string {
+  const entries = Array.isArray(data) ? data.map((v, i): [string, unknown] => [`[${i}]`, v]) : Object.entries(data).map(([k, v]): [string, unknown] => [k.replace(/-/g, ' '), v]);
+  let out = '';
+  for (const [label, v] of entries) {
+    const pad = ' '.repeat(indent * 4);
+    if (typeof v === 'object' && v !== null) out += `${pad}${label}:\n${formatSpecificText(v as Record<string, unknown>, indent + 1)}`;
+    else out += `${pad}${label}: ${String(v)}\n`;
+  }
+  return out;
 }
 
 /** One entry of query-named-block-nodes. */

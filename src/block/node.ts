@@ -23,7 +23,7 @@
  * is visible to every later read of any caller), throw only VdiskError.
  */
 import { VdiskError, invalid, toVdiskError } from '../errors.js';
-import type { DirtyBitmap } from './dirty-bitmap.js';
+import type { BitmapDriverHooks, DirtyBitmap } from './dirty-bitmap.js';
 
 /** Request flags, a bitmask so no object is allocated per request. */
 export const ReqFlags = {
@@ -128,6 +128,8 @@ export abstract class BlockNode {
    * whether it succeeded or not (a failed write may have changed the disk).
    */
   readonly dirtyBitmaps: DirtyBitmap[] = [];
+  /** Set by drivers whose images hold persistent bitmaps (qcow2); undefined: bitmaps live in memory only. */
+  bitmapDriver: BitmapDriverHooks | undefined = undefined;
   /**
    * Called before any write, write-zeroes or discard reaches the driver, with
    * the range it changes; the request waits for them and fails if one fails.

@@ -10,8 +10,8 @@ const USAGE = `Usage: vdisk <command> [options]
 
 Commands:
   serve     run the daemon (with no options: serve a default disk over NBD)
-  img       image tools with qemu-img's syntax: create, info, check, compare,
-            convert, map, rebase, resize ('vdisk img help')
+  img       image tools with qemu-img's syntax: bitmap, create, info, check,
+            compare, convert, map, rebase, resize ('vdisk img help')
   io        qemu-io's commands (read, write, map, ...) on an image or an NBD
             export ('vdisk io --help')
   qmp       send QMP commands to a running daemon, follow its events, or an

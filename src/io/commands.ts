@@ -20,7 +20,7 @@
 import fs from 'node:fs';
 import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
 import { BlkdebugNode } from '../block/filters/blkdebug.js';
-import { imageInfo } from '../block/info.js';
+import { formatSpecificText, imageInfo } from '../block/info.js';
 import { type BlockNode, ReqFlags, Status } from '../block/node.js';
 import { type Errno, VdiskError, strerror } from '../errors.js';
 import { cvtstr, dumpBuffer, printReport } from './format.js';
@@ -576,11 +576,7 @@ const infoCmd: CommandDef = {
     if (!di) return false;
     ctx.out(`cluster size: ${cvtstr(di.clusterSize)}\nvm state offset: ${cvtstr(di.vmStateOffset)}\n`);
     const spec = node instanceof Qcow2Node ? imageInfo(node)['format-specific'] : undefined;
-    if (spec) {
-      let text = 'Format specific information:\n';
-      for (const [k, v] of Object.entries(spec.data)) text += `    ${k.replace(/-/g, ' ')}: ${v}\n`;
-      ctx.out(text);
-    }
+    if (spec) ctx.out(`Format specific information:\n${formatSpecificText(spec.data)}`);
     return true;
   },
 };

@@ -141,6 +141,17 @@ export type NumberResult = { value: number; warning?: string } | { error: 'EINVA
  * above INT64_MAX.
  */
 export function cvtnum(s: string): NumberResult {
+  const r = strtosz(s);
+  if ('error' in r) return r;
+  return r.warning === undefined ? { value: Number(r.value) } : { value: Number(r.value), warning: r.warning };
+}
+
+/**
+ * cvtnum with the exact value, for callers that go on to truncate it as C
+ * does (qemu-img passes a granularity as uint32_t: only the low 32 bits
+ * count, and those of a number above 2^53 are lost in a double).
+ */
+export function strtosz(s: string): { value: bigint; warning?: string } | { error: 'EINVAL' | 'ERANGE' } {
   const int = strtoull(s, 0, 10);
   if (int.end === 0) return { error: 'EINVAL' };
   if (int.overflow) return { error: 'ERANGE' };
@@ -185,7 +196,7 @@ export function cvtnum(s: string): NumberResult {
   }
   if (end !== s.length) return { error: 'EINVAL' };
   if (val > I64_MAX) return { error: 'ERANGE' };
-  return warning === undefined ? { value: Number(val) } : { value: Number(val), warning };
+  return warning === undefined ? { value: val } : { value: val, warning };
 }
 
 /** print_cvtnum_err's text for a number qemu-io could not parse. */

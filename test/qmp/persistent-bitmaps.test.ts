@@ -8,6 +8,7 @@
  */
 import t from 'tap';
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { startDaemon, waitForSocket } from '../helpers/daemon.js';
 import { QmpWire } from '../helpers/qmp.js';
@@ -120,4 +121,50 @@ t.test('QEMU stores, vdisk loads; a writer that dies leaves them inconsistent', 
   t.equal(c.code, 0, `after removing it, qemu-img check is clean: ${c.stdout}`);
   t.equal(JSON.parse((await run('qemu-img', ['info', '--output=json', img])).stdout)['format-specific'].data.bitmaps, undefined, 'and no bitmap is left');
   void after;
+});
+
+t.test('the same image opened by both daemons: bitmap order, format-specific bitmaps, persistence errors', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'o.qcow2');
+  const v2 = path.join(dir, 'v2.qcow2');
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '64M'])).code, 0);
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', '-o', 'compat=0.10', v2, '64M'])).code, 0);
+  for (const args of [['--add', img, 'a'], ['--add', '--disable', '-g', '4k', img, 'b'], ['--add', img, 'c']]) {
+    t.equal((await run('qemu-img', ['bitmap', ...args])).code, 0);
+  }
+  const peers = [
+    { name: 'qsd', open: async () => (await qsd(t, dir)).w, copy: path.join(dir, 'q.qcow2'), old: path.join(dir, 'q2.qcow2') },
+    { name: 'vdisk', open: async () => (await vdisk(t, dir)).w, copy: path.join(dir, 'v.qcow2'), old: path.join(dir, 'v2c.qcow2') },
+  ];
+  const seen: Record<string, unknown[]> = {};
+  for (const p of peers) {
+    const out: unknown[] = [];
+    fs.copyFileSync(img, p.copy);
+    fs.copyFileSync(v2, p.old);
+    const w = await p.open();
+    await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: p.copy } });
+    await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'old', file: { driver: 'file', filename: p.old } });
+    const node = async () => ((await w.ok('query-named-block-nodes')) as Array<Record<string, any>>).find((n) => n['node-name'] === 'd')!;
+    const n = await node();
+    out.push(n['dirty-bitmaps'], n.image['format-specific']);
+    out.push((await w.cmd('block-dirty-bitmap-add', { node: 'old', name: 'p', persistent: true })).error);
+    out.push((await w.cmd('block-dirty-bitmap-add', { node: 'd', name: 'g', persistent: true, granularity: 1 << 30 })).error);
+    out.push((await w.cmd('block-dirty-bitmap-add', { node: 'd', name: 'x'.repeat(1024), persistent: true })).error);
+    out.push((await w.cmd('block-dirty-bitmap-add', { node: 'd', name: 'a', persistent: true, granularity: 1000 })).error);
+    await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'n', persistent: true });
+    await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'm', persistent: true });
+    await w.ok('block-dirty-bitmap-remove', { node: 'd', name: 'b' });
+    out.push((await node()).image['format-specific']);
+    await w.ok('blockdev-del', { 'node-name': 'd' });
+    w.close();
+    out.push(JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', p.copy])).stdout)['format-specific'].data.bitmaps);
+    seen[p.name] = out;
+  }
+  const what = ['loaded bitmaps, newest first', 'format-specific while open (in use)', 'persistent on qcow2 v2', 'granularity 1 GiB on 64 MiB', 'a name too long for qcow2', 'a bad granularity before an existing name', 'a removed bitmap leaves the image at once', 'the directory order after close'];
+  what.forEach((w, i) => t.same(seen.vdisk[i], seen.qsd[i], `${w}: as QEMU`));
+  // What QEMU said, so the comparison above is known to cover something.
+  t.match(seen.qsd[2], { desc: /Cannot store dirty bitmaps in qcow2 v2 files/ });
+  t.match(seen.qsd[4], { desc: /Name length exceeds maximum/ });
+  t.match(seen.qsd[5], { desc: /Granularity must be power of 2/ });
+  t.same((seen.qsd[7] as Array<{ name: string }>).map((b) => b.name), ['a', 'c', 'm', 'n', 'g'], 'QEMU keeps stored bitmaps in place and adds new ones newest first');
 });

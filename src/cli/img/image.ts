@@ -9,7 +9,8 @@ import { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { probeFormat } from '../../block/drivers/index.js';
 import { VdiskError } from '../../errors.js';
-import { parseSize } from '../../qapi/schema.js';
+import { parseKeyval } from '../../qapi/keyval.js';
+import { type InputMode, parseSize } from '../../qapi/schema.js';
 
 /** Formats `vdisk img` can open and create. */
 export const IMAGE_FORMATS = ['raw', 'qcow2'];
@@ -28,6 +29,12 @@ export interface OpenImageOptions {
   unmap?: boolean;
   /** cache.no-flush=on: flushes do nothing (qemu-img's cache mode 'unsafe'). */
   noFlush?: boolean;
+  /** --image-opts: `filename` is an option string (driver=qcow2,file.filename=a.qcow2,...). */
+  imageOpts?: boolean;
+  /** Open into this graph (images one command uses together, as QEMU's one graph) instead of a new one. */
+  graph?: BlockGraph;
+  /** Leave the node unnamed, so it gets an automatic #blockNNN name as qemu-img's nodes do (messages show it). */
+  anonymous?: boolean;
 }
 
 /** qemu-img's -t/-T cache modes as file options: direct I/O and whether flushes reach the disk. */
@@ -59,10 +66,16 @@ let imageCounter = 0;
 
 /** Opens an image as qemu-img does; the caller closes it. */
 export async function openImage(filename: string, options: OpenImageOptions = {}): Promise<OpenedImage> {
-  const graph = new BlockGraph();
+  const graph = options.graph ?? new BlockGraph();
   const nodeName = `img${imageCounter++}`;
   let blockdev: Record<string, unknown>;
-  if (filename.startsWith('json:')) {
+  let mode: InputMode = 'json';
+  if (options.imageOpts) {
+    blockdev = imageOptsBlockdev(filename);
+    blockdev['node-name'] = nodeName;
+    if (options.readOnly) blockdev['read-only'] = 'on';
+    mode = 'keyval';
+  } else if (filename.startsWith('json:')) {
     let parsed: unknown;
     try {
       parsed = JSON.parse(filename.slice(5));
@@ -113,7 +126,8 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     if (options.noBacking && format === 'qcow2') blockdev.backing = null;
   }
   if (options.unmap) blockdev.discard = 'unmap';
-  const node = await graph.add(blockdev);
+  if (options.anonymous) delete blockdev['node-name'];
+  const node = options.anonymous ? await graph.addImplicit(blockdev, mode) : await graph.add(blockdev, mode);
   const file = node.child('file') ?? node;
   return {
     graph,
@@ -122,6 +136,46 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     file,
     close: () => graph.closeAll(),
   };
+}
+
+/**
+ * --image-opts as qemu-img reads it (QemuOpts of its "source" list): a
+ * first item without '=' is the file, a bare key later is "on", dotted keys
+ * nest. Without a driver the format is probed from file.filename, and a
+ * nested file without one is a host file, as in QEMU.
+ */
+function imageOptsBlockdev(text: string): Record<string, unknown> {
+  const items: string[] = [];
+  let cur = '';
+  for (let i = 0; i < text.length; i++) {
+    if (text[i] === ',' && text[i + 1] === ',') {
+      cur += ',,';
+      i++;
+    } else if (text[i] === ',') {
+      items.push(cur);
+      cur = '';
+    } else {
+      cur += text[i];
+    }
+  }
+  items.push(cur);
+  const normalised = items
+    .filter((item, i) => item !== '' || i < items.length - 1)
+    .map((item, i) => (item.includes('=') ? item : i === 0 ? `file=${item}` : `${item}=on`))
+    .join(',');
+  const blockdev = parseKeyval(normalised, '--image-opts');
+  const file = blockdev.file;
+  if (typeof file === 'object' && file !== null && !Array.isArray(file)) {
+    const f = file as Record<string, unknown>;
+    f.driver ??= 'file';
+    if (blockdev.driver === undefined && f.driver === 'file' && typeof f.filename === 'string' && fs.existsSync(f.filename)) {
+      blockdev.driver = probeFormat(f.filename);
+    }
+  } else if (typeof file === 'string' && blockdev.driver === undefined) {
+    // A reference to a node: the lookup fails as QEMU's does (there are no other nodes).
+    blockdev.driver = 'raw';
+  }
+  return blockdev;
 }
 
 export function checkFormat(format: string): void {
@@ -155,6 +209,45 @@ export function humanSize(bytes: number): string {
 function formatG3(v: number): string {
   if (v === 0) return '0';
   return String(Number(v.toPrecision(3)));
+}
+
+/**
+ * JSON as qemu-img prints it (QEMU's qobject_to_json_pretty): four-space
+ * indents, an empty list or object still spread over two lines, and every
+ * character outside printable ASCII escaped as \uXXXX (upper-case hex,
+ * surrogate pairs beyond the BMP), so names with such characters come out
+ * byte for byte as qemu-img writes them.
+ */
+export function qemuJson(value: unknown, indent = 0): string {
+  const nl = (n: number) => '\n' + ' '.repeat(n * 4);
+  if (Array.isArray(value)) {
+    return '[' + value.map((v) => nl(indent + 1) + qemuJson(v, indent + 1)).join(',') + nl(indent) + ']';
+  }
+  if (typeof value === 'object' && value !== null) {
+    const members = Object.entries(value).filter(([, v]) => v !== undefined);
+    return '{' + members.map(([k, v]) => `${nl(indent + 1)}${qemuJsonString(k)}: ${qemuJson(v, indent + 1)}`).join(',') + nl(indent) + '}';
+  }
+  if (typeof value === 'string') return qemuJsonString(value);
+  return String(value);
+}
+
+function qemuJsonString(s: string): string {
+  let out = '"';
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    const ch = s[i];
+    if (ch === '"') out += '\\"';
+    else if (ch === '\\') out += '\\\\';
+    else if (ch === '\b') out += '\\b';
+    else if (ch === '\f') out += '\\f';
+    else if (ch === '\n') out += '\\n';
+    else if (ch === '\r') out += '\\r';
+    else if (ch === '\t') out += '\\t';
+    // UTF-16 code units are what QEMU prints for code points beyond the BMP too (a surrogate pair).
+    else if (c < 0x20 || c >= 0x7f) out += `\\u${c.toString(16).toUpperCase().padStart(4, '0')}`;
+    else out += ch;
+  }
+  return out + '"';
 }
 
 /** Bytes the file takes on disk (st_blocks), as qemu-img's "disk size" / actual-size. */

@@ -3,6 +3,7 @@
  * qemu-img user already knows them. One module per sub-command.
  */
 import { VdiskError } from '../../errors.js';
+import { BITMAP_USAGE, bitmapCommand } from './bitmap.js';
 import { CHECK_USAGE, checkCommand } from './check.js';
 import { COMPARE_USAGE, compareCommand } from './compare.js';
 import { CONVERT_USAGE, convertCommand } from './convert.js';
@@ -13,6 +14,7 @@ import { REBASE_USAGE, rebaseCommand } from './rebase.js';
 import { RESIZE_USAGE, resizeCommand } from './resize.js';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; usage: string }> = {
+  bitmap: { run: bitmapCommand, usage: BITMAP_USAGE },
   check: { run: checkCommand, usage: CHECK_USAGE },
   compare: { run: compareCommand, usage: COMPARE_USAGE },
   convert: { run: convertCommand, usage: CONVERT_USAGE },

@@ -7,10 +7,10 @@
  * an image whose backing file is missing); --backing-chain then opens each
  * backing file by the name and format its overlay records.
  */
-import { imageInfo as nodeImageInfo } from '../../block/info.js';
+import { formatSpecificText, imageInfo as nodeImageInfo } from '../../block/info.js';
 import { VdiskError } from '../../errors.js';
 import { parseImgArgs } from './args.js';
-import { humanSize, openImage } from './image.js';
+import { humanSize, openImage, qemuJson } from './image.js';
 
 export const INFO_USAGE = `Usage: vdisk img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILENAME
 `;
@@ -53,7 +53,7 @@ export async function infoCommand(argv: string[]): Promise<number> {
   }
   if (output === 'json') {
     const doc = flags['backing-chain'] ? chain : chain[0];
-    process.stdout.write(JSON.stringify(doc, null, 4) + '\n');
+    process.stdout.write(qemuJson(doc) + '\n');
   } else {
     process.stdout.write(chain.map(humanInfo).join('\n'));
   }
@@ -89,9 +89,7 @@ function humanInfo(i: ImageInfo): string {
     if (i['backing-filename-format'] !== undefined) lines.push(`backing file format: ${i['backing-filename-format']}`);
   }
   const fs = i['format-specific'];
-  if (fs) {
-    lines.push('Format specific information:');
-    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${k.replace(/-/g, ' ')}: ${v}`);
-  }
-  return lines.join('\n') + '\n';
+  let text = lines.join('\n') + '\n';
+  if (fs) text += `Format specific information:\n${formatSpecificText(fs.data)}`;
+  return text;
 }

@@ -12,7 +12,7 @@
  * them "in use", which a later open reports as inconsistent); at a clean
  * close every persistent bitmap is stored afresh and the old clusters freed.
  */
-import { DirtyBitmap } from '../../dirty-bitmap.js';
+import { DirtyBitmap, MAX_NAME_BYTES } from '../../dirty-bitmap.js';
 import { VdiskError } from '../../../errors.js';
 import { readU64, writeU64 } from './format.js';
 import type { Qcow2Node } from './qcow2.js';
@@ -22,6 +22,21 @@ export const BITMAP_AUTO = 2;
 const TYPE_DIRTY_TRACKING = 1;
 const ENTRY_OFFSET_MASK = 0x00fffffffffffe00n;
 export const MAX_BITMAPS = 65535;
+/** QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE. */
+const MAX_DIRECTORY_BYTES = 1024 * MAX_BITMAPS;
+/** QEMU's BME_MAX_PHYS_SIZE and BME_MAX_TABLE_SIZE: how large one bitmap may get. */
+const MAX_BITMAP_BYTES = 0x20000000;
+const MAX_TABLE_ENTRIES = 0x8000000;
+const MIN_GRANULARITY_BITS = 9;
+const MAX_GRANULARITY_BITS = 31;
+
+/** One entry of the bitmap directory as it is on disk (what qemu-img info lists). */
+export interface StoredBitmap {
+  name: string;
+  granularity: number;
+  /** BITMAP_IN_USE | BITMAP_AUTO as on disk. */
+  flags: number;
+}
 
 interface DirEntry {
   tableOffset: number;
@@ -64,10 +79,47 @@ async function readDirectory(node: Qcow2Node): Promise<{ entries: DirEntry[]; di
   return { entries, dirOffset, dirSize };
 }
 
-/** Loads every bitmap of the image (content, granularity, auto = enabled, in use = inconsistent). */
-export async function loadBitmaps(node: Qcow2Node): Promise<DirtyBitmap[]> {
+/** Bytes of a directory entry with this name (QEMU's calc_dir_entry_size, no extra data). */
+function entryBytes(name: string): number {
+  return Math.ceil((24 + Buffer.byteLength(name)) / 8) * 8;
+}
+
+/**
+ * Whether a new persistent bitmap fits the image, with QEMU's texts
+ * (qcow2_co_can_store_new_dirty_bitmap): checked when the bitmap is created,
+ * so a close never finds a bitmap it cannot store.
+ */
+export function checkCanStore(node: Qcow2Node, name: string, granularity: number): void {
+  const fail = (why: string, errno: 'EINVAL' | 'ENOSPC' = 'EINVAL') =>
+    new VdiskError(errno, `Can't make bitmap '${name}' persistent in '${node.nodeName}': ${why}`);
+  // Without autoclear bits a writer unaware of bitmaps could not tell us it changed the image.
+  if (node.header.version < 3) throw fail('Cannot store dirty bitmaps in qcow2 v2 files');
+  const bits = Math.log2(granularity);
+  if (bits > MAX_GRANULARITY_BITS) throw fail(`Granularity exceeds maximum (${2 ** MAX_GRANULARITY_BITS} bytes)`);
+  if (bits < MIN_GRANULARITY_BITS) throw fail(`Granularity is under minimum (${2 ** MIN_GRANULARITY_BITS} bytes)`);
+  const bytes = Math.ceil(Math.ceil(node.size / granularity) / 8);
+  if (bytes > MAX_BITMAP_BYTES || bytes > MAX_TABLE_ENTRIES * node.clusterBytes) {
+    throw fail('Too much space will be occupied by the bitmap. Use larger granularity');
+  }
+  if (Buffer.byteLength(name) > MAX_NAME_BYTES) throw fail(`Name length exceeds maximum (${MAX_NAME_BYTES} characters)`);
+  let count = 1;
+  let dirBytes = entryBytes(name);
+  for (const b of node.dirtyBitmaps) {
+    if (!b.persistent || b.name === undefined) continue;
+    count++;
+    dirBytes += entryBytes(b.name);
+  }
+  if (count > MAX_BITMAPS) throw fail('Maximum number of persistent bitmaps is already reached', 'ENOSPC');
+  if (dirBytes > MAX_DIRECTORY_BYTES) throw fail('Not enough space in the bitmap directory', 'ENOSPC');
+}
+
+/**
+ * Loads every bitmap of the image (content, granularity, auto = enabled, in
+ * use = inconsistent), in directory order, with the directory itself.
+ */
+export async function loadBitmaps(node: Qcow2Node): Promise<{ bitmaps: DirtyBitmap[]; directory: StoredBitmap[] }> {
   const dir = await readDirectory(node);
-  if (!dir) return [];
+  if (!dir) return { bitmaps: [], directory: [] };
   const cs = node.clusterBytes;
   const out: DirtyBitmap[] = [];
   for (const e of dir.entries) {
@@ -97,7 +149,8 @@ export async function loadBitmaps(node: Qcow2Node): Promise<DirtyBitmap[]> {
     }
     out.push(b);
   }
-  return out;
+  const directory = dir.entries.map((e) => ({ name: e.name, granularity: 2 ** e.granularityBits, flags: e.flags }));
+  return { bitmaps: out, directory };
 }
 
 /** Every cluster the stored bitmaps use (directory, tables, data), to free them before storing anew. */
@@ -122,16 +175,21 @@ async function clustersInUse(node: Qcow2Node): Promise<number[]> {
 
 /**
  * Stores the persistent bitmaps at a clean close: new data clusters, tables
- * and directory. Returns the new header extension (undefined for none) and
- * the clusters of the old bitmaps, which the caller frees after the header
- * names the new directory (a crash in between leaks them, never more).
+ * and directory, entries in the order given. Returns the new header
+ * extension (undefined for none), the directory written, and the clusters
+ * of the old bitmaps, which the caller frees after the header names the new
+ * directory (a crash in between leaks them, never more).
  */
-export async function storeBitmaps(node: Qcow2Node, bitmaps: DirtyBitmap[]): Promise<{ ext: Buffer | undefined; old: number[] }> {
+export async function storeBitmaps(
+  node: Qcow2Node,
+  bitmaps: DirtyBitmap[],
+): Promise<{ ext: Buffer | undefined; directory: StoredBitmap[]; old: number[] }> {
   const cs = node.clusterBytes;
   // The old clusters are freed by the caller only once the header names the new directory.
   const old = await clustersInUse(node);
-  if (bitmaps.length === 0) return { ext: undefined, old };
+  if (bitmaps.length === 0) return { ext: undefined, directory: [], old };
   const entries: Buffer[] = [];
+  const directory: StoredBitmap[] = [];
   for (const b of bitmaps) {
     const bitsPerCluster = cs * 8;
     const tableSize = Math.ceil(b.bits.size / bitsPerCluster);
@@ -158,7 +216,9 @@ export async function storeBitmaps(node: Qcow2Node, bitmaps: DirtyBitmap[]): Pro
     const entry = Buffer.alloc(Math.ceil((24 + name.length) / 8) * 8);
     writeU64(entry, 0, tableOffset);
     entry.writeUInt32BE(tableSize, 8);
-    entry.writeUInt32BE((b.enabled || b.recording ? BITMAP_AUTO : 0) | (b.inconsistent ? BITMAP_IN_USE : 0), 12);
+    const flags = (b.enabled || b.recording ? BITMAP_AUTO : 0) | (b.inconsistent ? BITMAP_IN_USE : 0);
+    directory.push({ name: b.name ?? '', granularity: b.granularity, flags });
+    entry.writeUInt32BE(flags, 12);
     entry[16] = TYPE_DIRTY_TRACKING;
     entry[17] = Math.log2(b.granularity);
     entry.writeUInt16BE(name.length, 18);
@@ -173,5 +233,5 @@ export async function storeBitmaps(node: Qcow2Node, bitmaps: DirtyBitmap[]): Pro
   ext.writeUInt32BE(bitmaps.length, 0);
   writeU64(ext, 8, dir.length);
   writeU64(ext, 16, dirOffset);
-  return { ext, old };
+  return { ext, directory, old };
 }

@@ -35,6 +35,7 @@ import zlib from 'node:zlib';
 import { VdiskError } from '../../../errors.js';
 import { logEvent } from '../../../log.js';
 import { BlockNode, type ChildRole, type Extent, ReqFlags, Status } from '../../node.js';
+import type { DirtyBitmap } from '../../dirty-bitmap.js';
 import {
   AUTOCLEAR_BITMAPS,
   type DecodedL2,
@@ -51,7 +52,7 @@ import {
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
-import { loadBitmaps, storeBitmaps } from './bitmaps.js';
+import { type StoredBitmap, checkCanStore, loadBitmaps, storeBitmaps } from './bitmaps.js';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 const deflateRaw = promisify(zlib.deflateRaw);
@@ -113,6 +114,13 @@ export class Qcow2Node extends BlockNode {
   private l1Moving: Promise<void> | undefined;
   /** A metadata flush to make room in the L2 cache is under way. */
   private l2Evicting = false;
+  /**
+   * The persistent bitmaps' directory as QEMU would find it on disk now:
+   * what was loaded (marked in use while open writable), less the bitmaps
+   * removed since (QEMU deletes them from the image at once; vdisk rewrites
+   * the directory at close), then what the close stored.
+   */
+  private directory: StoredBitmap[] = [];
 
   private constructor(options: Qcow2Options) {
     super({ nodeName: options.nodeName, readOnly: options.readOnly || options.file.readOnly });
@@ -120,6 +128,16 @@ export class Qcow2Node extends BlockNode {
     this.nativeFua = false;
     // Guest I/O is announced to the file (read_aio / write_aio) for blkdebug rules, as QEMU's qcow2.
     this.announcesIo = true;
+    const node = this;
+    this.bitmapDriver = {
+      get clusterSize() {
+        return node.clusterSize;
+      },
+      checkCanStore: (name, granularity) => checkCanStore(this, name, granularity),
+      removePersistent: (name) => {
+        this.directory = this.directory.filter((e) => e.name !== name);
+      },
+    };
   }
 
   static async open(options: Qcow2Options, openBacking: BackingOpener): Promise<Qcow2Node> {
@@ -143,6 +161,11 @@ export class Qcow2Node extends BlockNode {
 
   get clusterBytes(): number {
     return this.clusterSize;
+  }
+
+  /** The bitmap directory as QEMU would read it from the image now, in its order (qemu-img info lists it). */
+  get storedBitmaps(): readonly StoredBitmap[] {
+    return this.directory;
   }
 
   private async load(options: Qcow2Options, openBacking: BackingOpener): Promise<void> {
@@ -192,20 +215,26 @@ export class Qcow2Node extends BlockNode {
     // cleared it). They are loaded onto the node, marked in use on disk while the image is open
     // writable, and stored again at a clean close.
     const bitmapsValid = h.bitmapsExtension !== undefined && (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
-    if (bitmapsValid && !options.forCheck) this.dirtyBitmaps.push(...(await loadBitmaps(this)));
+    if (bitmapsValid && !options.forCheck) {
+      const loaded = await loadBitmaps(this);
+      // QEMU adds each at the head of the node's list as it loads them: the last stored comes first.
+      this.dirtyBitmaps.push(...loaded.bitmaps.reverse());
+      this.directory = loaded.directory;
+    }
     if (!this.readOnly) {
       if (h.incompatibleFeatures & INCOMPAT_DIRTY && !options.forCheck) {
         logEvent('warn', 'qcow2-repairing-dirty-image', { filename: file.filename });
         const { checkImage } = await import('./check.js');
         await checkImage(this, { repair: 'all' });
       }
-      // A writer must clear the autoclear bits of features it does not keep up to date. Persistent
-      // bitmaps are not kept up to date yet (that comes with the bitmap work), but clearing their bit
-      // makes QEMU drop the whole extension and report every bitmap cluster as leaked (qemu-img check
-      // exit 3 after any vdisk write session). So the bitmaps are marked in use instead (the spec's
-      // "inconsistent", as after a QEMU crash) and the extension, and its bit, stay.
+      // The bitmaps on disk stop matching the data with the first write, so they are marked in use
+      // now, as QEMU marks them: a crash leaves them inconsistent rather than silently wrong, and a
+      // clean close stores them afresh. The autoclear bit stays set because vdisk keeps the bitmaps
+      // (clearing it would make QEMU drop the extension and count every bitmap cluster as leaked).
       const keepBitmaps = bitmapsValid && (await this.markBitmapsInUse());
       h.autoclearFeatures = keepBitmaps ? AUTOCLEAR_BITMAPS : 0n;
+      if (keepBitmaps) for (const e of this.directory) e.flags |= BITMAP_IN_USE;
+      else this.directory = [];
       if (h.version === 3) h.incompatibleFeatures |= INCOMPAT_DIRTY;
       await this.writeHeader();
       await file.flush();
@@ -1075,7 +1104,7 @@ export class Qcow2Node extends BlockNode {
   protected override async doClose(): Promise<void> {
     if (this.readOnly) return;
     // Persistent bitmaps: written to new clusters, made durable, then named by the header.
-    const stored = this.header.version === 3 ? await storeBitmaps(this, this.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined)) : undefined;
+    const stored = this.header.version === 3 ? await storeBitmaps(this, this.bitmapsToStore()) : undefined;
     await this.flushMetadata();
     // Anything still pending (released during the flush) is applied now: nothing is in flight any more.
     if (this.refcounts.hasPendingReleases) await this.flushMetadata();
@@ -1084,6 +1113,7 @@ export class Qcow2Node extends BlockNode {
     if (stored) {
       this.header.bitmapsExtension = stored.ext;
       this.header.autoclearFeatures = stored.ext ? AUTOCLEAR_BITMAPS : 0n;
+      this.directory = stored.directory;
     }
     await this.writeHeader();
     await this.file.flush();
@@ -1094,6 +1124,19 @@ export class Qcow2Node extends BlockNode {
       if (this.refcounts.hasPendingReleases) await this.flushMetadata();
       await this.file.flush();
     }
+  }
+
+  /**
+   * The persistent bitmaps in the order QEMU's qcow2_store_persistent_dirty_bitmaps
+   * gives the directory: a bitmap already stored keeps its place, new ones
+   * follow in the node's list order (newest first). qemu-img info lists them
+   * in this order, so a script sees the same list after either tool.
+   */
+  private bitmapsToStore(): DirtyBitmap[] {
+    const place = new Map(this.directory.map((e, i) => [e.name, i]));
+    const persistent = this.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined);
+    const kept = persistent.filter((b) => place.has(b.name!)).sort((a, b) => place.get(a.name!)! - place.get(b.name!)!);
+    return [...kept, ...persistent.filter((b) => !place.has(b.name!))];
   }
 
   /** Marks the image corrupt on disk (QEMU's qcow2_signal_corruption), so nobody writes it again. */

@@ -37,12 +37,15 @@ export interface VdiskErrorOptions {
   code?: string;
   qmpClass?: QmpErrorClass;
   cause?: unknown;
+  /** QEMU's error_append_hint text: printed by command-line tools after the message, never sent over QMP. */
+  hint?: string;
 }
 
 export class VdiskError extends Error {
   readonly errno: Errno;
   readonly code: string;
   readonly qmpClass: QmpErrorClass;
+  readonly hint: string | undefined;
 
   constructor(errno: Errno, message: string, options: VdiskErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
@@ -50,6 +53,7 @@ export class VdiskError extends Error {
     this.errno = errno;
     this.code = options.code ?? `VDISK_${errno}`;
     this.qmpClass = options.qmpClass ?? 'GenericError';
+    this.hint = options.hint;
   }
 }
 

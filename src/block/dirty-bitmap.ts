@@ -144,8 +144,10 @@ export class DirtyBitmap {
     if (flags.busy && this.busy) throw new VdiskError('EBUSY', `Bitmap '${name}' is currently in use by another operation and cannot be used`);
     if (flags.readOnly && nodeReadOnly) throw new VdiskError('EROFS', `Bitmap '${name}' is readonly and cannot be modified`);
     if (flags.inconsistent && this.inconsistent) {
-      // QEMU adds "Try block-dirty-bitmap-remove to delete this bitmap from disk" as a hint, which QMP never sends.
-      throw new VdiskError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`);
+      // QEMU appends this hint for humans: qemu-img prints it, QMP never sends it.
+      throw new VdiskError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`, {
+        hint: 'Try block-dirty-bitmap-remove to delete this bitmap from disk',
+      });
     }
   }
 

@@ -123,7 +123,9 @@ export async function bitmapCommand(argv: string[]): Promise<number> {
         }
       } catch (err) {
         if (!(err instanceof VdiskError)) throw err;
-        throw new VdiskError(err.errno, `Operation ${act.op} on bitmap ${name} failed: ${err.message}`);
+        // qemu-img prints QEMU's hint on the next line (QMP never sends it).
+        const hint = err.hint === undefined ? '' : `\n${err.hint}`;
+        throw new VdiskError(err.errno, `Operation ${act.op} on bitmap ${name} failed: ${err.message}${hint}`);
       }
     }
   } finally {

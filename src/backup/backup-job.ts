@@ -14,6 +14,7 @@
  *   never         reclaim     reclaim
  */
 import type { DirtyBitmap } from '../block/dirty-bitmap.js';
+import { persistChange } from '../block/bitmap-ops.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode, NodeUser } from '../block/node.js';
 import { logEvent } from '../log.js';
@@ -205,19 +206,33 @@ export class BackupJob extends BlockJob implements NodeUser {
 
   protected override async commit(): Promise<void> {
     if (!this.successor) return;
-    if (this.o.bitmapMode === 'never') this.reclaim();
-    else this.abdicate();
+    const named = this.o.bitmapMode === 'never' ? this.reclaim() : this.abdicate();
+    await this.storeBitmap(named);
   }
 
   protected override async abort(): Promise<void> {
     if (!this.successor) return;
+    let named: DirtyBitmap;
     if (this.o.bitmapMode === 'always') {
-      const named = this.abdicate();
+      named = this.abdicate();
       // What the job did not copy is still to be backed up next time.
       named.mergeFrom(this.copy.toCopy);
     } else {
-      this.reclaim();
+      named = this.reclaim();
     }
+    await this.storeBitmap(named);
+  }
+
+  /**
+   * A persistent bitmap's content changed with the job's outcome: its copy on
+   * disk follows (a crash-safe one drops the bits the backup took, so the
+   * next cycle pays for its own writes again). Failing to write it back loses
+   * nothing: the disk keeps a superset.
+   */
+  private async storeBitmap(named: DirtyBitmap): Promise<void> {
+    await persistChange(this.o.source, 'content', named).catch((err) =>
+      logEvent('warn', 'bitmap-store-after-backup-failed', { id: this.id, bitmap: named.name, error: (err as Error).message }),
+    );
   }
 
   /** The successor replaces the bitmap (same name, same place in the node's list). */
@@ -233,7 +248,7 @@ export class BackupJob extends BlockJob implements NodeUser {
   }
 
   /** The successor's bits go back into the bitmap. */
-  private reclaim(): void {
+  private reclaim(): DirtyBitmap {
     const b = this.o.bitmap!;
     const s = this.successor!;
     b.reclaim();
@@ -241,6 +256,7 @@ export class BackupJob extends BlockJob implements NodeUser {
     const si = list.indexOf(s);
     if (si >= 0) list.splice(si, 1);
     this.successor = undefined;
+    return b;
   }
 
   protected override async clean(): Promise<void> {

@@ -15,13 +15,13 @@ import path from 'node:path';
 import {
   type BitmapRef,
   type MergeSource,
-  attachBitmap,
+  attachAndStore,
   checkClearable,
   checkRemovable,
   checkTogglable,
   createBitmap,
-  detachBitmap,
   dropBitmap,
+  persistChange,
   lookupBitmap,
   mergedBits,
 } from '../block/bitmap-ops.js';
@@ -33,6 +33,7 @@ import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
 import { createImage } from '../cli/img/create.js';
 import type { Daemon } from '../daemon.js';
 import { VdiskError } from '../errors.js';
+import { logEvent } from '../log.js';
 import { JobTxn } from '../jobs/job.js';
 import type { BlockdevOnError } from '../jobs/block-job.js';
 import { SparseBitmap } from '../block/sparse-bitmap.js';
@@ -40,7 +41,8 @@ import { BackupJob, type BitmapMode, type SyncMode } from './backup-job.js';
 
 export interface Action {
   prepare(): Promise<void>;
-  commit(): void;
+  /** Cannot fail (QEMU's rule): what it must still write to disk is logged if it fails. */
+  commit(): Promise<void> | void;
   abort(): Promise<void> | void;
 }
 
@@ -74,7 +76,7 @@ export async function runTransaction(daemon: Daemon, actions: TransactionAction[
       for (const action of prepared.reverse()) await action.abort();
       throw err;
     }
-    for (const action of [...prepared].reverse()) action.commit();
+    for (const action of [...prepared].reverse()) await action.commit();
   } finally {
     for (const release of releases) release();
   }
@@ -105,16 +107,18 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
       let made: BitmapRef | undefined;
       return {
         prepare: async () => {
-          made = createBitmap(g, d.node as string, d.name as string, {
+          const ref = createBitmap(g, d.node as string, d.name as string, {
             granularity: d.granularity as number | undefined,
             persistent: d.persistent as boolean | undefined,
             disabled: d.disabled as boolean | undefined,
+            crashSafe: d['x-crash-safe'] as boolean | undefined,
           });
-          attachBitmap(made);
+          await attachAndStore(ref);
+          made = ref;
         },
         commit: () => undefined,
-        abort: () => {
-          if (made) detachBitmap(made.node, made.bitmap);
+        abort: async () => {
+          if (made) await dropBitmap(made);
         },
       };
     }
@@ -128,9 +132,9 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
           // Busy until the transaction ends, so nothing else starts using it.
           found.bitmap.claim(holder);
         },
-        commit: () => {
+        commit: async () => {
           found!.bitmap.release(holder);
-          dropBitmap(found!);
+          await dropBitmap(found!).catch((err) => logCommitFailure('block-dirty-bitmap-remove', err));
         },
         abort: () => found?.bitmap.release(holder),
       };
@@ -138,6 +142,7 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
     case 'block-dirty-bitmap-clear': {
       let bitmap: DirtyBitmap | undefined;
       let saved: SparseBitmap | undefined;
+      let clearedOn: BlockNode | undefined;
       return {
         prepare: async () => {
           const f = lookupBitmap(g, d.node as string, d.name as string);
@@ -145,8 +150,10 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
           bitmap = f.bitmap;
           saved = bitmap.bits.clone();
           bitmap.bits.clear();
+          clearedOn = f.node;
         },
-        commit: () => undefined,
+        // On disk the old bits may stay until then: a superset is never wrong.
+        commit: () => persistChange(clearedOn!, 'content', bitmap!).catch((err) => logCommitFailure('block-dirty-bitmap-clear', err)),
         abort: () => {
           if (bitmap && saved) restore(bitmap, saved);
         },
@@ -156,14 +163,17 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
     case 'block-dirty-bitmap-disable': {
       let bitmap: DirtyBitmap | undefined;
       let was = false;
+      let toggledOn: BlockNode | undefined;
       return {
         prepare: async () => {
-          bitmap = lookupBitmap(g, d.node as string, d.name as string).bitmap;
+          const f = lookupBitmap(g, d.node as string, d.name as string);
+          bitmap = f.bitmap;
           checkTogglable(bitmap);
           was = bitmap.enabled;
           bitmap.enabled = a.type === 'block-dirty-bitmap-enable';
+          toggledOn = f.node;
         },
-        commit: () => undefined,
+        commit: () => persistChange(toggledOn!, 'flags', bitmap!).catch((err) => logCommitFailure(a.type, err)),
         abort: () => {
           if (bitmap) bitmap.enabled = was;
         },
@@ -172,14 +182,17 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
     case 'block-dirty-bitmap-merge': {
       let target: DirtyBitmap | undefined;
       let saved: SparseBitmap | undefined;
+      let mergedOn: BlockNode | undefined;
       return {
         prepare: async () => {
           const m = mergedBits(g, d.node as string, d.target as string, d.bitmaps as MergeSource[]);
           target = m.target;
           saved = target.bits.clone();
           target.bits.merge(m.merged.bits);
+          mergedOn = g.get(d.node as string);
         },
-        commit: () => undefined,
+        // Before the transaction returns: the merged bits must survive a crash from then on.
+        commit: () => persistChange(mergedOn!, 'content', target!).catch((err) => logCommitFailure('block-dirty-bitmap-merge', err)),
         abort: () => {
           if (target && saved) restore(target, saved);
         },
@@ -206,6 +219,11 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
     default:
       throw new VdiskError('EINVAL', `transaction action '${a.type}' is not supported`);
   }
+}
+
+/** A commit cannot fail; what it could not write to disk is said in the log. */
+function logCommitFailure(action: string, err: unknown): void {
+  logEvent('error', 'transaction-commit-store-failed', { action, error: (err as Error).message });
 }
 
 function restore(bitmap: DirtyBitmap, saved: SparseBitmap): void {

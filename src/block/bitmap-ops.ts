@@ -30,6 +30,18 @@ export interface NewBitmapOptions {
   granularity?: number;
   persistent?: boolean;
   disabled?: boolean;
+  /** x-crash-safe (vdisk): bits durable before their writes; undefined: the node's default (on). Persistent bitmaps only. */
+  crashSafe?: boolean;
+}
+
+/**
+ * Tells the node's image that a persistent bitmap changed, so its copy on
+ * disk stays true (crash-safe bitmaps need that at once; see
+ * src/block/persistent-bitmaps.ts). Nothing for bitmaps kept in memory.
+ */
+export async function persistChange(node: BlockNode, change: 'added' | 'removed' | 'flags' | 'content', bitmap: DirtyBitmap, name = bitmap.name): Promise<void> {
+  if (!bitmap.persistent) return;
+  await node.bitmapDriver?.persistentChanged?.(change, bitmap, name);
 }
 
 function findNode(graph: BlockGraph, nodeName: string): BlockNode {
@@ -81,7 +93,9 @@ export function createBitmap(graph: BlockGraph, nodeName: string, name: string, 
   }
   if (node.dirtyBitmaps.some((b) => b.name === name)) throw new VdiskError('EEXIST', `Bitmap already exists: ${name}`);
   if (Buffer.byteLength(name) > MAX_NAME_BYTES) throw new VdiskError('EINVAL', `Bitmap name too long: ${name}`);
+  if (options.crashSafe && !options.persistent) throw new VdiskError('EINVAL', `Bitmap '${name}': x-crash-safe needs a persistent bitmap`);
   const bitmap = new DirtyBitmap(name, granularity, node.size, { enabled: !options.disabled, persistent: Boolean(options.persistent) });
+  if (bitmap.persistent) bitmap.crashSafe = options.crashSafe ?? node.bitmapDriver?.crashSafeDefault ?? true;
   return { node, bitmap };
 }
 
@@ -90,10 +104,21 @@ export function attachBitmap({ node, bitmap }: BitmapRef): void {
   node.dirtyBitmaps.unshift(bitmap);
 }
 
-/** block-dirty-bitmap-add. */
-export function addBitmap(graph: BlockGraph, nodeName: string, name: string, options: NewBitmapOptions = {}): BitmapRef {
-  const ref = createBitmap(graph, nodeName, name, options);
+/** Attaches a created bitmap and, if persistent, puts it in the image (undone if that fails). */
+export async function attachAndStore(ref: BitmapRef): Promise<void> {
   attachBitmap(ref);
+  try {
+    await persistChange(ref.node, 'added', ref.bitmap);
+  } catch (err) {
+    detachBitmap(ref.node, ref.bitmap);
+    throw err;
+  }
+}
+
+/** block-dirty-bitmap-add. */
+export async function addBitmap(graph: BlockGraph, nodeName: string, name: string, options: NewBitmapOptions = {}): Promise<BitmapRef> {
+  const ref = createBitmap(graph, nodeName, name, options);
+  await attachAndStore(ref);
   return ref;
 }
 
@@ -109,16 +134,18 @@ export function checkRemovable({ node, bitmap }: BitmapRef): void {
 }
 
 /** Removes a bitmap for good: off the node, and out of the image if it was persistent. */
-export function dropBitmap({ node, bitmap }: BitmapRef): void {
-  if (bitmap.persistent && bitmap.name !== undefined) node.bitmapDriver?.removePersistent(bitmap.name);
+export async function dropBitmap({ node, bitmap }: BitmapRef): Promise<void> {
+  const name = bitmap.name;
+  if (bitmap.persistent && name !== undefined) node.bitmapDriver?.removePersistent(name);
   detachBitmap(node, bitmap);
+  await persistChange(node, 'removed', bitmap, name);
 }
 
 /** block-dirty-bitmap-remove. */
-export function removeBitmap(graph: BlockGraph, nodeName: string, name: string): void {
+export async function removeBitmap(graph: BlockGraph, nodeName: string, name: string): Promise<void> {
   const ref = lookupBitmap(graph, nodeName, name);
   checkRemovable(ref);
-  dropBitmap(ref);
+  await dropBitmap(ref);
 }
 
 /** What block-dirty-bitmap-clear requires: not busy, a writable node, consistent content. */
@@ -127,10 +154,11 @@ export function checkClearable({ node, bitmap }: BitmapRef): void {
 }
 
 /** block-dirty-bitmap-clear: every bit reset (a disabled bitmap too). */
-export function clearBitmap(graph: BlockGraph, nodeName: string, name: string): void {
+export async function clearBitmap(graph: BlockGraph, nodeName: string, name: string): Promise<void> {
   const ref = lookupBitmap(graph, nodeName, name);
   checkClearable(ref);
   ref.bitmap.bits.clear();
+  await persistChange(ref.node, 'content', ref.bitmap);
 }
 
 /** What block-dirty-bitmap-enable and -disable require: not busy, consistent content (a read-only node is fine). */
@@ -139,10 +167,11 @@ export function checkTogglable(bitmap: DirtyBitmap): void {
 }
 
 /** block-dirty-bitmap-enable / -disable. */
-export function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: string, enabled: boolean): void {
-  const { bitmap } = lookupBitmap(graph, nodeName, name);
+export async function setBitmapEnabled(graph: BlockGraph, nodeName: string, name: string, enabled: boolean): Promise<void> {
+  const { node, bitmap } = lookupBitmap(graph, nodeName, name);
   checkTogglable(bitmap);
   bitmap.enabled = enabled;
+  await persistChange(node, 'flags', bitmap);
 }
 
 /**
@@ -170,7 +199,9 @@ export function mergedBits(graph: BlockGraph, nodeName: string, targetName: stri
 }
 
 /** block-dirty-bitmap-merge. */
-export function mergeBitmaps(graph: BlockGraph, nodeName: string, targetName: string, sources: MergeSource[]): void {
+export async function mergeBitmaps(graph: BlockGraph, nodeName: string, targetName: string, sources: MergeSource[]): Promise<void> {
   const { target, merged } = mergedBits(graph, nodeName, targetName, sources);
   target.bits.merge(merged.bits);
+  // Bits that came from elsewhere must be on disk too (a crash must not lose them).
+  await persistChange(graph.get(nodeName)!, 'content', target);
 }

@@ -46,7 +46,7 @@ interface Tracked {
 
 export class CrashSafeBitmaps {
   private readonly tracked = new Map<string, Tracked>();
-  /** Writes between their before() and after(): [offset, end). */
+  /** Writes between before() and the moment they settled: [offset, end). */
   private readonly inflight: Array<[number, number]> = [];
   private running: Promise<void> | undefined;
   private waiting: Promise<void> | undefined;
@@ -78,14 +78,17 @@ export class CrashSafeBitmaps {
   }
 
   /**
-   * Runs `rewrite` (the store writing its bitmaps afresh: a new directory, a
-   * new sidecar) with no round in progress. It is handed, for each tracked
+   * Runs `change` (track or untrack bitmaps), then `rewrite` (the store
+   * writing its bitmaps afresh: a new directory, a new sidecar), with no
+   * round in progress. It is handed, for each tracked
    * bitmap, the content to write: a snapshot of everything promised so far.
    * Afterwards that snapshot is what the disk holds; bits queued meanwhile
    * are written by the next round.
    */
-  async exclusively(rewrite: (content: Map<string, SparseBitmap>) => Promise<void>): Promise<void> {
+  async exclusively(change: () => void, rewrite: (content: Map<string, SparseBitmap>) => Promise<void>): Promise<void> {
     const turn = this.exclusive.then(async () => {
+      // Tracking starts or stops inside the turn, so no round writes a bitmap the store has no place for yet.
+      change();
       const snapshot = new Map<string, SparseBitmap>();
       for (const [name, t] of this.tracked) snapshot.set(name, t.queued.clone());
       await rewrite(snapshot);
@@ -105,6 +108,21 @@ export class CrashSafeBitmaps {
     return turn;
   }
 
+  /**
+   * What a bitmap must hold on disk now: its bits, its successor's (a
+   * backup's outcome may keep either), and the granules of writes in flight.
+   */
+  exactContent(b: DirtyBitmap): SparseBitmap {
+    const exact = b.bits.clone();
+    if (b.successor) exact.merge(b.successor.bits);
+    for (const [o, e] of this.inflight) {
+      const first = Math.floor(o / b.granularity);
+      const last = Math.min(Math.ceil(e / b.granularity), exact.size);
+      if (last > first) exact.set(first, last - first);
+    }
+    return exact;
+  }
+
   /** The node's size changed: every tracked bitmap follows (the store rewrites its layout). */
   resize(bits: (name: string) => number): void {
     for (const [name, t] of this.tracked) {
@@ -117,12 +135,17 @@ export class CrashSafeBitmaps {
   /**
    * Before a write, write-zeroes or discard reaches the driver: marks the
    * recording bitmaps in memory and waits until their bits for the range are
-   * durable.
+   * durable. Returns what the node calls once the request has settled.
    */
-  readonly before = async (offset: number, length: number): Promise<void> => {
-    if (this.tracked.size === 0) return;
+  readonly before = async (offset: number, length: number): Promise<(() => void) | undefined> => {
+    if (this.tracked.size === 0) return undefined;
     const end = offset + length;
-    this.inflight.push([offset, end]);
+    const entry: [number, number] = [offset, end];
+    this.inflight.push(entry);
+    const settled = (): void => {
+      const i = this.inflight.indexOf(entry);
+      if (i >= 0) this.inflight.splice(i, 1);
+    };
     let wait = false;
     for (const b of this.bitmaps()) {
       if (b.name === undefined) continue;
@@ -146,17 +169,11 @@ export class CrashSafeBitmaps {
       try {
         await this.requestRound();
       } catch (err) {
-        this.after(offset, length);
+        settled();
         throw err;
       }
     }
-  };
-
-  /** After the request settled (success or not). */
-  readonly after = (offset: number, length: number): void => {
-    const end = offset + length;
-    const i = this.inflight.findIndex(([o, e]) => o === offset && e === end);
-    if (i >= 0) this.inflight.splice(i, 1);
+    return settled;
   };
 
   /**
@@ -168,13 +185,7 @@ export class CrashSafeBitmaps {
     const t = this.tracked.get(name);
     const b = this.bitmaps().find((x) => x.name === name);
     if (!t || !b) return;
-    const exact = b.bits.clone();
-    if (b.successor) exact.merge(b.successor.bits);
-    for (const [o, e] of this.inflight) {
-      const first = Math.floor(o / b.granularity);
-      const last = Math.min(Math.ceil(e / b.granularity), exact.size);
-      if (last > first) exact.set(first, last - first);
-    }
+    const exact = this.exactContent(b);
     t.queued = exact;
     const chunkBits = this.store.chunkBytes * 8;
     for (let c = 0; c * chunkBits < exact.size; c++) {

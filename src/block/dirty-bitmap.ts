@@ -38,6 +38,15 @@ export interface BitmapDriverHooks {
   checkCanStore(name: string, granularity: number): void;
   /** A persistent bitmap was removed: it is no longer part of the image. */
   removePersistent(name: string): void;
+  /**
+   * Keeps the image's copy of a persistent bitmap true after a change (added,
+   * removed, enabled or disabled, content changed other than by writes,
+   * node resized), when the image is open writable. Crash-safe bitmaps need
+   * this at once; QEMU-mode ones are marked in use and stored at close.
+   */
+  persistentChanged?(change: 'added' | 'removed' | 'flags' | 'content' | 'resized', bitmap?: DirtyBitmap, name?: string): Promise<void>;
+  /** Whether new persistent bitmaps on this node are crash-safe unless asked otherwise. */
+  readonly crashSafeDefault?: boolean;
 }
 
 export class DirtyBitmap {
@@ -53,6 +62,16 @@ export class DirtyBitmap {
   persistent: boolean;
   /** A persistent bitmap found in use at load: its content cannot be trusted. */
   inconsistent = false;
+  /** Why it is inconsistent, for query output and errors (set with `inconsistent` at load). */
+  inconsistentReason: string | undefined;
+  /**
+   * Persistent and crash-safe (vdisk's default): its bits are on disk before
+   * the writes they describe, so a crash leaves a superset, not an
+   * inconsistent bitmap. False: QEMU's mode (in use while open).
+   */
+  crashSafe = false;
+  /** Loaded after an unclean stop and still usable (crash-safe): it may hold more than what changed. */
+  recovered = false;
   successor: DirtyBitmap | undefined;
   /** The node length it covers, in bytes. */
   size: number;
@@ -172,6 +191,7 @@ export class DirtyBitmap {
     if (!s) throw new VdiskError('EINVAL', `bitmap '${this.name}' has no successor`);
     s.name = this.name;
     s.persistent = this.persistent;
+    s.crashSafe = this.crashSafe;
     this.successor = undefined;
     this.name = undefined;
     this.holder = undefined;
@@ -204,6 +224,22 @@ export class DirtyBitmap {
     }
   }
 
+  /**
+   * What the bitmap is doing and why, in words (vdisk's addition to
+   * BlockDirtyInfo, as x-state and x-reason): active, disabled, busy (and by
+   * whom) or inconsistent (and why, with what to do).
+   */
+  state(): { state: 'active' | 'disabled' | 'busy' | 'inconsistent'; reason: string } {
+    if (this.inconsistent) {
+      return { state: 'inconsistent', reason: `${this.inconsistentReason ?? 'it was left in use by a writer that did not close the image'}; take a full backup, then remove the bitmap and add it again` };
+    }
+    const keeping = !this.persistent ? 'in memory only' : this.crashSafe ? 'crash-safe: each bit is on disk before its write' : "stored at a clean close (QEMU's mode: inconsistent after a crash)";
+    const recovered = this.recovered ? '; recovered after an unclean stop: it may also mark clusters that did not change' : '';
+    if (this.busy) return { state: 'busy', reason: `in use by ${this.holder?.userDescription ?? "an operation"}; ${keeping}${recovered}` };
+    if (this.recording) return { state: 'active', reason: `recording writes; ${keeping}${recovered}` };
+    return { state: 'disabled', reason: `not recording (disabled); ${keeping}${recovered}` };
+  }
+
   /** BlockDirtyInfo, as query-named-block-nodes lists it. */
   info(): Record<string, unknown> {
     const i: Record<string, unknown> = {};
@@ -216,6 +252,13 @@ export class DirtyBitmap {
       count: this.count,
     });
     if (this.inconsistent) i.inconsistent = true;
+    // vdisk's additions (QMP clients ignore members they do not know).
+    if (this.name !== undefined) {
+      const st = this.state();
+      i['x-state'] = st.state;
+      i['x-reason'] = st.reason;
+      if (this.persistent) i['x-crash-safe'] = this.crashSafe;
+    }
     return i;
   }
 }

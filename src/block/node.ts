@@ -133,11 +133,12 @@ export abstract class BlockNode {
   /**
    * Called before any write, write-zeroes or discard reaches the driver, with
    * the range it changes; the request waits for them and fails if one fails.
-   * The copy-before-write filter of a backup job hooks in here, so every
-   * writer of the node (exports, parents) goes through it without the graph
-   * being rewired.
+   * A hook may return a function, called once the request has settled
+   * (success or not). The guard of a backup's copy-before-write filter and
+   * crash-safe bitmaps hook in here, so every writer of the node goes
+   * through them, whichever way it reaches the node.
    */
-  readonly beforeWrite: Array<(offset: number, length: number) => Promise<void>> = [];
+  readonly beforeWrite: Array<(offset: number, length: number) => Promise<(() => void) | void>> = [];
   /**
    * A format driver announces read_aio / write_aio to its file child before
    * guest I/O, as QEMU's raw and qcow2 do (blkdebug rules react to them).
@@ -318,9 +319,10 @@ export abstract class BlockNode {
       return this.writeZeroes(offset, buf.length, (flags & ReqFlags.FUA) | (this.detectZeroes === 'unmap' ? ReqFlags.MAY_UNMAP : 0));
     }
     while (this.writeGate) await this.writeGate;
+    let settled: Array<() => void> | undefined;
     this.inFlight++;
     try {
-      if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
+      if (this.beforeWrite.length) settled = await this.runBeforeWrite(offset, buf.length);
       if (this.announcesIo) this.primaryChild?.debugEvent('write_aio');
       // As QEMU's bdrv_aligned_pwritev: the node being written announces pwritev to itself.
       this.debugEvent('pwritev');
@@ -342,6 +344,7 @@ export abstract class BlockNode {
       throw toVdiskError(err, `write at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, buf.length);
+      if (settled) for (const done of settled) done();
       this.requestDone();
     }
   }
@@ -355,15 +358,17 @@ export abstract class BlockNode {
     this.checkRange('write', offset, buf.length, true);
     if (buf.length === 0) return;
     while (this.writeGate) await this.writeGate;
+    let settled: Array<() => void> | undefined;
     this.inFlight++;
     try {
-      if (this.beforeWrite.length) await this.runBeforeWrite(offset, buf.length);
+      if (this.beforeWrite.length) settled = await this.runBeforeWrite(offset, buf.length);
       await this.doWriteCompressed(offset, buf);
       if (offset + buf.length > this.length) this.grow(offset + buf.length);
     } catch (err) {
       throw toVdiskError(err, `compressed write at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, buf.length);
+      if (settled) for (const done of settled) done();
       this.requestDone();
     }
   }
@@ -384,9 +389,10 @@ export abstract class BlockNode {
     if (length === 0) return;
     if (!this.discardEnabled) flags &= ~ReqFlags.MAY_UNMAP;
     while (this.writeGate) await this.writeGate;
+    let settled: Array<() => void> | undefined;
     this.inFlight++;
     try {
-      if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
+      if (this.beforeWrite.length) settled = await this.runBeforeWrite(offset, length);
       this.debugEvent('pwritev_zero');
       const a = this.limits.requestAlignment;
       const head = offset % a;
@@ -413,6 +419,7 @@ export abstract class BlockNode {
       throw toVdiskError(err, `write-zeroes at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, length);
+      if (settled) for (const done of settled) done();
       this.requestDone();
     }
   }
@@ -422,9 +429,10 @@ export abstract class BlockNode {
     this.checkRange('discard', offset, length, true);
     if (length === 0 || !this.discardEnabled) return;
     while (this.writeGate) await this.writeGate;
+    let settled: Array<() => void> | undefined;
     this.inFlight++;
     try {
-      if (this.beforeWrite.length) await this.runBeforeWrite(offset, length);
+      if (this.beforeWrite.length) settled = await this.runBeforeWrite(offset, length);
       // Only the aligned part can be discarded; the edges keep their data (discard is a hint).
       const a = this.limits.requestAlignment;
       const start = Math.ceil(offset / a) * a;
@@ -434,6 +442,7 @@ export abstract class BlockNode {
       throw toVdiskError(err, `discard at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, length);
+      if (settled) for (const done of settled) done();
       this.requestDone();
     }
   }
@@ -475,10 +484,23 @@ export abstract class BlockNode {
     await this.doTruncate(size);
     // Bitmaps follow the size: a grown part is clean, a cut part is forgotten.
     for (const b of this.dirtyBitmaps) b.resize(this.length);
+    if (this.dirtyBitmaps.some((b) => b.persistent)) await this.bitmapDriver?.persistentChanged?.('resized');
   }
 
-  private async runBeforeWrite(offset: number, length: number): Promise<void> {
-    for (const hook of [...this.beforeWrite]) await hook(offset, length);
+  /** Runs the write hooks in order; returns what they want called when the request has settled. */
+  private async runBeforeWrite(offset: number, length: number): Promise<Array<() => void>> {
+    const settled: Array<() => void> = [];
+    try {
+      for (const hook of [...this.beforeWrite]) {
+        const done = await hook(offset, length);
+        if (done) settled.push(done);
+      }
+    } catch (err) {
+      // The hooks that ran are told the request is over; the one that threw cleaned up itself.
+      for (const done of settled) done();
+      throw err;
+    }
+    return settled;
   }
 
   /** Records a change to [offset, offset + length) in every enabled dirty bitmap. */

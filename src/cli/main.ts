@@ -32,12 +32,14 @@ export async function main(argv: string[]): Promise<number> {
     case 'qmp':
       return (await import('./qmp.js')).qmpCommand(rest);
     case 'img':
-      // A tool, not a daemon: only warnings and errors unless asked (VDISK_LOG_LEVEL=info shows progress events).
-      setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
+      // A tool, not a daemon, whose output is qemu-img's: what a daemon would log as a warning (an
+      // inconsistent bitmap found at open) is the tool's output or error here, so only errors are
+      // logged unless asked (VDISK_LOG_LEVEL=info shows progress events).
+      setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'error');
       return (await import('./img/index.js')).imgCommand(rest);
     case 'io':
-      // A tool too: its output is qemu-io's, so only warnings and errors are logged unless asked.
-      setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'warn');
+      // A tool too: its output is qemu-io's, so only errors are logged unless asked.
+      setLogLevel((process.env.VDISK_LOG_LEVEL as LogLevel | undefined) ?? 'error');
       return (await import('./io.js')).ioCommand(rest);
     case 'version':
     case '--version':

@@ -64,7 +64,11 @@ t.test('a write goes on only once its bits are synced; durable bits cost nothing
   let release!: () => void;
   store.gate = new Promise((r) => (release = r));
   let through = false;
-  const w = cs.before(5 * G + 100, 3 * G).then(() => (through = true));
+  let done: (() => void) | undefined;
+  const w = cs.before(5 * G + 100, 3 * G).then((d) => {
+    through = true;
+    done = d ?? undefined;
+  });
   await new Promise((r) => setImmediate(r));
   t.notOk(through, 'held until the sync');
   t.ok(b.bits.get(5) && b.bits.get(8), 'marked in memory before the write');
@@ -73,7 +77,7 @@ t.test('a write goes on only once its bits are synced; durable bits cost nothing
   await w;
   t.ok([5, 6, 7, 8].every((g) => onDisk(store, g)), 'granules 5..8 are on disk before the write goes on');
   t.notOk(onDisk(store, 4) || onDisk(store, 9), 'and nothing else');
-  cs.after(5 * G + 100, 3 * G);
+  done!();
   const syncs = store.syncs;
   await cs.before(6 * G, 4096);
   t.equal(store.syncs, syncs, 'a write into durable granules needs no sync');
@@ -110,15 +114,15 @@ t.test('a disabled bitmap is not touched; a successor records during a backup', 
 
 t.test('resync after a clear writes less, but keeps writes still in flight', async (t) => {
   const { store, cs, b } = setUp();
-  await cs.before(1 * G, G);
-  cs.after(1 * G, G);
-  await cs.before(300 * G, G); // still in flight (no after())
+  const first = await cs.before(1 * G, G);
+  first!();
+  const inflight = await cs.before(300 * G, G); // still in flight (not settled)
   t.ok(onDisk(store, 1) && onDisk(store, 300));
   b.bits.clear();
   await cs.resync('b');
   t.notOk(onDisk(store, 1), 'a finished write is forgotten after the clear');
   t.ok(onDisk(store, 300), 'the write in flight keeps its bit');
-  cs.after(300 * G, G);
+  inflight!();
   const syncs = store.syncs;
   await cs.before(1 * G, 512);
   t.equal(store.syncs, syncs + 1, 'the next cycle pays again for granule 1');
@@ -136,7 +140,7 @@ t.test('a store that fails fails the write that needed it', async (t) => {
 t.test('a rewrite takes a snapshot; bits queued during it go in the next round', async (t) => {
   const { store, cs } = setUp();
   let during: Promise<void> | undefined;
-  await cs.exclusively(async (content) => {
+  await cs.exclusively(() => undefined, async (content) => {
     t.ok(content.has('b'));
     during = cs.before(42 * G, G);
     // The rewrite "writes" the snapshot it was given.

@@ -86,7 +86,7 @@ t.test('vdisk stores, QEMU loads the same bitmaps', async (t) => {
   t.equal((await run('qemu-img', ['check', img])).code, 0);
 });
 
-t.test('QEMU stores, vdisk loads; a writer that dies leaves them inconsistent', async (t) => {
+t.test("QEMU stores, vdisk loads; in QEMU's mode a writer that dies leaves them inconsistent", async (t) => {
   const dir = tempDir(t);
   const img = path.join(dir, 'q.qcow2');
   t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '64M'])).code, 0);
@@ -101,7 +101,8 @@ t.test('QEMU stores, vdisk loads; a writer that dies leaves them inconsistent', 
   await q.stop();
 
   const { w, d } = await vdisk(t, dir);
-  await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  // x-crash-safe-bitmaps=off: QEMU's mode, in use on disk while open (the default is crash-safe, below).
+  await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', 'x-crash-safe-bitmaps': false, file: { driver: 'file', filename: img } });
   t.equal(await sha(w, 'b'), theirs, "vdisk loads QEMU's bits");
   t.same(byName(await bitmaps(w)), theirInfo, 'with the same count, granularity and state');
   await w.ok('human-monitor-command', { 'command-line': 'qemu-io d "write -P 7 60M 4k"' });
@@ -113,7 +114,8 @@ t.test('QEMU stores, vdisk loads; a writer that dies leaves them inconsistent', 
   t.same(crashed['format-specific'].data.bitmaps.map((b: Record<string, unknown>) => b.flags), [['in-use', 'auto']], 'on disk: in use');
   const again = await vdisk(t, dir);
   await again.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
-  t.match((await bitmaps(again.w))[0], { name: 'b', inconsistent: true }, 'reopened: inconsistent, as QEMU reports it');
+  t.match((await bitmaps(again.w))[0], { name: 'b', inconsistent: true, 'x-state': 'inconsistent', 'x-reason': /not closed cleanly.*take a full backup/ }, 'reopened: inconsistent, as QEMU reports it, and why');
+  t.ok(again.d.stderr().split('\n').some((l) => l.includes('bitmap-inconsistent') && l.includes('full backup')), 'the inconsistent bitmap is logged at open, with what to do');
   t.match((await again.w.cmd('block-dirty-bitmap-clear', { node: 'd', name: 'b' })).error?.desc, /is inconsistent and cannot be used/);
   await again.w.ok('block-dirty-bitmap-remove', { node: 'd', name: 'b' });
   await again.w.ok('blockdev-del', { 'node-name': 'd' });
@@ -142,11 +144,14 @@ t.test('the same image opened by both daemons: bitmap order, format-specific bit
     fs.copyFileSync(img, p.copy);
     fs.copyFileSync(v2, p.old);
     const w = await p.open();
-    await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: p.copy } });
-    await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'old', file: { driver: 'file', filename: p.old } });
+    // vdisk in QEMU's mode, so "in use while open" compares like with like.
+    const mode = p.name === 'vdisk' ? { 'x-crash-safe-bitmaps': false } : {};
+    await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', ...mode, file: { driver: 'file', filename: p.copy } });
+    await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'old', ...mode, file: { driver: 'file', filename: p.old } });
     const node = async () => ((await w.ok('query-named-block-nodes')) as Array<Record<string, any>>).find((n) => n['node-name'] === 'd')!;
     const n = await node();
-    out.push(n['dirty-bitmaps'], n.image['format-specific']);
+    const qemuMembers = (list: Array<Record<string, unknown>>) => list.map((b) => Object.fromEntries(Object.entries(b).filter(([k]) => !k.startsWith('x-'))));
+    out.push(qemuMembers(n['dirty-bitmaps']), n.image['format-specific']);
     out.push((await w.cmd('block-dirty-bitmap-add', { node: 'old', name: 'p', persistent: true })).error);
     out.push((await w.cmd('block-dirty-bitmap-add', { node: 'd', name: 'g', persistent: true, granularity: 1 << 30 })).error);
     out.push((await w.cmd('block-dirty-bitmap-add', { node: 'd', name: 'x'.repeat(1024), persistent: true })).error);
@@ -167,4 +172,49 @@ t.test('the same image opened by both daemons: bitmap order, format-specific bit
   t.match(seen.qsd[4], { desc: /Name length exceeds maximum/ });
   t.match(seen.qsd[5], { desc: /Granularity must be power of 2/ });
   t.same((seen.qsd[7] as Array<{ name: string }>).map((b) => b.name), ['a', 'c', 'm', 'n', 'g'], 'QEMU keeps stored bitmaps in place and adds new ones newest first');
+});
+
+t.test('crash-safe (the default): after kill -9 the bitmaps are usable supersets, not inconsistent', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'c.qcow2');
+  t.equal((await run('qemu-img', ['create', '-f', 'qcow2', img, '64M'])).code, 0);
+  const { w, d } = await vdisk(t, dir);
+  await w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'cs', persistent: true });
+  await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'fine', persistent: true, granularity: 4096 });
+  await w.ok('block-dirty-bitmap-add', { node: 'd', name: 'qemu-mode', persistent: true, 'x-crash-safe': false });
+  t.match(Object.fromEntries((await bitmaps(w)).map((b) => [b.name, b['x-crash-safe']])), { cs: true, fine: true, 'qemu-mode': false }, 'x-crash-safe per bitmap');
+  const open = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', img])).stdout);
+  t.same(
+    Object.fromEntries(open['format-specific'].data.bitmaps.map((b: Record<string, unknown>) => [b.name, b.flags])),
+    { cs: ['auto'], fine: ['auto'] },
+    'while open: crash-safe bitmaps are stored at once, consistent; a new QEMU-mode one waits for the close, as in QEMU',
+  );
+  for (const cmd of ['write -P 1 0 512', 'write -P 2 16M 256k', 'write -z 40M 1M', 'discard 50M 64k']) {
+    await w.ok('human-monitor-command', { 'command-line': `qemu-io d "${cmd}"` });
+  }
+  const before = { cs: await sha(w, 'cs'), fine: await sha(w, 'fine') };
+  d.proc.kill('SIGKILL');
+  await new Promise((r) => d.proc.on('exit', r));
+  const crashed = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', img])).stdout);
+  t.same(
+    Object.fromEntries(crashed['format-specific'].data.bitmaps.map((b: Record<string, unknown>) => [b.name, b.flags])),
+    { cs: ['auto'], fine: ['auto'] },
+    'after kill -9: the crash-safe bitmaps are there and not in use (the QEMU-mode one never reached the disk)',
+  );
+  // QEMU itself trusts them: qemu-storage-daemon loads the same bits.
+  const q = await qsd(t, dir);
+  await q.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', 'read-only': true, file: { driver: 'file', filename: img, 'read-only': true } });
+  t.same({ cs: await sha(q.w, 'cs'), fine: await sha(q.w, 'fine') }, before, 'QEMU reads exactly the bits the writes made');
+  await q.stop();
+  const again = await vdisk(t, dir);
+  await again.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', file: { driver: 'file', filename: img } });
+  const list = Object.fromEntries((await bitmaps(again.w)).map((b) => [b.name, b]));
+  t.match(list.cs, { inconsistent: undefined, 'x-state': 'active', 'x-reason': /recovered after an unclean stop/ }, 'reopened by vdisk: usable, and says it was recovered');
+  t.equal(list['qemu-mode'], undefined, 'the QEMU-mode bitmap is lost with the crash, as with QEMU');
+  t.equal(await sha(again.w, 'cs'), before.cs);
+  t.equal(await sha(again.w, 'fine'), before.fine);
+  await again.w.ok('blockdev-del', { 'node-name': 'd' });
+  const c = await run('qemu-img', ['check', img]);
+  t.equal(c.code, 0, `qemu-img check is clean after the restart and a clean close: ${c.stdout}`);
 });

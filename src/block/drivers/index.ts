@@ -109,13 +109,16 @@ export const DRIVERS: DriverDef[] = [
     members: {
       file: BLOCKDEV_REF,
       '*backing': BLOCKDEV_REF_OR_NULL,
+      // vdisk: persistent bitmaps crash-safe (default) or in QEMU's mode (in use while open).
+      '*x-crash-safe-bitmaps': bool,
     },
     async open(o, { common, openChild }) {
       const file = await openChild(o.file, 'file');
       let backing: BlockNode | null | undefined;
       if (o.backing === null) backing = null;
       else if (o.backing !== undefined) backing = await openChild(o.backing, 'backing');
-      return Qcow2Node.open({ nodeName: common.nodeName, file, backing, readOnly: common.readOnly }, async (filename, format) => {
+      const crashSafeBitmaps = o['x-crash-safe-bitmaps'] as boolean | undefined;
+      return Qcow2Node.open({ nodeName: common.nodeName, file, backing, readOnly: common.readOnly, crashSafeBitmaps }, async (filename, format) => {
         // The backing file named in the header: read-only, in the format it was recorded with.
         return openChild({ driver: format ?? probeFormat(filename), 'read-only': true, file: { driver: 'file', filename, 'read-only': true } }, 'backing');
       });

@@ -105,20 +105,20 @@ export async function bitmapCommand(argv: string[]): Promise<number> {
         switch (act.op) {
           case 'add':
             // qemu-img hands the granularity over as uint32_t: only its low 32 bits count, 0 (no -g) is the default.
-            addBitmap(graph, node, name, { granularity: granularity === 0n ? undefined : Number(granularity & 0xffffffffn), persistent: true });
+            await addBitmap(graph, node, name, { granularity: granularity === 0n ? undefined : Number(granularity & 0xffffffffn), persistent: true });
             break;
           case 'remove':
-            removeBitmap(graph, node, name);
+            await removeBitmap(graph, node, name);
             break;
           case 'clear':
-            clearBitmap(graph, node, name);
+            await clearBitmap(graph, node, name);
             break;
           case 'enable':
           case 'disable':
-            setBitmapEnabled(graph, node, name, act.op === 'enable');
+            await setBitmapEnabled(graph, node, name, act.op === 'enable');
             break;
           case 'merge':
-            mergeBitmaps(graph, node, name, [{ node: src.node.nodeName, name: act.source! }]);
+            await mergeBitmaps(graph, node, name, [{ node: src.node.nodeName, name: act.source! }]);
             break;
         }
       } catch (err) {

@@ -13,6 +13,7 @@
  * close every persistent bitmap is stored afresh and the old clusters freed.
  */
 import { DirtyBitmap, MAX_NAME_BYTES } from '../../dirty-bitmap.js';
+import type { SparseBitmap } from '../../sparse-bitmap.js';
 import { VdiskError } from '../../../errors.js';
 import { readU64, writeU64 } from './format.js';
 import type { Qcow2Node } from './qcow2.js';
@@ -183,27 +184,32 @@ async function clustersInUse(node: Qcow2Node): Promise<number[]> {
 export async function storeBitmaps(
   node: Qcow2Node,
   bitmaps: DirtyBitmap[],
-): Promise<{ ext: Buffer | undefined; directory: StoredBitmap[]; old: number[] }> {
+  options: StoreOptions = {},
+): Promise<{ ext: Buffer | undefined; directory: StoredBitmap[]; old: number[]; layout: Map<string, BitmapLayout> }> {
   const cs = node.clusterBytes;
   // The old clusters are freed by the caller only once the header names the new directory.
   const old = await clustersInUse(node);
-  if (bitmaps.length === 0) return { ext: undefined, directory: [], old };
+  const layout = new Map<string, BitmapLayout>();
+  if (bitmaps.length === 0) return { ext: undefined, directory: [], old, layout };
   const entries: Buffer[] = [];
   const directory: StoredBitmap[] = [];
   for (const b of bitmaps) {
     const bitsPerCluster = cs * 8;
     const tableSize = Math.ceil(b.bits.size / bitsPerCluster);
     const table = Buffer.alloc(Math.max(8, tableSize * 8));
-    if (!b.inconsistent) {
-      const bytes = b.bits.bytes();
+    const inUse = b.inconsistent || (options.inUse?.(b) ?? false);
+    const hosts: number[] = new Array(tableSize).fill(0);
+    if (!inUse) {
+      const bits = options.content?.(b) ?? b.bits;
       for (let i = 0; i < tableSize; i++) {
-        const chunk = bytes.subarray(i * cs, Math.min(bytes.length, (i + 1) * cs));
+        const chunk = bits.bytesOf(i * bitsPerCluster, Math.min(bitsPerCluster, b.bits.size - i * bitsPerCluster));
         if (chunk.every((x) => x === 0)) continue;
         const data = Buffer.alloc(cs);
         chunk.copy(data);
         const host = (await node.refcounts.allocate(1)) * cs;
         await node.file.write(host, data);
         writeU64(table, i * 8, host);
+        hosts[i] = host;
       }
     }
     let tableOffset = 0;
@@ -212,11 +218,12 @@ export async function storeBitmaps(
       tableOffset = (await node.refcounts.allocate(clusters)) * cs;
       await node.file.write(tableOffset, table.subarray(0, tableSize * 8));
     }
+    layout.set(b.name ?? '', { tableOffset, hosts });
     const name = Buffer.from(b.name ?? '');
     const entry = Buffer.alloc(Math.ceil((24 + name.length) / 8) * 8);
     writeU64(entry, 0, tableOffset);
     entry.writeUInt32BE(tableSize, 8);
-    const flags = (b.enabled || b.recording ? BITMAP_AUTO : 0) | (b.inconsistent ? BITMAP_IN_USE : 0);
+    const flags = (b.enabled || b.recording ? BITMAP_AUTO : 0) | (inUse ? BITMAP_IN_USE : 0);
     directory.push({ name: b.name ?? '', granularity: b.granularity, flags });
     entry.writeUInt32BE(flags, 12);
     entry[16] = TYPE_DIRTY_TRACKING;
@@ -233,5 +240,47 @@ export async function storeBitmaps(
   ext.writeUInt32BE(bitmaps.length, 0);
   writeU64(ext, 8, dir.length);
   writeU64(ext, 16, dirOffset);
-  return { ext, directory, old };
+  return { ext, directory, old, layout };
+}
+
+export interface StoreOptions {
+  /** Store this bitmap "in use" with no data (QEMU's mode while the image is open). */
+  inUse?: (b: DirtyBitmap) => boolean;
+  /** The content to store instead of the bitmap's bits (a crash-safe bitmap's promised content). */
+  content?: (b: DirtyBitmap) => SparseBitmap | undefined;
+}
+
+/** Where a stored bitmap's data lives: its table and the data cluster of each table entry (0: none, all zeroes). */
+export interface BitmapLayout {
+  tableOffset: number;
+  hosts: number[];
+}
+
+/**
+ * Writes chunks of a stored bitmap's data in place (crash-safe bitmaps): a
+ * chunk is one data cluster. A table entry without a cluster gets one: the
+ * cluster is allocated and written, its refcount made durable, and only then
+ * does the table entry point at it, so a crash leaks a cluster at worst.
+ */
+export async function writeBitmapChunks(node: Qcow2Node, layout: BitmapLayout, chunks: Array<{ index: number; data: Buffer }>, makeRefcountsDurable: () => Promise<void>): Promise<void> {
+  const cs = node.clusterBytes;
+  const fresh: Array<{ index: number; host: number }> = [];
+  for (const c of chunks) {
+    if (c.index >= layout.hosts.length) throw new VdiskError('EIO', `qcow2: bitmap chunk ${c.index} is past its table (${layout.hosts.length} entries)`);
+    const data = c.data.length === cs ? c.data : Buffer.concat([c.data, Buffer.alloc(cs - c.data.length)]);
+    let host = layout.hosts[c.index];
+    if (host === 0) {
+      host = (await node.refcounts.allocate(1)) * cs;
+      fresh.push({ index: c.index, host });
+    }
+    await node.file.write(host, data);
+  }
+  if (fresh.length === 0) return;
+  await makeRefcountsDurable();
+  const entry = Buffer.alloc(8);
+  for (const f of fresh) {
+    writeU64(entry, 0, f.host);
+    await node.file.write(layout.tableOffset + f.index * 8, entry);
+    layout.hosts[f.index] = f.host;
+  }
 }

@@ -52,7 +52,8 @@ import {
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
-import { type StoredBitmap, checkCanStore, loadBitmaps, storeBitmaps } from './bitmaps.js';
+import { type BitmapLayout, type StoreOptions, type StoredBitmap, checkCanStore, loadBitmaps, storeBitmaps, writeBitmapChunks } from './bitmaps.js';
+import { PersistentBitmaps, type StoreEntry } from '../../persistent-bitmaps.js';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 const deflateRaw = promisify(zlib.deflateRaw);
@@ -77,6 +78,8 @@ export interface Qcow2Options {
    * opened writable and a dirty one is not repaired on open.
    */
   forCheck?: boolean;
+  /** x-crash-safe-bitmaps: persistent bitmaps are kept crash-safe (default) or in QEMU's mode (in use while open). */
+  crashSafeBitmaps?: boolean;
 }
 
 /** Opens the backing file named in an image header (the graph supplies this). */
@@ -121,6 +124,18 @@ export class Qcow2Node extends BlockNode {
    * the directory at close), then what the close stored.
    */
   private directory: StoredBitmap[] = [];
+  /**
+   * The order QEMU would store the bitmaps in: the directory as loaded, less
+   * what was removed since (QEMU's on-disk list during a session). Runtime
+   * rewrites (crash-safe bitmaps) keep to it, so the final directory is the
+   * one QEMU would write.
+   */
+  private storeOrder: string[] = [];
+  /** Keeps the persistent bitmaps true on disk while open writable (src/block/persistent-bitmaps.ts). */
+  private persistentBitmaps: PersistentBitmaps | undefined;
+  /** Where each stored bitmap's table and data clusters are, as the last store left them. */
+  private bitmapLayout = new Map<string, BitmapLayout>();
+  private readonly crashSafeBitmaps: boolean;
 
   private constructor(options: Qcow2Options) {
     super({ nodeName: options.nodeName, readOnly: options.readOnly || options.file.readOnly });
@@ -128,15 +143,19 @@ export class Qcow2Node extends BlockNode {
     this.nativeFua = false;
     // Guest I/O is announced to the file (read_aio / write_aio) for blkdebug rules, as QEMU's qcow2.
     this.announcesIo = true;
+    this.crashSafeBitmaps = options.crashSafeBitmaps ?? true;
     const node = this;
     this.bitmapDriver = {
       get clusterSize() {
         return node.clusterSize;
       },
+      crashSafeDefault: this.crashSafeBitmaps,
       checkCanStore: (name, granularity) => checkCanStore(this, name, granularity),
       removePersistent: (name) => {
         this.directory = this.directory.filter((e) => e.name !== name);
+        this.storeOrder = this.storeOrder.filter((n) => n !== name);
       },
+      persistentChanged: (change, bitmap, name) => this.persistentBitmaps?.changed(change, bitmap, name) ?? Promise.resolve(),
     };
   }
 
@@ -215,55 +234,97 @@ export class Qcow2Node extends BlockNode {
     // cleared it). They are loaded onto the node, marked in use on disk while the image is open
     // writable, and stored again at a clean close.
     const bitmapsValid = h.bitmapsExtension !== undefined && (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+    const unclean = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
     if (bitmapsValid && !options.forCheck) {
       const loaded = await loadBitmaps(this);
+      for (const b of loaded.bitmaps) {
+        if (b.inconsistent) {
+          b.inconsistentReason = 'it was left in use: the image was not closed cleanly while the bitmap recorded writes in QEMU\'s mode';
+          logEvent('warn', 'bitmap-inconsistent', { nodeName: this.nodeName, filename: file.filename, bitmap: b.name, reason: b.inconsistentReason, advice: 'take a full backup, then remove and re-add the bitmap' });
+        } else if (unclean) {
+          // Kept up to date bit by bit (crash-safe), so still usable after the crash: a superset.
+          b.recovered = true;
+        }
+      }
       // QEMU adds each at the head of the node's list as it loads them: the last stored comes first.
       this.dirtyBitmaps.push(...loaded.bitmaps.reverse());
       this.directory = loaded.directory;
+      this.storeOrder = loaded.directory.map((e) => e.name);
     }
     if (!this.readOnly) {
-      if (h.incompatibleFeatures & INCOMPAT_DIRTY && !options.forCheck) {
+      if (unclean && !options.forCheck) {
         logEvent('warn', 'qcow2-repairing-dirty-image', { filename: file.filename });
         const { checkImage } = await import('./check.js');
         await checkImage(this, { repair: 'all' });
       }
-      // The bitmaps on disk stop matching the data with the first write, so they are marked in use
-      // now, as QEMU marks them: a crash leaves them inconsistent rather than silently wrong, and a
-      // clean close stores them afresh. The autoclear bit stays set because vdisk keeps the bitmaps
-      // (clearing it would make QEMU drop the extension and count every bitmap cluster as leaked).
-      const keepBitmaps = bitmapsValid && (await this.markBitmapsInUse());
-      h.autoclearFeatures = keepBitmaps ? AUTOCLEAR_BITMAPS : 0n;
-      if (keepBitmaps) for (const e of this.directory) e.flags |= BITMAP_IN_USE;
-      else this.directory = [];
+      // A writer that did not know the bitmaps cleared the autoclear bit: the extension is stale and
+      // its clusters may be reused by now, so it is dropped, never freed (QEMU ignores it too).
+      if (!bitmapsValid) {
+        h.bitmapsExtension = undefined;
+        h.autoclearFeatures = 0n;
+        this.directory = [];
+        this.storeOrder = [];
+      }
       if (h.version === 3) h.incompatibleFeatures |= INCOMPAT_DIRTY;
       await this.writeHeader();
       await file.flush();
+      if (h.version === 3 && !options.forCheck) {
+        // Persistent bitmaps stay true on disk while open: crash-safe ones bit by bit, the others
+        // marked in use as QEMU marks them (a crash leaves them inconsistent, never silently wrong).
+        for (const b of this.dirtyBitmaps) if (b.persistent && !b.inconsistent) b.crashSafe = this.crashSafeBitmaps;
+        this.persistentBitmaps = new PersistentBitmaps(this, {
+          chunkBytes: this.clusterSize,
+          rewrite: (list) => this.rewriteBitmaps(list),
+          writeChunks: (b, chunks) => {
+            const layout = this.bitmapLayout.get(b.name ?? '');
+            if (!layout) return Promise.reject(new VdiskError('EIO', `qcow2: bitmap '${b.name}' has no stored table`));
+            return writeBitmapChunks(this, layout, chunks, () => this.flushMetadata());
+          },
+          sync: () => this.file.flush(),
+        });
+        await this.persistentBitmaps.start();
+      }
     }
   }
 
   /**
-   * Sets the in-use flag of every persistent bitmap in the bitmap directory
-   * (in place), so QEMU treats them as inconsistent while their clusters
-   * stay referenced. False if the directory cannot be understood.
+   * Stores the persistent bitmaps afresh while the image is open: crash-safe
+   * ones with the given content, the others in use. New clusters first, made
+   * durable, then the header names the new directory, then the old clusters
+   * are freed (a crash in between leaks, never corrupts).
    */
-  private async markBitmapsInUse(): Promise<boolean> {
-    const ext = this.header.bitmapsExtension!;
-    if (ext.length < 24) return false;
-    const count = ext.readUInt32BE(0);
-    const dirSize = readU64(ext, 8, 'bitmap directory size');
-    const dirOffset = readU64(ext, 16, 'bitmap directory offset');
-    if (dirSize === 0 || dirSize > 64 * 1024 * 1024 || dirOffset % this.clusterSize !== 0 || dirOffset + dirSize > this.file.size) return false;
-    const dir = Buffer.alloc(dirSize);
-    await this.file.read(dirOffset, dir);
-    let p = 0;
-    for (let b = 0; b < count; b++) {
-      if (p + 24 > dir.length) return false;
-      dir.writeUInt32BE((dir.readUInt32BE(p + 12) | BITMAP_IN_USE) >>> 0, p + 12);
-      p += Math.ceil((24 + dir.readUInt32BE(p + 20) + dir.readUInt16BE(p + 18)) / 8) * 8;
-    }
-    await this.file.write(dirOffset, dir);
+  private async rewriteBitmaps(list: StoreEntry[]): Promise<void> {
+    const byName = new Map(list.map((e) => [e.bitmap.name, e]));
+    // A QEMU-mode bitmap is on disk (in use) only if it was there already: new ones wait for the close, as in QEMU.
+    const onDisk = new Set(this.directory.map((e) => e.name));
+    await this.storeBitmapsNow(
+      { inUse: (b) => !byName.get(b.name)?.crashSafe, content: (b) => byName.get(b.name)?.content },
+      () => undefined,
+      (b) => byName.get(b.name)?.crashSafe === true || onDisk.has(b.name!),
+    );
+  }
+
+  /** storeBitmaps, then the refcounts, the header naming the new directory, and the old clusters freed. */
+  private async storeBitmapsNow(options: StoreOptions, beforeHeader: () => void = () => undefined, include: (b: DirtyBitmap) => boolean = () => true): Promise<void> {
+    const stored = await storeBitmaps(this, this.bitmapsToStore().filter(include), options);
+    await this.flushMetadata();
+    // Anything still pending (released during the flush) is applied now.
+    if (this.refcounts.hasPendingReleases) await this.flushMetadata();
     await this.file.flush();
-    return true;
+    beforeHeader();
+    this.header.bitmapsExtension = stored.ext;
+    this.header.autoclearFeatures = stored.ext ? AUTOCLEAR_BITMAPS : 0n;
+    this.directory = stored.directory;
+    this.bitmapLayout = stored.layout;
+    await this.writeHeader();
+    await this.file.flush();
+    if (stored.old.length) {
+      // The old bitmap clusters are unreferenced only now; a crash before this leaks them.
+      for (const c of stored.old) this.refcounts.release(c, 1);
+      await this.flushMetadata();
+      if (this.refcounts.hasPendingReleases) await this.flushMetadata();
+      await this.file.flush();
+    }
   }
 
   /** The L2 table offset of an L1 entry (0: none). */
@@ -1103,27 +1164,22 @@ export class Qcow2Node extends BlockNode {
 
   protected override async doClose(): Promise<void> {
     if (this.readOnly) return;
-    // Persistent bitmaps: written to new clusters, made durable, then named by the header.
-    const stored = this.header.version === 3 ? await storeBitmaps(this, this.bitmapsToStore()) : undefined;
-    await this.flushMetadata();
-    // Anything still pending (released during the flush) is applied now: nothing is in flight any more.
-    if (this.refcounts.hasPendingReleases) await this.flushMetadata();
-    await this.file.flush();
-    this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
-    if (stored) {
-      this.header.bitmapsExtension = stored.ext;
-      this.header.autoclearFeatures = stored.ext ? AUTOCLEAR_BITMAPS : 0n;
-      this.directory = stored.directory;
-    }
-    await this.writeHeader();
-    await this.file.flush();
-    if (stored?.old.length) {
-      // The old bitmap clusters are unreferenced only now; a crash before this leaks them.
-      for (const c of stored.old) this.refcounts.release(c, 1);
+    // No bit write-back may be in progress while the bitmaps are stored for the last time.
+    await this.persistentBitmaps?.close();
+    this.persistentBitmaps = undefined;
+    if (this.header.version !== 3) {
       await this.flushMetadata();
       if (this.refcounts.hasPendingReleases) await this.flushMetadata();
       await this.file.flush();
+      this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      await this.writeHeader();
+      await this.file.flush();
+      return;
     }
+    // Every persistent bitmap exactly, none in use; the clean header goes out with the new directory.
+    await this.storeBitmapsNow({}, () => {
+      this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+    });
   }
 
   /**
@@ -1133,7 +1189,7 @@ export class Qcow2Node extends BlockNode {
    * in this order, so a script sees the same list after either tool.
    */
   private bitmapsToStore(): DirtyBitmap[] {
-    const place = new Map(this.directory.map((e, i) => [e.name, i]));
+    const place = new Map(this.storeOrder.map((name, i) => [name, i]));
     const persistent = this.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined);
     const kept = persistent.filter((b) => place.has(b.name!)).sort((a, b) => place.get(a.name!)! - place.get(b.name!)!);
     return [...kept, ...persistent.filter((b) => !place.has(b.name!))];

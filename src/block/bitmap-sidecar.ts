@@ -233,6 +233,7 @@ export class BitmapSidecar implements ChunkStore {
     if (!this.writable) throw new VdiskError('EROFS', `bitmap sidecar '${this.file}' is read-only`);
     this.closeFd();
     if (list.length === 0) {
+      if (!fs.existsSync(this.file)) return;
       await fs.promises.rm(this.file, { force: true });
       await syncDir(this.file);
       return;

@@ -24,6 +24,8 @@ export interface ImageInfo {
   'full-backing-filename'?: string;
   'backing-filename'?: string;
   'dirty-flag'?: boolean;
+  /** vdisk: persistent bitmaps of a raw image (its sidecar), which QEMU does not have. */
+  'x-bitmaps'?: Array<Record<string, unknown>>;
 }
 
 /** Bytes a file takes on disk (st_blocks), qemu-img's "disk size" / actual-size. */
@@ -56,6 +58,14 @@ export function imageInfo(node: BlockNode, filename: string = node.filename, bac
     if (actual !== undefined) i['actual-size'] = actual;
     // Only drivers with QEMU's get_info report a dirty flag.
     if (DRIVERS_WITH_INFO.has(node.driverName)) i['dirty-flag'] = false;
+    const persistent = node.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined);
+    if (persistent.length) {
+      i['x-bitmaps'] = persistent.map((b) => ({
+        ...bitmapInfo({ name: b.name!, granularity: b.granularity, flags: (b.inconsistent ? BITMAP_IN_USE : 0) | (b.enabled ? BITMAP_AUTO : 0) }),
+        'x-state': b.state().state,
+        'x-reason': b.state().reason,
+      }));
+    }
     return i as ImageInfo;
   }
   const h = node.header;
@@ -76,7 +86,19 @@ export function imageInfo(node: BlockNode, filename: string = node.filename, bac
       'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
       'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
     };
-    if (node.storedBitmaps.length) data.bitmaps = node.storedBitmaps.map(bitmapInfo);
+    if (node.storedBitmaps.length) {
+      data.bitmaps = node.storedBitmaps.map((e) => {
+        const i = bitmapInfo(e);
+        // vdisk says more where there is something to say; plain bitmaps print as qemu-img prints them.
+        const live = node.dirtyBitmaps.find((b) => b.name === e.name);
+        if (live && (live.inconsistent || live.recovered)) {
+          const st = live.state();
+          i['x-state'] = st.state;
+          i['x-reason'] = st.reason;
+        }
+        return i;
+      });
+    }
     Object.assign(data, {
       'refcount-bits': 2 ** h.refcountOrder,
       corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,

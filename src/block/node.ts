@@ -179,6 +179,14 @@ export abstract class BlockNode {
     return this.growable;
   }
 
+  /**
+   * The host file this node is, when it is a regular file: where a raw image
+   * keeps its persistent bitmaps (a sidecar beside it, tied to its identity).
+   */
+  get hostFile(): { path: string; identity(): { dev: bigint; ino: bigint; mtimeNs: bigint } } | undefined {
+    return undefined;
+  }
+
   /** The file name a person would recognise, for listings and messages. */
   get filename(): string {
     return this.children[0]?.node.filename ?? '';

@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { startDaemon, waitForSocket } from '../helpers/daemon.js';
 import { QmpWire } from '../helpers/qmp.js';
-import { requireTool, run, tempDir } from '../helpers/tools.js';
+import { VDISK, requireTool, run, tempDir } from '../helpers/tools.js';
 
 t.before(() => {
   for (const tool of ['qemu-storage-daemon', 'qemu-img']) requireTool(t, tool);
@@ -202,6 +202,13 @@ t.test('crash-safe (the default): after kill -9 the bitmaps are usable supersets
     { cs: ['auto'], fine: ['auto'] },
     'after kill -9: the crash-safe bitmaps are there and not in use (the QEMU-mode one never reached the disk)',
   );
+  const ours = JSON.parse((await run(process.execPath, [VDISK, 'img', 'info', '-U', '--output=json', img])).stdout);
+  t.match(Object.fromEntries(ours['format-specific'].data.bitmaps.map((b: Record<string, unknown>) => [b.name, b])), {
+    cs: { flags: ['auto'], 'x-state': 'active', 'x-reason': /recovered after an unclean stop/ },
+    fine: { 'x-state': 'active' },
+  }, 'vdisk img info: the same list, and says they were recovered');
+  const plain = (list: Array<Record<string, unknown>>) => list.map((b) => Object.fromEntries(Object.entries(b).filter(([k]) => !k.startsWith('x-'))));
+  t.same(plain(ours['format-specific'].data.bitmaps), crashed['format-specific'].data.bitmaps, "QEMU's members as qemu-img prints them");
   // QEMU itself trusts them: qemu-storage-daemon loads the same bits.
   const q = await qsd(t, dir);
   await q.w.ok('blockdev-add', { driver: 'qcow2', 'node-name': 'd', 'read-only': true, file: { driver: 'file', filename: img, 'read-only': true } });

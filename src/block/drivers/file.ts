@@ -116,6 +116,17 @@ export class FileNode extends BlockNode {
     return this.path;
   }
 
+  override get hostFile(): { path: string; identity(): { dev: bigint; ino: bigint; mtimeNs: bigint } } | undefined {
+    if (this.isBlockDevice || this.fd < 0) return undefined;
+    return {
+      path: this.path,
+      identity: () => {
+        const st = fs.fstatSync(this.fd, { bigint: true });
+        return { dev: st.dev, ino: st.ino, mtimeNs: st.mtimeNs };
+      },
+    };
+  }
+
   private async openFile(options: FileOptions): Promise<void> {
     const { O_RDONLY, O_RDWR, O_DIRECT } = fs.constants;
     const flags = (this.direct ? O_DIRECT : 0);

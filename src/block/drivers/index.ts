@@ -90,18 +90,26 @@ export const DRIVERS: DriverDef[] = [
   },
   {
     name: 'raw',
-    members: { file: BLOCKDEV_REF, '*offset': int('int'), '*size': int('int') },
+    members: {
+      file: BLOCKDEV_REF,
+      '*offset': int('int'),
+      '*size': int('int'),
+      // vdisk: persistent bitmaps (in a sidecar file) crash-safe (default) or in QEMU's mode.
+      '*x-crash-safe-bitmaps': bool,
+    },
     async open(o, { common, openChild }) {
       nonNegative(o, 'offset');
       nonNegative(o, 'size');
       const file = await openChild(o.file, 'file');
-      return new RawNode({
+      const node = new RawNode({
         nodeName: common.nodeName,
         file,
         offset: o.offset as number | undefined,
         size: o.size as number | undefined,
         readOnly: common.readOnly,
       });
+      await node.openPersistentBitmaps((o['x-crash-safe-bitmaps'] as boolean | undefined) ?? true);
+      return node;
     },
   },
   {

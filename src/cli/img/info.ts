@@ -27,6 +27,8 @@ export interface ImageInfo {
   'full-backing-filename'?: string;
   'backing-filename'?: string;
   'dirty-flag': boolean;
+  /** vdisk: a raw image's persistent bitmaps (its sidecar). */
+  'x-bitmaps'?: Array<Record<string, unknown>>;
 }
 
 export async function infoCommand(argv: string[]): Promise<number> {
@@ -91,5 +93,8 @@ function humanInfo(i: ImageInfo): string {
   const fs = i['format-specific'];
   let text = lines.join('\n') + '\n';
   if (fs) text += `Format specific information:\n${formatSpecificText(fs.data)}`;
+  // vdisk's own: a raw image's persistent bitmaps, kept in a sidecar file qemu-img does not know.
+  const own = i['x-bitmaps'];
+  if (own) text += `Persistent bitmaps (vdisk sidecar ${i.filename}.vdisk-bitmaps):\n${formatSpecificText(own as unknown as Record<string, unknown>)}`;
   return text;
 }

@@ -204,8 +204,13 @@ async function soak(t: Test, format: 'qcow2' | 'raw'): Promise<void> {
       const last = op === ops[ops.length - 1] && !op.acked;
       if (!last) writtenSinceClear.add(op.slot);
     }
+    // The last write's data is on disk when the slot shows its value and that value is new there.
     const lastOp = ops[ops.length - 1];
-    if (lastOp && !lastOp.acked && seen.slots[lastOp.slot] === lastOp.value && seen.uniform[lastOp.slot]) writtenSinceClear.add(lastOp.slot);
+    if (lastOp && !lastOp.acked && seen.uniform[lastOp.slot] && seen.slots[lastOp.slot] === lastOp.value) {
+      const earlier = (bySlot.get(lastOp.slot) ?? []).filter((o) => o !== lastOp);
+      const before = earlier.length ? earlier[earlier.length - 1].value : base[lastOp.slot];
+      if (before !== lastOp.value) writtenSinceClear.add(lastOp.slot);
+    }
     for (let s = 0; s < SLOTS; s++) {
       const mine = bySlot.get(s) ?? [];
       const durable = mine.filter((o) => o.seq < flushedBefore);

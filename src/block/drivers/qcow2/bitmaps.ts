@@ -14,6 +14,7 @@
  */
 import { DirtyBitmap, MAX_NAME_BYTES } from '../../dirty-bitmap.js';
 import type { SparseBitmap } from '../../sparse-bitmap.js';
+import { ReqFlags } from '../../node.js';
 import { VdiskError } from '../../../errors.js';
 import { readU64, writeU64 } from './format.js';
 import type { Qcow2Node } from './qcow2.js';
@@ -256,31 +257,49 @@ export interface BitmapLayout {
   hosts: number[];
 }
 
+/** The unit crash-safe bitmaps write in place: a page of a data cluster, not the whole cluster. */
+export function bitmapChunkBytes(clusterBytes: number): number {
+  return Math.min(4096, clusterBytes);
+}
+
 /**
- * Writes chunks of a stored bitmap's data in place (crash-safe bitmaps): a
- * chunk is one data cluster. A table entry without a cluster gets one: the
- * cluster is allocated and written, its refcount made durable, and only then
- * does the table entry point at it, so a crash leaks a cluster at worst.
+ * Writes chunks of a stored bitmap's data in place (crash-safe bitmaps), each
+ * durable by itself (FUA: the file's other dirty data is not flushed with
+ * it). A chunk is a page of a data cluster. A table entry without a cluster
+ * gets one: allocated, written whole (the rest of it is zeroes on disk
+ * already), its refcount made durable, and only then does the table entry
+ * point at it, so a crash leaks a cluster at worst.
  */
 export async function writeBitmapChunks(node: Qcow2Node, layout: BitmapLayout, chunks: Array<{ index: number; data: Buffer }>, makeRefcountsDurable: () => Promise<void>): Promise<void> {
   const cs = node.clusterBytes;
-  const fresh: Array<{ index: number; host: number }> = [];
+  const chunkBytes = bitmapChunkBytes(cs);
+  const perCluster = cs / chunkBytes;
+  const fresh = new Map<number, Buffer>();
   for (const c of chunks) {
-    if (c.index >= layout.hosts.length) throw new VdiskError('EIO', `qcow2: bitmap chunk ${c.index} is past its table (${layout.hosts.length} entries)`);
-    const data = c.data.length === cs ? c.data : Buffer.concat([c.data, Buffer.alloc(cs - c.data.length)]);
-    let host = layout.hosts[c.index];
+    const entry = Math.floor(c.index / perCluster);
+    const within = (c.index % perCluster) * chunkBytes;
+    if (entry >= layout.hosts.length) throw new VdiskError('EIO', `qcow2: bitmap chunk ${c.index} is past its table (${layout.hosts.length} entries)`);
+    const host = layout.hosts[entry];
     if (host === 0) {
-      host = (await node.refcounts.allocate(1)) * cs;
-      fresh.push({ index: c.index, host });
+      let whole = fresh.get(entry);
+      if (!whole) fresh.set(entry, (whole = Buffer.alloc(cs)));
+      c.data.copy(whole, within);
+      continue;
     }
-    await node.file.write(host, data);
+    await node.file.write(host + within, c.data, ReqFlags.FUA);
   }
-  if (fresh.length === 0) return;
+  if (fresh.size === 0) return;
+  const placed: Array<{ entry: number; host: number }> = [];
+  for (const [entry, whole] of fresh) {
+    const host = (await node.refcounts.allocate(1)) * cs;
+    await node.file.write(host, whole);
+    placed.push({ entry, host });
+  }
   await makeRefcountsDurable();
-  const entry = Buffer.alloc(8);
-  for (const f of fresh) {
-    writeU64(entry, 0, f.host);
-    await node.file.write(layout.tableOffset + f.index * 8, entry);
-    layout.hosts[f.index] = f.host;
+  const e = Buffer.alloc(8);
+  for (const p of placed) {
+    writeU64(e, 0, p.host);
+    await node.file.write(layout.tableOffset + p.entry * 8, e, ReqFlags.FUA);
+    layout.hosts[p.entry] = p.host;
   }
 }

@@ -52,7 +52,7 @@ import {
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
-import { type BitmapLayout, type StoreOptions, type StoredBitmap, checkCanStore, loadBitmaps, storeBitmaps, writeBitmapChunks } from './bitmaps.js';
+import { type BitmapLayout, type StoreOptions, type StoredBitmap, bitmapChunkBytes, checkCanStore, loadBitmaps, storeBitmaps, writeBitmapChunks } from './bitmaps.js';
 import { PersistentBitmaps, type StoreEntry } from '../../persistent-bitmaps.js';
 
 const inflateRaw = promisify(zlib.inflateRaw);
@@ -273,14 +273,16 @@ export class Qcow2Node extends BlockNode {
         // marked in use as QEMU marks them (a crash leaves them inconsistent, never silently wrong).
         for (const b of this.dirtyBitmaps) if (b.persistent && !b.inconsistent) b.crashSafe = this.crashSafeBitmaps;
         this.persistentBitmaps = new PersistentBitmaps(this, {
-          chunkBytes: this.clusterSize,
+          chunkBytes: bitmapChunkBytes(this.clusterSize),
           rewrite: (list) => this.rewriteBitmaps(list),
           writeChunks: (b, chunks) => {
             const layout = this.bitmapLayout.get(b.name ?? '');
             if (!layout) return Promise.reject(new VdiskError('EIO', `qcow2: bitmap '${b.name}' has no stored table`));
             return writeBitmapChunks(this, layout, chunks, () => this.flushMetadata());
           },
-          sync: () => this.file.flush(),
+          // Chunk writes are FUA, each durable alone: a sync of the image file would flush the
+          // guest's dirty data with them (measured: a quarter of the write rate on a first pass).
+          sync: () => Promise.resolve(),
         });
         await this.persistentBitmaps.start();
       }

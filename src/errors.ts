@@ -39,6 +39,8 @@ export interface VdiskErrorOptions {
   cause?: unknown;
   /** QEMU's error_append_hint text: printed by command-line tools after the message, never sent over QMP. */
   hint?: string;
+  /** vdisk's own advice (what to do about it), appended to the QMP description after QEMU's text. */
+  advice?: string;
 }
 
 export class VdiskError extends Error {
@@ -46,6 +48,7 @@ export class VdiskError extends Error {
   readonly code: string;
   readonly qmpClass: QmpErrorClass;
   readonly hint: string | undefined;
+  readonly advice: string | undefined;
 
   constructor(errno: Errno, message: string, options: VdiskErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
@@ -54,6 +57,7 @@ export class VdiskError extends Error {
     this.code = options.code ?? `VDISK_${errno}`;
     this.qmpClass = options.qmpClass ?? 'GenericError';
     this.hint = options.hint;
+    this.advice = options.advice;
   }
 }
 

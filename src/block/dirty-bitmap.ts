@@ -70,6 +70,8 @@ export class DirtyBitmap {
    * inconsistent bitmap. False: QEMU's mode (in use while open).
    */
   crashSafe = false;
+  /** This process keeps it true on disk (its image is open writable); false: as loaded, at rest. */
+  maintained = false;
   /** Loaded after an unclean stop and still usable (crash-safe): it may hold more than what changed. */
   recovered = false;
   successor: DirtyBitmap | undefined;
@@ -166,6 +168,7 @@ export class DirtyBitmap {
       // QEMU appends this hint for humans: qemu-img prints it, QMP never sends it.
       throw new VdiskError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`, {
         hint: 'Try block-dirty-bitmap-remove to delete this bitmap from disk',
+        advice: this.state().reason,
       });
     }
   }
@@ -192,6 +195,7 @@ export class DirtyBitmap {
     s.name = this.name;
     s.persistent = this.persistent;
     s.crashSafe = this.crashSafe;
+    s.maintained = this.maintained;
     this.successor = undefined;
     this.name = undefined;
     this.holder = undefined;
@@ -233,7 +237,13 @@ export class DirtyBitmap {
     if (this.inconsistent) {
       return { state: 'inconsistent', reason: `${this.inconsistentReason ?? 'it was left in use by a writer that did not close the image'}; take a full backup, then remove the bitmap and add it again` };
     }
-    const keeping = !this.persistent ? 'in memory only' : this.crashSafe ? 'crash-safe: each bit is on disk before its write' : "stored at a clean close (QEMU's mode: inconsistent after a crash)";
+    const keeping = !this.persistent
+      ? 'in memory only'
+      : !this.maintained
+        ? `persistent${this.crashSafe ? ', crash-safe' : ''}`
+        : this.crashSafe
+          ? 'crash-safe: each bit is on disk before its write'
+          : "stored at a clean close (QEMU's mode: inconsistent after a crash)";
     const recovered = this.recovered ? '; recovered after an unclean stop: it may also mark clusters that did not change' : '';
     if (this.busy) return { state: 'busy', reason: `in use by ${this.holder?.userDescription ?? "an operation"}; ${keeping}${recovered}` };
     if (this.recording) return { state: 'active', reason: `recording writes; ${keeping}${recovered}` };
@@ -257,7 +267,7 @@ export class DirtyBitmap {
       const st = this.state();
       i['x-state'] = st.state;
       i['x-reason'] = st.reason;
-      if (this.persistent) i['x-crash-safe'] = this.crashSafe;
+      if (this.persistent && this.maintained) i['x-crash-safe'] = this.crashSafe;
     }
     return i;
   }

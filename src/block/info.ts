@@ -89,9 +89,9 @@ export function imageInfo(node: BlockNode, filename: string = node.filename, bac
     if (node.storedBitmaps.length) {
       data.bitmaps = node.storedBitmaps.map((e) => {
         const i = bitmapInfo(e);
-        // vdisk says more where there is something to say; plain bitmaps print as qemu-img prints them.
+        // vdisk's own members: what the bitmap is doing and why (qemu-img prints the rest).
         const live = node.dirtyBitmaps.find((b) => b.name === e.name);
-        if (live && (live.inconsistent || live.recovered)) {
+        if (live) {
           const st = live.state();
           i['x-state'] = st.state;
           i['x-reason'] = st.reason;

@@ -71,6 +71,7 @@ export class PersistentBitmaps {
     if (name === undefined || bitmap === undefined) return;
     switch (change) {
       case 'added':
+        bitmap.maintained = true;
         // A new bitmap in QEMU's mode reaches the disk at close, as in QEMU.
         if (!this.tracks(bitmap)) return;
         return this.change(() => this.tracker.track(name, this.tracker.exactContent(bitmap)));
@@ -97,6 +98,7 @@ export class PersistentBitmaps {
   }
 
   private async change(mutate: () => void): Promise<void> {
+    for (const b of this.persistent()) b.maintained = true;
     await this.tracker.exclusively(mutate, (snapshot) =>
       this.backend.rewrite(
         this.persistent().map((b) => ({ bitmap: b, crashSafe: this.tracks(b), content: snapshot.get(b.name!) ?? (this.tracks(b) ? b.bits : undefined) })),

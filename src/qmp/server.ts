@@ -222,7 +222,7 @@ export class QmpSession {
     } catch (err) {
       const e = toVdiskError(err, `QMP command ${name}`);
       logEvent('debug', 'qmp-command-failed', { command: name, error: e.message });
-      return fail(e.message, e.qmpClass);
+      return fail(e.advice === undefined ? e.message : `${e.message}: ${e.advice}`, e.qmpClass);
     }
     logEvent('debug', 'qmp-command', { command: name });
     reply({ return: result ?? {} });

@@ -46,6 +46,18 @@ export function requireTool(t: TestLike, tool: string): boolean {
   return false;
 }
 
+/** Fails the test for each missing tool (never skips); true when all are there. */
+export function requireTools(t: TestLike, ...tools: string[]): boolean {
+  return tools.map((x) => requireTool(t, x)).every(Boolean);
+}
+
+/** Runs a command that must succeed (the test fails with its stderr otherwise); its stdout. */
+export async function runOk(t: TestLike & { equal(a: unknown, b: unknown, message?: string): unknown }, cmd: string, args: string[]): Promise<string> {
+  const r = await run(cmd, args);
+  t.equal(r.code, 0, `${cmd} ${args.join(' ')}${r.code ? `: ${r.stderr}` : ''}`);
+  return r.stdout;
+}
+
 export interface RunResult {
   code: number | null;
   signal: NodeJS.Signals | null;

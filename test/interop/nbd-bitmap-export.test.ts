@@ -13,17 +13,8 @@ import { startDaemon } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/nbd-raw.js';
 import { type Peer, startPeers, startQsd } from '../helpers/peers.js';
 import type { QmpMessage } from '../helpers/qmp.js';
-import { requireTool, run, tempDir } from '../helpers/tools.js';
+import { requireTools, run, runOk, tempDir } from '../helpers/tools.js';
 
-async function ok(t: Tap.Test, cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args);
-  t.equal(r.code, 0, `${cmd} ${args.join(' ')}${r.code ? `: ${r.stderr}` : ''}`);
-  return r.stdout;
-}
-
-function needTools(t: Tap.Test, ...tools: string[]): boolean {
-  return tools.map((x) => requireTool(t, x)).every(Boolean);
-}
 
 /**
  * Both daemons with top.qcow2 over base.qcow2 (read-only backing), a
@@ -33,10 +24,10 @@ function needTools(t: Tap.Test, ...tools: string[]): boolean {
  */
 async function setUp(t: Tap.Test, options: { startServer?: boolean } = {}): Promise<[Peer, Peer]> {
   const peers = await startPeers(t, async (dir) => {
-    await ok(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', path.join(dir, 'base.qcow2'), '8M']);
-    await ok(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(dir, 'base.qcow2'), '-F', 'qcow2', path.join(dir, 'top.qcow2')]);
-    await ok(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', path.join(dir, 'target.qcow2'), '8M']);
-    await ok(t, 'qemu-img', ['bitmap', '--add', path.join(dir, 'top.qcow2'), 'stale']);
+    await runOk(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', path.join(dir, 'base.qcow2'), '8M']);
+    await runOk(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(dir, 'base.qcow2'), '-F', 'qcow2', path.join(dir, 'top.qcow2')]);
+    await runOk(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', path.join(dir, 'target.qcow2'), '8M']);
+    await runOk(t, 'qemu-img', ['bitmap', '--add', path.join(dir, 'top.qcow2'), 'stale']);
     // qemu-io kills itself with the image open read-write: 'stale' stays marked in use (inconsistent).
     await run('qemu-io', ['-c', 'write 0 64k', '-c', 'sigraise 9', path.join(dir, 'top.qcow2')]);
   });
@@ -77,7 +68,7 @@ async function busyMap(p: Peer): Promise<Record<string, boolean>> {
 }
 
 t.test('block-export-add bitmaps: the same answers as qemu-storage-daemon', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
   const [qsd, vd] = await setUp(t, { startServer: false });
   const same = comparer(t, qsd, vd);
   const exp = (extra: Record<string, unknown>) => ({ type: 'nbd', id: 'e0', 'node-name': 'top', ...extra });
@@ -113,7 +104,7 @@ t.test('block-export-add bitmaps: the same answers as qemu-storage-daemon', asyn
 });
 
 t.test('an exported bitmap is busy for exactly the life of its export', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
   const [qsd, vd] = await setUp(t);
   const same = comparer(t, qsd, vd);
   await same('export b0 and dis', 'block-export-add', { type: 'nbd', id: 'e1', 'node-name': 'top', name: 'disk', writable: true, bitmaps: ['b0', 'dis'] });
@@ -162,7 +153,7 @@ t.test('an exported bitmap is busy for exactly the life of its export', async (t
 });
 
 t.test('a backup and an export never share a bitmap', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
   const [qsd, vd] = await setUp(t);
   const same = comparer(t, qsd, vd);
   const waitEvent = async (event: string, marks: number[]) => {
@@ -197,17 +188,17 @@ t.test('a backup and an export never share a bitmap', async (t) => {
 });
 
 t.test('the command line takes bitmaps and allocation-depth in keyval form, as qemu-storage-daemon', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdinfo')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdinfo')) return;
   const outputs: string[] = [];
   for (const name of ['qsd', 'vdisk']) {
     const dir = tempDir(t);
     const img = path.join(dir, 'disk.qcow2');
-    await ok(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', img, '8M']);
-    await ok(t, 'qemu-img', ['bitmap', '--add', '--granularity', '128k', img, 'pb']);
-    await ok(t, 'qemu-img', ['bitmap', '--add', img, 'pb2']);
-    await ok(t, 'qemu-img', ['bitmap', '--disable', img, 'pb2']);
+    await runOk(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', img, '8M']);
+    await runOk(t, 'qemu-img', ['bitmap', '--add', '--granularity', '128k', img, 'pb']);
+    await runOk(t, 'qemu-img', ['bitmap', '--add', img, 'pb2']);
+    await runOk(t, 'qemu-img', ['bitmap', '--disable', img, 'pb2']);
     // Written with the bitmaps enabled: qemu-img bitmap leaves pb recording.
-    await ok(t, 'qemu-io', ['-c', 'write 1M 64k', img]);
+    await runOk(t, 'qemu-io', ['-c', 'write 1M 64k', img]);
     const sock = path.join(dir, 'nbd.sock');
     const args = [
       '--blockdev', `driver=qcow2,node-name=q0,file.driver=file,file.filename=${img}`,

@@ -10,20 +10,11 @@ import t from 'tap';
 import path from 'node:path';
 import { RawClient } from '../helpers/nbd-raw.js';
 import { type Peer, startPeers } from '../helpers/peers.js';
-import { nbdsh, requireTool, run } from '../helpers/tools.js';
+import { nbdsh, requireTools, run, runOk } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
 
-async function ok(t: Tap.Test, cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args);
-  t.equal(r.code, 0, `${cmd} ${args.join(' ')}${r.code ? `: ${r.stderr}` : ''}`);
-  return r.stdout;
-}
-
-function needTools(t: Tap.Test, ...tools: string[]): boolean {
-  return tools.map((x) => requireTool(t, x)).every(Boolean);
-}
 
 /**
  * Both daemons with: base.qcow2 (data at 0-1M and 6M-6M+192k) under
@@ -34,9 +25,9 @@ function needTools(t: Tap.Test, ...tools: string[]): boolean {
  */
 async function setUp(t: Tap.Test): Promise<[Peer, Peer]> {
   const peers = await startPeers(t, async (dir) => {
-    await ok(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', path.join(dir, 'base.qcow2'), '8M']);
-    await ok(t, 'qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', '-c', 'write -P 5 6M 192k', path.join(dir, 'base.qcow2')]);
-    await ok(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(dir, 'base.qcow2'), '-F', 'qcow2', path.join(dir, 'top.qcow2')]);
+    await runOk(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', path.join(dir, 'base.qcow2'), '8M']);
+    await runOk(t, 'qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 1M', '-c', 'write -P 5 6M 192k', path.join(dir, 'base.qcow2')]);
+    await runOk(t, 'qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(dir, 'base.qcow2'), '-F', 'qcow2', path.join(dir, 'top.qcow2')]);
   });
   for (const p of peers) {
     await p.w.ok('blockdev-add', {
@@ -63,7 +54,7 @@ async function setUp(t: Tap.Test): Promise<[Peer, Peer]> {
     await p.w.ok('blockdev-add', { driver: 'blkdebug', 'node-name': 'dbg', image: 'top' });
     await p.w.ok('block-export-add', { type: 'nbd', id: 'e3', 'node-name': 'dbg', name: 'filtered', 'allocation-depth': true });
     // discard is dropped by the node (discard=ignore, the default): it marks nothing, on either daemon.
-    await ok(t, 'qemu-io', ['-f', 'raw', '-c', 'write -P 2 512k 4k', '-c', 'write -P 3 3M 64k', '-c', 'write -z 5M 128k', '-c', 'discard 6M 64k', '-c', 'write -P 4 7999k 1k', p.uri('disk')]);
+    await runOk(t, 'qemu-io', ['-f', 'raw', '-c', 'write -P 2 512k 4k', '-c', 'write -P 3 3M 64k', '-c', 'write -z 5M 128k', '-c', 'discard 6M 64k', '-c', 'write -P 4 7999k 1k', p.uri('disk')]);
   }
   return peers;
 }
@@ -77,7 +68,7 @@ function mapLines(out: string): number[][] {
 }
 
 t.test('nbdinfo and qemu-img map: the same answers as qemu-storage-daemon', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdinfo')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdinfo')) return;
   const [qsd, vd] = await setUp(t);
   const bitmapMap = (p: Peer, bitmap: string) => [
     'map',
@@ -177,7 +168,7 @@ interface NbdshOut {
 }
 
 t.test('nbdsh: several contexts at once, REQ_ONE, LIST wildcards, writes after export', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdsh')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdsh')) return;
   const [qsd, vd] = await setUp(t);
   const results: NbdshOut[] = [];
   for (const p of [qsd, vd]) {
@@ -335,7 +326,7 @@ async function wireTranscript(p: Peer): Promise<string[]> {
 }
 
 t.test('the wire: context ids, LIST ids, selections per export, as qemu-storage-daemon', async (t) => {
-  if (!needTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-img', 'qemu-io')) return;
   const [qsd, vd] = await setUp(t);
   const q = await wireTranscript(qsd);
   const v = await wireTranscript(vd);

@@ -138,6 +138,8 @@ export class BlockCopy {
   /** Gives up the point in time: snapshot reads of clusters never saved fail with `why` from now on. */
   giveUp(why: VdiskError): void {
     this.broken ??= why;
+    // Nothing is copied any more; a fleecing view may keep this object for as long as its overlay lives.
+    this.spare.length = 0;
   }
 
   /**
@@ -336,7 +338,7 @@ export class BlockCopy {
   }
 
   private giveBack(buf: Buffer): void {
-    if (this.spare.length < SPARE_BUFFERS && buf.length === Math.max(MAX_COPY, this.clusterSize)) this.spare.push(buf);
+    if (!this.broken && this.spare.length < SPARE_BUFFERS && buf.length === Math.max(MAX_COPY, this.clusterSize)) this.spare.push(buf);
   }
 
   /** The whole run read at once, then each target cluster written compressed (or as zeroes). */

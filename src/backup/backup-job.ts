@@ -51,6 +51,8 @@ export interface BackupOptions {
 
 /** Background copies at once (QEMU: up to 64 block-copy tasks; fewer are enough on 2 cores). */
 const WORKERS = 8;
+/** Bytes copied between two flushes of the target while the copy goes on (BackupJob.flushBehind). */
+const FLUSH_BEHIND = 32 * 1024 * 1024;
 
 export class BackupJob extends BlockJob implements NodeUser {
   readonly type = 'backup';
@@ -163,6 +165,7 @@ export class BackupJob extends BlockJob implements NodeUser {
         while (failure === undefined) {
           await this.pausePoint();
           if (this.copy.broken) throw this.copy.broken;
+          if (this.behindError !== undefined) throw this.behindError;
           // The speed check, the choice of the next run and its charge are one synchronous step,
           // so eight workers cannot all slip past one check.
           const wait = this.rate.delay(0);
@@ -182,6 +185,7 @@ export class BackupJob extends BlockJob implements NodeUser {
             // Retry: what is still to copy in that run is picked up again.
             next = 0;
           }
+          this.flushBehind();
           if (Date.now() - lastLog > 5000) {
             lastLog = Date.now();
             logEvent('info', 'backup-progress', { id: this.id, offset: this.progressCurrent, len: this.progressTotal });
@@ -199,9 +203,41 @@ export class BackupJob extends BlockJob implements NodeUser {
     }
     if (failure !== undefined) throw failure;
     if (this.copy.broken) throw this.copy.broken;
+    // A completed backup is on disk: the target is flushed before BLOCK_JOB_COMPLETED (QEMU emits
+    // the event first and flushes when the job is freed; a crash in between loses the backup).
+    await this.behind;
+    if (this.behindError !== undefined) throw this.behindError;
     await this.o.target.flush();
     // Everything is copied: progress ends at its total, as QEMU reports it (offset == len).
     this.progressCurrent = this.progressTotal;
+  }
+
+  /** The flush of the target started while copying (flushBehind), if one is in flight. */
+  private behind: Promise<void> | undefined;
+  /** Bytes copied when the last one started. */
+  private behindAt = 0;
+  /** What such a flush failed with: the job fails with it. */
+  private behindError: unknown;
+
+  /**
+   * Flushes the target while the copy goes on, one flush at a time, each
+   * after FLUSH_BEHIND more bytes were copied: the device writes what was
+   * copied while the next clusters are, and the flush before
+   * BLOCK_JOB_COMPLETED finds little left to write. A failed flush fails
+   * the job (the workers stop, and the final flush is not trusted to report
+   * it again: a failed fsync's error is reported once).
+   */
+  private flushBehind(): void {
+    if (this.behind || this.progressCurrent - this.behindAt < FLUSH_BEHIND) return;
+    this.behindAt = this.progressCurrent;
+    this.behind = this.o.target
+      .flush()
+      .catch((err) => {
+        this.behindError ??= err;
+      })
+      .finally(() => {
+        this.behind = undefined;
+      });
   }
 
   protected override async commit(): Promise<void> {
@@ -263,6 +299,7 @@ export class BackupJob extends BlockJob implements NodeUser {
     const o = this.o;
     this.cbw.detach();
     await this.copy.drain();
+    await this.behind; // never rejects
     // Nothing is saved any more: a fleecing view left in the target's backing link now refuses
     // what was never saved instead of showing newer data.
     this.copy.giveUp(new VdiskError('EACCES', `backup job '${this.id}' has ended; this image no longer holds its point in time`));

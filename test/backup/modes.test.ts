@@ -154,3 +154,31 @@ t.test('compress=on: a full backup into compressed qcow2 clusters', async (t) =>
   const r = await h.w.cmd('drive-backup', { 'job-id': 'x', device: 'drive0', sync: 'full', format: 'raw', target: raw, mode: 'existing', compress: true });
   t.match(r.error?.desc, /Compression is not supported for this drive/, 'a raw target cannot be compressed');
 });
+
+t.test('a target flush that fails while the copy goes on fails the job, though the last flush works', async (t) => {
+  // The target is flushed during the copy as well as before BLOCK_JOB_COMPLETED. A failed flush's
+  // error is reported once (fsync), so one that failed during the copy must fail the job even when
+  // the final flush succeeds: here the first flush after the target's first allocation fails, once.
+  const h = new Harness(t);
+  await h.start();
+  const d = await h.addDrive('drive0', [[0x5a, 0, 64 * MiB]]);
+  const file = path.join(h.dir, 'flaky.qcow2');
+  await h.qimg(['create', '-f', 'qcow2', file, '64M']);
+  await h.w.ok('blockdev-add', {
+    driver: 'qcow2',
+    'node-name': 'flaky',
+    file: {
+      driver: 'blkdebug',
+      image: { driver: 'file', filename: file },
+      'set-state': [{ event: 'cluster_alloc', state: 1, new_state: 2 }],
+      'inject-error': [{ event: 'flush_to_os', iotype: 'flush', errno: 5, state: 2, once: true }],
+    },
+  });
+  const from = h.w.messages.length;
+  await h.w.ok('blockdev-backup', { 'job-id': 'bk', device: 'drive0', target: 'flaky', sync: 'full' });
+  t.notOk(await h.waitBackup('bk', from), 'the job failed');
+  // Nothing else failed: the same backup into a fresh target works and equals the drive.
+  const good = path.join(h.dir, 'good.qcow2');
+  t.ok(await h.backup({ 'job-id': 'bk2', device: 'drive0', sync: 'full', format: 'qcow2', target: good }), 'a backup into a good target');
+  t.equal((await run('qemu-img', ['compare', '-U', good, d.file])).code, 0, 'which equals the drive');
+});

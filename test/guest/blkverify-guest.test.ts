@@ -31,7 +31,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import { QmpWire } from '../helpers/qmp.js';
-import { ROOT, requireTool, run, tempDir } from '../helpers/tools.js';
+import { guestAssets, runGuest, type Boot, type GuestAssets } from '../helpers/guest.js';
+import { requireTool, run, tempDir } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
 const DISK_SIZE = 64 * MiB;
@@ -44,47 +45,19 @@ t.before(() => {
   for (const tool of ['qemu-system-x86_64', 'qemu-img', 'qemu-io', 'debugfs', 'dumpe2fs', 'e2fsck', 'busybox', 'cpio']) requireTool(t, tool);
 });
 
-/** Builds (or finds in the cache) the guest's kernel and initramfs. */
-async function guestAssets(): Promise<{ vmlinuz: string; initramfs: string }> {
-  const r = await run('bash', [path.join(ROOT, 'scripts', 'build-guest.sh')], { timeoutMs: 280_000 });
-  if (r.code !== 0) throw new Error(`scripts/build-guest.sh failed (exit ${r.code}, signal ${r.signal}):\n${r.stderr}`);
-  const dir = r.stdout.trim().split('\n').pop() ?? '';
-  const vmlinuz = path.join(dir, 'vmlinuz');
-  const initramfs = path.join(dir, 'initramfs.gz');
-  if (!fs.existsSync(vmlinuz) || !fs.existsSync(initramfs)) throw new Error(`scripts/build-guest.sh printed '${dir}', which has no vmlinuz and initramfs.gz:\n${r.stderr}`);
-  return { vmlinuz, initramfs };
-}
-
-interface Boot {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  /** Everything the guest printed on its serial console, then QEMU's own output. */
-  console: string;
-  /** The one "VDISK-GUEST: PASS|FAIL ..." line, without the prefix. */
-  verdict: string | undefined;
-  verdicts: string[];
-}
-
 /** Boots the guest on an NBD export and waits for it to power off. */
-async function boot(guest: { vmlinuz: string; initramfs: string }, nbdSocket: string, exportName: string, mode: 'full' | 'verify', readOnly: boolean, consoleFile: string): Promise<Boot> {
-  // The serial console goes to a file: QEMU's 16550 drops bytes when a pipe
-  // (-serial stdio) is not drained at once, and a file never makes it wait.
-  const r = await run(
-    'qemu-system-x86_64',
+function boot(guest: GuestAssets, nbdSocket: string, exportName: string, mode: 'full' | 'verify', readOnly: boolean, consoleFile: string): Promise<Boot> {
+  return runGuest(
     [
-      '-accel', 'tcg', '-m', '256', '-smp', '1',
-      '-nodefaults', '-display', 'none', '-serial', `file:${consoleFile}`, '-no-reboot',
+      '-m', '256', '-smp', '1',
       '-kernel', guest.vmlinuz, '-initrd', guest.initramfs,
       '-append', `console=ttyS0 panic=-1 quiet loglevel=4 vdisk.mode=${mode}`,
       '-blockdev', `driver=nbd,node-name=disk0,server.type=unix,server.path=${nbdSocket},export=${exportName},read-only=${readOnly ? 'on' : 'off'},discard=unmap`,
       '-device', 'virtio-blk-pci,drive=disk0',
     ],
-    { timeoutMs: BOOT_TIMEOUT_MS },
+    consoleFile,
+    BOOT_TIMEOUT_MS,
   );
-  const serial = fs.existsSync(consoleFile) ? fs.readFileSync(consoleFile, 'utf8') : '';
-  const text = (serial + r.stdout + r.stderr).replace(/\r/g, '');
-  const verdicts = [...text.matchAll(/^VDISK-GUEST: ((?:PASS|FAIL).*)$/gm)].map((m) => m[1]);
-  return { code: r.code, signal: r.signal, console: text, verdict: verdicts.length === 1 ? verdicts[0] : undefined, verdicts };
 }
 
 function serveArgs(dir: string, raw: string, qcow: string, writable: boolean): string[] {

@@ -17,6 +17,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { startDaemon, waitForSocket } from '../helpers/daemon.js';
+import { stopQsd } from '../helpers/peers.js';
 import { VDISK, requireTool, run, tempDir } from '../helpers/tools.js';
 
 const IMG = '@IMG@';
@@ -303,15 +304,13 @@ t.test('locks: a daemon holding the image stops both tools, as QEMU does', async
     cwd: dir,
     stdio: 'ignore',
   });
-  const exited = new Promise((r) => qsd.on('exit', r));
   t.teardown(() => qsd.kill('SIGKILL'));
   await waitForSocket(sock);
   t.equal(await both(t, dir, ['--add', IMG, 'x'], c, 'held by qemu-storage-daemon'), 1, 'qemu-img is refused');
   const e = copies(dir);
   const src = await both(t, dir, ['--merge', 'b0', '-b', c.q, `${IMG}`, 'b1'], e, 'a merge source held by qemu-storage-daemon');
   t.equal(src, 1, 'reading a source a writer holds is refused too');
-  qsd.kill('SIGTERM');
-  await exited;
+  await stopQsd(qsd, sock);
 
   // vdisk serve holds the image: qemu-img is refused, and vdisk img bitmap in the same words.
   const d = copies(dir);

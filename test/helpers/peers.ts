@@ -4,6 +4,7 @@
  * what clients then see. Both are killed at teardown.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
+import net from 'node:net';
 import path from 'node:path';
 import { startDaemon, waitForSocket } from './daemon.js';
 import { QmpWire } from './qmp.js';
@@ -21,6 +22,31 @@ export interface Peer {
 interface TestLike {
   teardown(fn: () => unknown): void;
   fail(message: string): void;
+}
+
+/**
+ * Stops a qemu-storage-daemon with SIGTERM, as a user would. QEMU 7.2's
+ * daemon only sets a flag in its SIGTERM handler and does not wake its main
+ * loop, so with nothing else happening it can sleep in poll() for minutes: a
+ * connection to its monitor socket is the event that wakes it. SIGKILL after
+ * 10 s. Resolves when the process has exited.
+ */
+export async function stopQsd(proc: ChildProcess, monitorSocket: string): Promise<void> {
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+  proc.kill('SIGTERM');
+  const deadline = Date.now() + 10_000;
+  let done = false;
+  void exited.then(() => (done = true));
+  while (!done && Date.now() < deadline) {
+    const poke = net.connect(monitorSocket);
+    poke.on('error', () => {});
+    poke.on('connect', () => poke.destroy());
+    await new Promise((r) => setTimeout(r, 200));
+    poke.destroy();
+  }
+  if (!done) proc.kill('SIGKILL');
+  await exited;
 }
 
 /** Starts qemu-storage-daemon with a QMP monitor on dir/qmp.sock (and any extra arguments). */

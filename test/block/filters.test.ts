@@ -230,13 +230,13 @@ t.test('blkdebug breakpoints: break, wait_break and resume hold a guest read, as
     return r;
   });
   t.equal(await hmp('wait_break bp'), '', 'wait_break returns once the request is held');
-  t.match(d.stdout(), /blkdebug: Suspended request 'bp'/);
+  t.match(await d.waitStdout(/Suspended request/), /blkdebug: Suspended request 'bp'/);
   t.notOk(finished, 'the read is held');
   t.equal(await hmp('resume bp'), '');
   const r = await reader;
   t.equal(r.code, 0, r.stderr);
   t.notMatch(r.stdout, /failed/, 'and completes with the right data once resumed');
-  t.match(d.stdout(), /blkdebug: Resuming request 'bp'/);
+  t.match(await d.waitStdout(/Resuming request/), /blkdebug: Resuming request 'bp'/);
   t.equal(await hmp('remove_break bp'), '');
   t.notMatch((await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read 0 4096', d.uri('b0')])).stdout, /failed/, 'without the breakpoint reads flow');
 });

@@ -16,6 +16,12 @@ export interface DaemonHandle {
   uri(exportName?: string): string;
   stdout(): string;
   stderr(): string;
+  /**
+   * Waits (up to timeoutMs) until the daemon's stdout matches: what it prints
+   * arrives through a pipe, after any QMP reply sent at the same moment.
+   * Resolves with stdout as it is then, matched or not.
+   */
+  waitStdout(pattern: RegExp, timeoutMs?: number): Promise<string>;
   /** Sends SIGTERM and resolves with the exit code. */
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
@@ -79,6 +85,11 @@ export async function startDaemon(t: TestLike, options: StartOptions = {}): Prom
     uri: (name = '') => `nbd+unix:///${name}?socket=${socket}`,
     stdout: () => out,
     stderr: () => err,
+    waitStdout: async (pattern, timeoutMs = 10_000) => {
+      const until = Date.now() + timeoutMs;
+      while (!pattern.test(out) && Date.now() < until && proc.exitCode === null) await new Promise((r) => setTimeout(r, 20));
+      return out;
+    },
     stop,
   };
 }

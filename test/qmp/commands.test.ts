@@ -215,8 +215,8 @@ t.test('human-monitor-command: qemu-io on a node, output on the daemon stdout, "
   t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "flush"' }), '');
   t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "read -P 0x5a 64k 4k"' }), '', 'a read returns "" too');
   t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io h0 "read -P 0x11 64k 4k"' }), '', 'even a failed verification');
-  t.match(d.stdout(), /wrote 4096\/4096 bytes at offset 65536/, "qemu-io's output went to the daemon's stdout");
-  t.match(d.stdout(), /Pattern verification failed at offset 65536, 4096 bytes/);
+  t.match(await d.waitStdout(/wrote 4096/), /wrote 4096\/4096 bytes at offset 65536/, "qemu-io's output went to the daemon's stdout");
+  t.match(await d.waitStdout(/Pattern verification failed/), /Pattern verification failed at offset 65536, 4096 bytes/);
   t.equal(await w.ok('human-monitor-command', { 'command-line': 'qemu-io nope "read 0 512"' }), "Error: Cannot find device='' nor node-name='nope'\r\n");
   t.equal(await w.ok('human-monitor-command', { 'command-line': 'info block' }), "unknown command: 'info'\r\n");
   await w.ok('blockdev-del', { 'node-name': 'h0' });

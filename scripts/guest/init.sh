@@ -12,6 +12,10 @@
 #   vdisk.mode=verify   the disk already holds that filesystem (the disk may
 #                       be read-only): e2fsck -fn, mount read-only (no journal
 #                       replay), sha256sum -c its /MANIFEST.
+#   vdisk.mode=install  an OS install: mount the install media
+#                       (scripts/build-install-media.sh) from the second disk
+#                       (/dev/vdb, read-only) and run its install.sh on
+#                       /dev/vda (partition, mkfs, unpack, bootloader).
 #
 # Without a disk, the kernel's NBD client on an export reached over QEMU's user
 # networking (virtio-net; the guest is 10.0.2.15/24, the host's loopback is
@@ -308,6 +312,15 @@ case "$mode" in
     check_files /tmp/MANIFEST
     umount /mnt || fail "umount"
     nbd_detach
+    finish PASS
+    ;;
+  install)
+    wait_vda
+    [ -b /dev/vdb ] || fail "no /dev/vdb (the install media)"
+    mkdir -p /media
+    mount -t ext2 -o ro /dev/vdb /media || fail "mount the install media /dev/vdb"
+    MKE2FS=$E2FS/mke2fs sh /media/install.sh /dev/vda || fail "install.sh exited with $?"
+    umount /media
     finish PASS
     ;;
   *)

@@ -48,7 +48,7 @@ guest_files=(install.sh initrd-init.sh installed-init.sh)
 log() { echo "build-install-media: $*" >&2; }
 die() { echo "build-install-media: error: $*" >&2; exit 1; }
 
-for tool in dpkg-deb apt-get apt-cache sha256sum flock readelf; do
+for tool in dpkg-deb apt-get apt-cache sha256sum flock; do
   command -v "$tool" >/dev/null || die "$tool is missing (run 'bash scripts/setup.sh --test')"
 done
 mke2fs=$(PATH=/usr/sbin:/sbin:$PATH command -v mke2fs) || die "mke2fs is missing: apt-get install e2fsprogs"
@@ -137,13 +137,9 @@ ld="$tree/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 libpath="$tree/lib/x86_64-linux-gnu:$tree/usr/lib/x86_64-linux-gnu"
 for p in "${system_programs[@]}"; do
   [ -x "$tree/$p" ] || die "no $p in the packages"
-  for lib in $(readelf -d "$tree/$p" | awk '/\(NEEDED\)/ { gsub(/[][]/, "", $5); print $5 }'); do
-    found=$(LC_ALL=C "$ld" --library-path "$libpath" --list "$tree/$p" | awk -v l="$lib" '$1 == l { print $3 }')
-    case "$found" in
-      "$tree"/*) ;;
-      *) die "$p needs $lib, which none of the packages has (add its package to system_debs)" ;;
-    esac
-  done
+  listed=$(LC_ALL=C "$ld" --library-path "$libpath" --list "$tree/$p") || die "$ld --list $p failed"
+  outside=$(awk -v t="$tree/" '$2 == "=>" && index($3, t) != 1 { print $1 }' <<<"$listed")
+  [ -z "$outside" ] || die "$p needs $(echo $outside), which none of the packages has (add their packages to system_debs)"
 done
 
 # The kernel: vmlinuz and the modules the initrd loads, with their dependencies.

@@ -50,3 +50,17 @@ export async function runGuest(args: string[], consoleFile: string, timeoutMs: n
   const verdicts = [...text.matchAll(/^VDISK-GUEST: ((?:PASS|FAIL).*)$/gm)].map((m) => m[1]);
   return { code: r.code, signal: r.signal, console: text, verdict: verdicts.length === 1 ? verdicts[0] : undefined, verdicts };
 }
+
+/**
+ * Builds (or finds in the cache) the OS-install guest's media
+ * (scripts/build-install-media.sh): the read-only disk image the installer
+ * guest (init.sh vdisk.mode=install) installs a small Debian system from.
+ */
+export async function installMedia(): Promise<string> {
+  const r = await run('bash', [path.join(ROOT, 'scripts', 'build-install-media.sh')], { timeoutMs: 280_000 });
+  if (r.code !== 0) throw new Error(`scripts/build-install-media.sh failed (exit ${r.code}, signal ${r.signal}):\n${r.stderr}`);
+  const dir = r.stdout.trim().split('\n').pop() ?? '';
+  const image = path.join(dir, 'media.img');
+  if (!fs.existsSync(image)) throw new Error(`scripts/build-install-media.sh printed '${dir}', which has no media.img:\n${r.stderr}`);
+  return image;
+}

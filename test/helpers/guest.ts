@@ -1,6 +1,7 @@
 /**
  * The guests test/guest/ boots under qemu-system-x86_64 (TCG): their kernel
- * and initramfs (scripts/build-guest.sh, cached), and one run of QEMU read
+ * and initramfs (scripts/build-guest.sh, cached), the OS-install guest's
+ * media (scripts/build-install-media.sh, cached), and one run of QEMU read
  * back as the guest's serial console and its "VDISK-GUEST: PASS|FAIL" verdict.
  */
 import fs from 'node:fs';

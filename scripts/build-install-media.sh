@@ -202,6 +202,7 @@ for f in "${guest_files[@]}"; do install -m 0755 "$guest_dir/$f" "$media/$f"; do
 # ext2 (no journal: the guest only reads it), sized to its files plus room for the metadata.
 kib=$(du -sk "$media" | cut -f1)
 mkdir -p "$work/out"
+: >"$work/out/media.img"
 "$mke2fs" -q -t ext2 -L vdisk-media -E root_owner=0:0 -d "$media" "$work/out/media.img" "$(( kib * 12 / 10 + 4096 ))k" >&2 || die "mke2fs -d failed"
 cp "$media/MEDIA" "$work/out/MEDIA"
 rm -rf "$out"

@@ -59,7 +59,9 @@ say "sfdisk: $(staged /sbin/sfdisk --dump "$disk" | grep "^$part" | tr -s ' ')"
 
 # --- the filesystem ---------------------------------------------------------------
 uuid=$(cat /proc/sys/kernel/random/uuid)
-# Inode tables and journal zeroed now, so no kernel thread writes them later.
+# mke2fs's default ext4 features (64bit, metadata_csum, ...) are ones
+# extlinux 6.04 reads. Inode tables and journal are zeroed now, so no kernel
+# thread writes them later.
 "$MKE2FS" -t ext4 -F -q -L vdisk-root -U "$uuid" -E lazy_itable_init=0,lazy_journal_init=0 "$part" || die "mke2fs $part"
 say "mke2fs -t ext4 $part: UUID $uuid"
 mkdir -p $target

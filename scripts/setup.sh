@@ -14,7 +14,8 @@ mode="${1:-run}"
 packages=(g++ make python3)
 # The tests' peers: nobody here wrote them.
 # busybox-static and cpio go into the initramfs of the guest that test/guest boots
-# (scripts/build-guest.sh, which fetches Debian's kernel package itself).
+# (scripts/build-guest.sh, which fetches Debian's kernel package itself;
+# scripts/build-install-media.sh fetches what the OS-install guest installs).
 test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
@@ -58,8 +59,11 @@ if [ ! -f "$stamp" ] || [ -n "$(find src tsconfig.json package.json -newer "$sta
   touch "$stamp"
 fi
 
-# The guest kernel and initramfs for test/guest, when missing or out of date
-# (the test builds them too; done here so a download is not timed by tap).
+# The guest kernel and initramfs for test/guest, and the OS-install guest's
+# media (Debian packages fetched with apt-get download, not installed), when
+# missing or out of date (the tests build them too; done here so a download
+# is not timed by tap).
 if [ "$mode" = --test ]; then
   bash scripts/build-guest.sh >/dev/null
+  bash scripts/build-install-media.sh >/dev/null
 fi

@@ -102,6 +102,9 @@ export class NbdConnection {
   private metaBaseOnly = false;
   private inFlight = 0;
   private inFlightBytes = 0;
+  /** Requests received in transmission, and the bytes they covered, by command (for the disconnect log line). */
+  private readonly requestCounts: number[] = P.CMD_NAMES.map(() => 0);
+  private readonly requestBytes: number[] = P.CMD_NAMES.map(() => 0);
   private paused = false;
   private corked = false;
   private disconnectRequested = false;
@@ -284,9 +287,23 @@ export class NbdConnection {
       peer: this.peer,
       export: this.exp?.name,
       inFlight: this.inFlight,
+      ...(wasTransmitting ? this.requestSummary() : {}),
     });
     this.server.connectionClosed(this);
     for (const w of this.closeWaiters.splice(0)) w();
+  }
+
+  /** `{requests: {read: 3, trim: 1}, requestBytes: {read: 12288, trim: 65536}}`: the commands this connection received. */
+  private requestSummary(): { requests: Record<string, number>; requestBytes: Record<string, number> } {
+    const requests: Record<string, number> = {};
+    const requestBytes: Record<string, number> = {};
+    this.requestCounts.forEach((n, type) => {
+      if (n === 0) return;
+      const name = P.CMD_NAMES[type].toLowerCase();
+      requests[name] = n;
+      if (type !== P.NBD_CMD_DISC && type !== P.NBD_CMD_FLUSH) requestBytes[name] = this.requestBytes[type];
+    });
+    return { requests, requestBytes };
   }
 
   // ---- output -------------------------------------------------------------
@@ -557,6 +574,10 @@ export class NbdConnection {
     const offsetHi = h.readUInt32BE(16);
     const offset = offsetHi * 2 ** 32 + h.readUInt32BE(20);
     const length = h.readUInt32BE(24);
+    if (type < this.requestCounts.length) {
+      this.requestCounts[type]++;
+      this.requestBytes[type] += length;
+    }
 
     if (type === P.NBD_CMD_WRITE) {
       const error = this.validate(type, flags, offsetHi, offset, length);

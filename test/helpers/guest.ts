@@ -1,6 +1,7 @@
 /**
  * The guests test/guest/ boots under qemu-system-x86_64 (TCG): their kernel
- * and initramfs (scripts/build-guest.sh, cached), and one run of QEMU read
+ * and initramfs (scripts/build-guest.sh, cached), the OS-install guest's
+ * media (scripts/build-install-media.sh, cached), and one run of QEMU read
  * back as the guest's serial console and its "VDISK-GUEST: PASS|FAIL" verdict.
  */
 import fs from 'node:fs';
@@ -49,4 +50,18 @@ export async function runGuest(args: string[], consoleFile: string, timeoutMs: n
   const text = (serial + r.stdout + r.stderr).replace(/\r/g, '');
   const verdicts = [...text.matchAll(/^VDISK-GUEST: ((?:PASS|FAIL).*)$/gm)].map((m) => m[1]);
   return { code: r.code, signal: r.signal, console: text, verdict: verdicts.length === 1 ? verdicts[0] : undefined, verdicts };
+}
+
+/**
+ * Builds (or finds in the cache) the OS-install guest's media
+ * (scripts/build-install-media.sh): the read-only disk image the installer
+ * guest (init.sh vdisk.mode=install) installs a small Debian system from.
+ */
+export async function installMedia(): Promise<string> {
+  const r = await run('bash', [path.join(ROOT, 'scripts', 'build-install-media.sh')], { timeoutMs: 280_000 });
+  if (r.code !== 0) throw new Error(`scripts/build-install-media.sh failed (exit ${r.code}, signal ${r.signal}):\n${r.stderr}`);
+  const dir = r.stdout.trim().split('\n').pop() ?? '';
+  const image = path.join(dir, 'media.img');
+  if (!fs.existsSync(image)) throw new Error(`scripts/build-install-media.sh printed '${dir}', which has no media.img:\n${r.stderr}`);
+  return image;
 }

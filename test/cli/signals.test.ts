@@ -121,7 +121,13 @@ t.test('SIGTERM with clients attached and idle: each is closed, the daemon exits
     .split('\n')
     .filter((l) => l.startsWith('{'))
     .map((l) => JSON.parse(l) as Record<string, unknown>);
-  t.equal(records.filter((r) => r.message === 'nbd-client-disconnected').length, 2, 'both disconnections are logged');
+  const gone = records.filter((r) => r.message === 'nbd-client-disconnected');
+  t.equal(gone.length, 2, 'both disconnections are logged');
+  t.same(
+    gone.map((r) => [r.requests, r.requestBytes]).sort((a, b) => JSON.stringify(a).length - JSON.stringify(b).length),
+    [[{}, {}], [{ write: 1, flush: 1 }, { write: 4096 }]],
+    'with the requests each connection received, by command',
+  );
   t.ok(records.some((r) => r.message === 'shutdown-complete'), 'the shutdown completed');
   t.ok(fs.readFileSync(img).subarray(4096, 8192).equals(Buffer.alloc(4096, 0x5a)), 'the acknowledged write is in the image');
 });

@@ -36,6 +36,12 @@
 #                       journal is replayed); umount; e2fsck -fn; mount
 #                       read-only; sha256sum -c the files flushed before
 #                       the restart; umount; nbd-client -d.
+#                       What it sees (test/guest/nbd-client.test.ts asserts
+#                       it, docs/uses-nbd-client.md documents it): the
+#                       kernel does not reconnect, so the write after the
+#                       restart fails with EIO, with or without
+#                       vdisk.nbd-extra=-nonetlink,-persist; reattaching
+#                       finds every flushed file intact.
 #
 #   vdisk.server=10.0.2.2 vdisk.port=10809 vdisk.export=NAME
 #   vdisk.connections=4 vdisk.blocksize=4096   (the defaults)

@@ -33,13 +33,22 @@
 #                       print "VDISK-GUEST: flushed N files ..." and wait
 #                       (idle, still attached) for a line from the host on
 #                       the second serial port (/dev/ttyS1), sent once the
-#                       host has restarted the server; then write and fsync
-#                       a file and report what happened ("VDISK-GUEST: write
-#                       after the restart: ..."); umount; nbd-client -d;
+#                       host has restarted the server; then read the device
+#                       with O_DIRECT, write and fsync a file, and report
+#                       what happened ("VDISK-GUEST: direct read of ...
+#                       after the restart: ...", "VDISK-GUEST: write after
+#                       the restart: ..."); umount; nbd-client -d;
 #                       attach again (retrying for up to 60 s); mount (the
 #                       journal is replayed); umount; e2fsck -fn; mount
 #                       read-only; sha256sum -c the files flushed before
 #                       the restart; umount; nbd-client -d.
+#                       What it sees (test/guest/nbd-client.test.ts asserts
+#                       it, docs/uses-nbd-client.md documents it): the
+#                       kernel does not reconnect, so the read after the
+#                       restart fails with EIO (and the write with EIO or,
+#                       once ext4 has gone read-only, EROFS), with or without
+#                       vdisk.nbd-extra=-nonetlink,-persist; reattaching
+#                       finds every flushed file intact.
 #
 #   vdisk.server=10.0.2.2 vdisk.port=10809 vdisk.export=NAME
 #   vdisk.connections=4 vdisk.blocksize=4096   (the defaults)
@@ -294,6 +303,13 @@ case "$mode" in
     read -r -t 120 word </dev/ttyS1 || fail "no line from the host on /dev/ttyS1 in 120 s"
     say "the host says: $word"
     say "nbd-client -c after the restart: $(nbd-client -c /dev/nbd0; echo "exit $?" | tr '\n' ' ')"
+    # The device itself, past every cache: does it still reach a server?
+    if dd if=$dev of=/dev/null bs=4096 count=1 iflag=direct >/tmp/dd.out 2>&1; then
+      say "direct read of $dev after the restart: OK"
+    else
+      say "direct read of $dev after the restart: failed: $(grep -v records /tmp/dd.out | tr '\n' ' ')"
+    fi
+    # Then the filesystem: EIO, or EROFS if ext4 already hit the dead device and went read-only.
     if dd if=/dev/urandom of=/mnt/after bs=64k count=4 conv=fsync >/tmp/dd.out 2>&1; then
       say "write after the restart: OK"
     else

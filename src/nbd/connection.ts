@@ -472,9 +472,11 @@ export class NbdConnection {
     ex.writeBigUInt64BE(BigInt(exp.node.size), 2);
     ex.writeUInt16BE(this.transmissionFlags(exp), 10);
     this.optionReply(option, P.NBD_REP_INFO, ex);
-    if (option === P.NBD_OPT_GO && align > 1 && !clientHonoursSizes) {
-      // The node cannot take unaligned requests and the client did not ask for the limits.
-      return this.optionError(option, P.NBD_REP_ERR_BLOCK_SIZE_REQD, `export '${exp.name}' requires aligned requests`);
+    if (option === P.NBD_OPT_INFO && align > 1 && !clientHonoursSizes) {
+      // As QEMU: a client only asking about an export that wants aligned requests is told to ask
+      // for the block sizes, but NBD_OPT_GO takes every client (Debian 12's nbd-client 3.24 never
+      // asks) and its unaligned requests go through the node's read-modify-write.
+      return this.optionError(option, P.NBD_REP_ERR_BLOCK_SIZE_REQD, `request NBD_INFO_BLOCK_SIZE to use export '${exp.name}'`);
     }
     this.optionReply(option, P.NBD_REP_ACK);
     if (option === P.NBD_OPT_GO) this.enterTransmission(exp);

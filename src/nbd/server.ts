@@ -188,11 +188,17 @@ export class NbdServer {
     this.exports.delete(exp.name);
   }
 
-  /** Stops listening, finishes requests in flight, closes every connection. */
+  /**
+   * Stops listening, finishes requests in flight, closes every connection.
+   * A listener's close() calls back only once its last connection is gone,
+   * so the connections are closed while it waits, not after (else a client
+   * that stays attached, as the kernel's nbd-client does, hangs the stop).
+   */
   async stop(): Promise<void> {
-    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    const listenersClosed = this.listeners.map((l) => new Promise<void>((r) => l.close(() => r())));
     this.listeners.length = 0;
     await Promise.all([...this.connections].map((c) => c.gracefulClose()));
+    await Promise.all(listenersClosed);
     for (const p of this.unixPaths) fs.rmSync(p, { force: true });
     logEvent('info', 'nbd-server-stopped', { endpoints: this.endpoints });
   }

@@ -5,6 +5,12 @@
  * bits the writes made, including one a running backup was using. The
  * bitmaps are read back by QEMU's tools: qemu-img info / check and
  * qemu-nbd -B with nbdinfo --map.
+ *
+ * A client that stays attached (as the kernel's nbd-client does, idle between
+ * requests) does not hold up SIGTERM: its connection is closed once its
+ * replies are out, the data it was told is written is on the disk, and the
+ * daemon exits 0 (it used to wait for the listener to close, which waits for
+ * the very connections it had not closed yet).
  */
 import t from 'tap';
 import fs from 'node:fs';
@@ -12,6 +18,7 @@ import path from 'node:path';
 import { startDaemon } from '../helpers/daemon.js';
 import { QmpWire } from '../helpers/qmp.js';
 import { bitmapExtents } from '../helpers/bitmaps.js';
+import { RawClient } from '../helpers/nbd-raw.js';
 import { requireTool, run, tempDir } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
@@ -86,3 +93,41 @@ for (const how of ['SIGTERM', 'SIGINT', 'quit'] as Stop[]) {
     t.same(await bitmapExtents(t, img, 'frozen'), expected, 'so does the bitmap of the cancelled backup');
   });
 }
+
+t.test('SIGTERM with clients attached and idle: each is closed, the daemon exits 0, acknowledged writes are on disk', async (t) => {
+  const dir = tempDir(t);
+  const img = path.join(dir, 'd.raw');
+  fs.writeFileSync(img, Buffer.alloc(MiB));
+  const d = await startDaemon(t, {
+    dir,
+    args: [
+      '--blockdev', `driver=raw,node-name=d,file.driver=file,file.filename=${img}`,
+      '--export', 'type=nbd,id=e,node-name=d,name=d,writable=on',
+    ],
+  });
+  const clients = await Promise.all([0, 1].map(() => RawClient.connect(d.socket)));
+  t.teardown(() => clients.forEach((c) => c.close()));
+  for (const c of clients) await c.go('d');
+  // NBD_CMD_WRITE, then NBD_CMD_FLUSH: acknowledged, and the client stays.
+  clients[0].request(1, 4096, 4096, 7, 0, Buffer.alloc(4096, 0x5a));
+  t.same(await clients[0].simpleReply(), { error: 0, cookie: 7 }, 'the write is acknowledged');
+  clients[0].request(3, 0, 0, 8);
+  t.same(await clients[0].simpleReply(), { error: 0, cookie: 8 }, 'the flush is acknowledged');
+
+  t.equal(await d.stop('SIGTERM'), 0, 'SIGTERM: exit status 0 (not the SIGKILL of the grace period)');
+  for (const [i, c] of clients.entries()) t.ok(await c.waitClosed(), `client ${i}: the server closed the connection`);
+  const records = d
+    .stderr()
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+  const gone = records.filter((r) => r.message === 'nbd-client-disconnected');
+  t.equal(gone.length, 2, 'both disconnections are logged');
+  t.same(
+    gone.map((r) => [r.requests, r.requestBytes]).sort((a, b) => JSON.stringify(a).length - JSON.stringify(b).length),
+    [[{}, {}], [{ write: 1, flush: 1 }, { write: 4096 }]],
+    'with the requests each connection received, by command',
+  );
+  t.ok(records.some((r) => r.message === 'shutdown-complete'), 'the shutdown completed');
+  t.ok(fs.readFileSync(img).subarray(4096, 8192).equals(Buffer.alloc(4096, 0x5a)), 'the acknowledged write is in the image');
+});

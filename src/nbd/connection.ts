@@ -452,7 +452,7 @@ export class NbdConnection {
     secure.on('error', (err: Error) => {
       if (this.state === State.Closed) return;
       if (this.state === State.TlsHandshake) {
-        logEvent('warn', 'nbd-tls-handshake-failed', { connection: this.id, peer: this.peer, identity: pskIdentity, reason: err.message });
+        logEvent('warn', 'nbd-tls-handshake-failed', { connection: this.id, peer: this.peer, identity: pskIdentity, reason: tlsReason(err) });
         this.destroy();
       } else {
         this.listeners.error(err);
@@ -939,6 +939,12 @@ export class NbdConnection {
     msg.copy(b, 26);
     this.send(b);
   }
+}
+
+/** OpenSSL's reason ("binder does not verify") rather than its whole error-queue line. */
+function tlsReason(err: Error): string {
+  const reason = (err as Error & { reason?: string }).reason;
+  return reason ?? err.message.split('\n')[0];
 }
 
 function writeSimpleHeader(b: Buffer, cookieHi: number, cookieLo: number, error: number): void {

@@ -106,6 +106,8 @@ export class NbdServer {
   private readonly unixPaths: string[] = [];
   /** Human-readable addresses, for logs and the start-up banner. */
   readonly endpoints: string[] = [];
+  /** Listening addresses beyond this machine (not loopback), for the unencrypted-export warning. */
+  private readonly exposed: string[] = [];
 
   /** Set when clients must negotiate TLS before anything else. */
   readonly tls: NbdServerTls | undefined;
@@ -199,9 +201,6 @@ export class NbdServer {
       for (const e of this.exports.values()) if (e.writable) this.warnUnencrypted(e.name, [endpoint]);
     }
   }
-
-  /** Addresses beyond this machine that clients reach without TLS. */
-  private readonly exposed: string[] = [];
 
   /** One line for each writable export anyone on the network could write without TLS. */
   private warnUnencrypted(exportName: string, endpoints: string[]): void {

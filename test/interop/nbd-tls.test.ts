@@ -125,6 +125,10 @@ t.test('before STARTTLS every option but ABORT is refused; STARTTLS rules', asyn
   const plain = await run('nbdinfo', [`nbd+unix:///disk?socket=${d.socket}`]);
   t.not(plain.code, 0, 'nbdinfo without TLS fails');
   t.match(plain.stderr, /disk/, plain.stderr);
+  // libnbd 1.14 words NBD_REP_ERR_TLS_REQD as ENOTSUP (the same against qemu-nbd); QEMU says it plainly.
+  const plainQemu = await run('qemu-img', ['info', `nbd+unix:///disk?socket=${d.socket}`]);
+  t.not(plainQemu.code, 0, 'qemu-img without TLS fails');
+  t.match(plainQemu.stderr, /TLS negotiation required before option 7 \(go\)[\s\S]*not permitted before TLS/);
 
   const c = await RawClient.connect(d.socket);
   t.teardown(() => c.close());

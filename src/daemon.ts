@@ -13,6 +13,7 @@ import { type NbdServerOptions, NbdServer, checkNbdServerOptions, nbdExportDrive
 import { fuseExportDriver } from './fuse/export.js';
 import type { InputMode } from './qapi/schema.js';
 import { JobManager } from './jobs/job.js';
+import { ObjectRegistry, type UserObject } from './objects/registry.js';
 
 export interface QmpEvent {
   event: string;
@@ -23,11 +24,14 @@ export class Daemon extends EventEmitter {
   readonly graph = new BlockGraph();
   readonly exports = new ExportRegistry(this.graph);
   readonly jobs = new JobManager();
+  /** --object / object-add: TLS credentials and authorization objects. */
+  readonly objects = new ObjectRegistry();
   private nbd: NbdServer | undefined;
   private shuttingDown: Promise<void> | undefined;
 
   constructor() {
     super();
+    this.graph.objects = this.objects;
     this.exports.registerDriver(nbdExportDriver(() => this.nbd, this.graph));
     // A FUSE session the kernel ended (someone unmounted it) takes its export with it, as in QEMU.
     this.exports.registerDriver(
@@ -58,8 +62,18 @@ export class Daemon extends EventEmitter {
   async nbdServerStart(options: unknown, mode: InputMode = 'json'): Promise<NbdServer> {
     const checked: NbdServerOptions = checkNbdServerOptions(options, mode);
     if (this.nbd) throw new VdiskError('EEXIST', 'NBD server already running');
-    this.nbd = await NbdServer.start(checked);
+    this.nbd = await NbdServer.start(checked, this.objects);
     return this.nbd;
+  }
+
+  /** object-add */
+  objectAdd(options: unknown, mode: InputMode = 'json'): UserObject {
+    return this.objects.add(options, mode);
+  }
+
+  /** object-del */
+  objectDel(id: string): void {
+    this.objects.delete(id);
   }
 
   /** nbd-server-stop: removes every NBD export, then stops listening. */

@@ -11,6 +11,7 @@ import { logEvent } from '../log.js';
 import { type InputMode, type Members, type Type, alternate, bool, check, enumOf, nullType, str, struct } from '../qapi/schema.js';
 import { BLOCKDEV_REF, BLOCKDEV_REF_OR_NULL, type CommonOptions, DRIVERS, type DriverDef } from './drivers/index.js';
 import type { BlockNode, ChildRole, NodeUser } from './node.js';
+import type { ObjectRegistry } from '../objects/registry.js';
 
 const NODE_NAME_MAX = 31;
 
@@ -46,6 +47,8 @@ export class BlockGraph {
   private readonly monitorOwned = new Set<string>();
   private readonly drivers = new Map<string, DriverDef>();
   private autoNameCounter = 0;
+  /** Objects drivers may refer to by id (the nbd driver's tls-creds); the daemon sets it. */
+  objects: ObjectRegistry | undefined;
   /** Where nodes' events go (the daemon forwards them to QMP). */
   onEvent: (e: { event: string; data: Record<string, unknown> }) => void = () => undefined;
   /** Names taken by nodes still being opened, so an inline child cannot take its parent's name. */
@@ -290,7 +293,7 @@ export class BlockGraph {
       children.push({ role, node: child });
       return child;
     };
-    const node = await driver.open(options, { common, openChild, emitEvent: (event, data) => this.onEvent({ event, data }) });
+    const node = await driver.open(options, { common, openChild, emitEvent: (event, data) => this.onEvent({ event, data }), objects: this.objects });
     node.detectZeroes = detectZeroes;
     node.discardEnabled = common.discard === 'unmap';
     node.cacheMode = { direct: common.direct, noFlush: common.noFlush };

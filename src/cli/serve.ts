@@ -22,19 +22,23 @@ import { QmpServer, parseQmpAddress } from '../qmp/server.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
-With none of --blockdev/--export/--nbd-server/--qmp/--config, serves the embedded default: a sparse
+With none of --object/--blockdev/--export/--nbd-server/--qmp/--config, serves the embedded default: a sparse
 raw disk <data-dir>/disk0.raw exported writable as 'disk0' over NBD on
 127.0.0.1:10809 and on the unix socket <data-dir>/nbd.sock.
 
 Options (the same objects as blockdev-add, block-export-add and nbd-server-start,
 as JSON or as dotted key=value lists, like qemu-storage-daemon):
+  --object OPTS       add an object (as QEMU's --object): tls-creds-x509, tls-creds-psk,
+                      authz-simple, authz-list, e.g.
+                      tls-creds-x509,id=tls0,dir=/etc/pki/vdisk,endpoint=server
   --blockdev OPTS     add a block node, e.g. driver=file,node-name=f0,filename=disk.img
   --export OPTS       add an export, e.g. type=nbd,id=e0,node-name=f0,writable=on
   --nbd-server OPTS   listen for NBD clients, e.g. addr.type=unix,addr.path=/run/vdisk.sock
-                      (repeat to listen on several addresses)
+                      (repeat to listen on several addresses); tls-creds=ID makes clients
+                      use TLS, tls-authz=ID says which of them may connect
   --qmp ADDR          QMP control port: unix:PATH (created mode 0600) or tcp:HOST:PORT
                       (loopback only); repeat for several
-  --config FILE       one JSON document: {"blockdev": [...], "nbd-server": [...],
+  --config FILE       one JSON document: {"object": [...], "blockdev": [...], "nbd-server": [...],
                       "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
   --size SIZE         size of a new default disk (default: 10G)
@@ -51,6 +55,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
+      object: { type: 'string', multiple: true },
       blockdev: { type: 'string', multiple: true },
       export: { type: 'string', multiple: true },
       'nbd-server': { type: 'string', multiple: true },
@@ -90,12 +95,12 @@ export async function serveCommand(argv: string[]): Promise<number> {
   process.on('SIGHUP', () => logEvent('info', 'signal-ignored', { signal: 'SIGHUP', why: 'vdisk stops on SIGTERM, SIGINT or QMP quit' }));
   const daemon = new Daemon();
   const config = values.config === undefined ? undefined : readConfig(values.config);
-  const explicit = values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
+  const explicit = values.object || values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
   const pidfile = values.pidfile ?? (config?.pidfile as string | undefined);
   const qmp = new QmpServer(daemon, QMP_COMMANDS);
   try {
     if (config) await setUpFromConfig(daemon, qmp, values.config!, config);
-    if (explicit) await setUpFromOptions(daemon, values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
+    if (explicit) await setUpFromOptions(daemon, values.object ?? [], values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
     else await setUpDefault(daemon, values['data-dir'] ?? 'vdisk-data', values.size, values.port);
     for (const text of values.qmp ?? []) await withLabel('--qmp', text, () => qmp.listen(parseQmpAddress(text)));
   } catch (err) {
@@ -121,24 +126,25 @@ function readConfig(file: string): Record<string, unknown> {
     throw new VdiskError('EINVAL', `--config ${file}: ${(err as Error).message}`);
   }
   if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw new VdiskError('EINVAL', `--config ${file}: expected a JSON object`);
-  const known = ['blockdev', 'nbd-server', 'export', 'qmp', 'pidfile'];
+  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile'];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new VdiskError('EINVAL', `--config ${file}: unknown key '${key}' (expected ${known.join(', ')})`);
   }
   return doc as Record<string, unknown>;
 }
 
-/** Applies a config document in the same order as options: nodes, NBD server, exports, QMP. */
+/** Applies a config document in the same order as options: objects, nodes, NBD server, exports, QMP. */
 async function setUpFromConfig(daemon: Daemon, qmp: QmpServer, file: string, config: Record<string, unknown>): Promise<void> {
   const list = (key: string): unknown[] => {
     const v = config[key];
     return v === undefined ? [] : Array.isArray(v) ? v : [v];
   };
+  for (const [i, o] of list('object').entries()) await withLabel(`--config ${file}: object[${i}]`, JSON.stringify(o), async () => daemon.objectAdd(o));
   for (const [i, o] of list('blockdev').entries()) await withLabel(`--config ${file}: blockdev[${i}]`, JSON.stringify(o), () => daemon.blockdevAdd(o));
   for (const [i, o] of list('nbd-server').entries()) {
     await withLabel(`--config ${file}: nbd-server[${i}]`, JSON.stringify(o), async () => {
       if (!daemon.nbdServer) await daemon.nbdServerStart(o);
-      else await daemon.nbdServer.listen(checkNbdServerOptions(o, 'json').addr);
+      else await listenAgain(daemon, o, 'json');
     });
   }
   for (const [i, o] of list('export').entries()) await withLabel(`--config ${file}: export[${i}]`, JSON.stringify(o), () => daemon.blockExportAdd(o));
@@ -160,17 +166,18 @@ async function withLabel(label: string, text: string, apply: () => Promise<unkno
   }
 }
 
-/** Applies the options in qemu-storage-daemon's order: nodes, then the server, then exports. */
-async function setUpFromOptions(daemon: Daemon, blockdevs: string[], servers: string[], exports: string[]): Promise<void> {
+/** Applies the options in qemu-storage-daemon's order: objects, nodes, then the server, then exports. */
+async function setUpFromOptions(daemon: Daemon, objects: string[], blockdevs: string[], servers: string[], exports: string[]): Promise<void> {
+  for (const [i, text] of objects.entries()) {
+    await withOption(`--object #${i + 1}`, text, async (o, mode) => daemon.objectAdd(o, mode), true);
+  }
   for (const [i, text] of blockdevs.entries()) {
     await withOption(`--blockdev #${i + 1}`, text, (o, mode) => daemon.blockdevAdd(o, mode));
   }
   for (const [i, text] of servers.entries()) {
     await withOption(`--nbd-server #${i + 1}`, text, async (o, mode) => {
       if (!daemon.nbdServer) await daemon.nbdServerStart(o, mode);
-      else {
-        await daemon.nbdServer.listen(checkNbdServerOptions(o, mode).addr);
-      }
+      else await listenAgain(daemon, o, mode);
     });
   }
   for (const [i, text] of exports.entries()) {
@@ -178,9 +185,26 @@ async function setUpFromOptions(daemon: Daemon, blockdevs: string[], servers: st
   }
 }
 
+/**
+ * A second --nbd-server adds an address to the one server, so its TLS
+ * options must be the server's: a listener without TLS beside one with it
+ * would let clients skip TLS.
+ */
+async function listenAgain(daemon: Daemon, o: unknown, mode: 'json' | 'keyval'): Promise<void> {
+  const options = checkNbdServerOptions(o, mode);
+  const server = daemon.nbdServer!;
+  if (!server.sameTls(options)) {
+    const tls = server.tls ? `tls-creds=${server.tls.creds.id}${server.tls.authzId ? `,tls-authz=${server.tls.authzId}` : ''}` : 'no TLS';
+    throw new VdiskError('EINVAL', `every --nbd-server must give the same tls-creds and tls-authz (the NBD server has ${tls})`);
+  }
+  await server.listen(options.addr);
+}
+
 /** Runs one option and names it in any error. */
-async function withOption(label: string, text: string, apply: (o: unknown, mode: 'json' | 'keyval') => Promise<unknown>): Promise<void> {
-  const parsed = parseOptionArg(text, label);
+async function withOption(label: string, text: string, apply: (o: unknown, mode: 'json' | 'keyval') => Promise<unknown>, implicitType = false): Promise<void> {
+  // --object's first item may be the bare type, as QEMU's: tls-creds-x509,id=tls0,...
+  const m = implicitType ? /^([a-z][a-z0-9-]*)(,|$)/.exec(text) : null;
+  const parsed = parseOptionArg(m ? `qom-type=${text}` : text, label);
   const mode = text.trimStart().startsWith('{') ? 'json' : 'keyval';
   try {
     await apply(parsed, mode);
@@ -233,6 +257,15 @@ function printEndpoints(daemon: Daemon, qmp: QmpServer, isDefault: boolean): voi
     if (exp.type !== 'nbd' || !server) continue;
     const name = server.listExports().find((e) => e.node === node)?.name ?? exp.id;
     for (const ep of server.endpoints) {
+      if (server.tls) {
+        // libnbd's URIs for TLS; the client needs its own credentials, named in the query.
+        const query = server.tls.creds.qomType === 'tls-creds-psk' ? 'tls-psk-file=KEYS.PSK&tls-username=NAME' : 'tls-certificates=CLIENT-DIR';
+        const uri = ep.startsWith('unix:')
+          ? `nbds+unix:///${encodeURIComponent(name)}?socket=${ep.slice(5)}&${query}`
+          : `nbds://${ep.slice(4)}/${encodeURIComponent(name)}?${query}`;
+        lines.push(`  ${uri}    (TLS: tls-creds=${server.tls.creds.id})    try: nbdinfo '${uri}'`);
+        continue;
+      }
       const uri = ep.startsWith('unix:')
         ? `nbd+unix:///${encodeURIComponent(name)}?socket=${ep.slice(5)}`
         : `nbd://${ep.slice(4)}/${encodeURIComponent(name)}`;

@@ -2,7 +2,9 @@
  * vdisk's NBD client: a BlockNode (driver 'nbd') whose bytes live on an NBD
  * server, as QEMU's nbd block driver.
  *
- * Handshake (fixed newstyle): NBD_OPT_STRUCTURED_REPLY, then
+ * Handshake (fixed newstyle): NBD_OPT_STARTTLS first when TLS credentials
+ * are given (the TLS socket then replaces the plain one), then
+ * NBD_OPT_STRUCTURED_REPLY, then
  * NBD_OPT_SET_META_CONTEXT for base:allocation, then NBD_OPT_GO asking for
  * NBD_INFO_BLOCK_SIZE; a server without NBD_OPT_GO gets NBD_OPT_EXPORT_NAME.
  * Transmission: every request gets a cookie and many are in flight at once;
@@ -17,11 +19,13 @@
  * flight and every later one fails with EIO: nothing waits forever.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { BlockNode, type Extent, ReqFlags, Status } from '../block/node.js';
 import type { DriverDef } from '../block/drivers/index.js';
 import { type Errno, VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import { int, str } from '../qapi/schema.js';
+import type { TlsCreds } from '../objects/tls-creds.js';
 import { ByteQueue } from './byte-queue.js';
 import * as P from './protocol.js';
 import { SOCKET_ADDRESS } from './server.js';
@@ -42,6 +46,10 @@ export interface NbdClientOptions {
   blockStatus?: boolean;
   /** How long connecting and the handshake may take (default 30 s). */
   openTimeoutMs?: number;
+  /** Client-endpoint TLS credentials: negotiate TLS before anything else. */
+  tlsCreds?: TlsCreds;
+  /** The name the server's certificate must carry (default: the inet host; none for unix sockets, as QEMU). */
+  tlsHostname?: string;
 }
 
 const NBD_DEFAULT_PORT = 10809;
@@ -176,6 +184,11 @@ class Reader {
     return new Promise((resolve, reject) => (this.waiter = { n, resolve, reject }));
   }
 
+  /** Bytes received and not yet taken. */
+  get length(): number {
+    return this.queue.length;
+  }
+
   async take(n: number): Promise<Buffer> {
     await this.wait(n);
     return this.queue.take(n);
@@ -264,6 +277,8 @@ export class NbdClientNode extends BlockNode {
   /** Set once the connection is unusable; every request then fails with it. */
   private broken: VdiskError | undefined;
   private socketClosed!: Promise<void>;
+  /** Called once when the node closes (lets go of the TLS credentials it holds). */
+  onClosed: (() => void) | undefined;
   /**
    * Extents of the last block-status reply beyond the one returned, so a
    * caller walking the disk in order (map) asks once per reply, not once per
@@ -319,15 +334,11 @@ export class NbdClientNode extends BlockNode {
       this.server.type === 'unix'
         ? net.connect({ path: this.server.path })
         : net.connect({ host: this.server.host, port: Number(this.server.port ?? NBD_DEFAULT_PORT) });
-    this.socket = socket;
     socket.setNoDelay(true);
-    this.socketClosed = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('data', (chunk: Buffer) => this.reader.push(chunk));
-    socket.on('error', (err) => this.connectionLost(err.message));
-    socket.on('close', () => this.connectionLost('the server closed the connection'));
+    this.attach(socket);
     const timer = setTimeout(() => {
       this.connectionLost(`no answer from the server within ${timeoutMs / 1000} s`);
-      socket.destroy();
+      this.socket.destroy();
     }, timeoutMs);
     try {
       await new Promise<void>((resolve, reject) => {
@@ -337,7 +348,7 @@ export class NbdClientNode extends BlockNode {
       const info = await this.handshake(options);
       this.applyExportInfo(info, options);
     } catch (err) {
-      socket.destroy();
+      this.socket.destroy();
       if (err instanceof VdiskError) throw err;
       // QEMU's words: "Failed to connect to '/path/sock': Connection refused".
       const target = this.server.type === 'unix' ? this.server.path : `${this.server.host}:${this.server.port ?? NBD_DEFAULT_PORT}`;
@@ -349,6 +360,54 @@ export class NbdClientNode extends BlockNode {
     }
     logEvent('debug', 'nbd-client-connected', { uri: this.filename, size: this.length, structured: this.structured, blockStatus: this.hasBlockStatus });
     void this.replyLoop();
+  }
+
+  private readonly onSocketData = (chunk: Buffer) => this.reader.push(chunk);
+  private readonly onSocketError = (err: Error) => this.connectionLost(err.message);
+  private readonly onSocketClose = () => this.connectionLost('the server closed the connection');
+
+  /** Makes `socket` the one requests go out on and replies come from. */
+  private attach(socket: net.Socket): void {
+    this.socket = socket;
+    this.socketClosed = new Promise((resolve) => socket.once('close', () => resolve()));
+    socket.on('data', this.onSocketData);
+    socket.on('error', this.onSocketError);
+    socket.on('close', this.onSocketClose);
+  }
+
+  /**
+   * NBD_OPT_STARTTLS, then the client side of the TLS handshake over the
+   * same socket; the server is checked (certificate and name, as QEMU's
+   * qcrypto_tls_session_check_credentials) before anything else is sent.
+   */
+  private async startTls(creds: TlsCreds, hostname: string | undefined): Promise<void> {
+    this.sendOption(P.NBD_OPT_STARTTLS);
+    const r = await this.readOptionReply(P.NBD_OPT_STARTTLS);
+    if (r.type !== P.NBD_REP_ACK) {
+      const message = r.data.toString('utf8');
+      throw new VdiskError('EACCES', `Server rejected request to start TLS${message ? ` (server reported: ${message})` : ''}`);
+    }
+    if (this.reader.length !== 0) throw new VdiskError('EIO', 'the server sent data after accepting NBD_OPT_STARTTLS');
+    const raw = this.socket;
+    raw.removeListener('data', this.onSocketData);
+    raw.removeListener('close', this.onSocketClose);
+    raw.removeListener('error', this.onSocketError);
+    // A failed handshake surfaces as the promise's rejection below; later errors as connection loss.
+    raw.on('error', () => undefined);
+    const secure = tls.connect({ socket: raw, ...creds.clientOptions(hostname) });
+    this.attach(secure);
+    await new Promise<void>((resolve, reject) => {
+      const fail = (err: Error) => reject(new VdiskError('EACCES', `TLS handshake failed: ${err.message}`));
+      secure.once('error', fail);
+      secure.once('secureConnect', () => {
+        secure.removeListener('error', fail);
+        resolve();
+      });
+      secure.once('close', () => fail(new Error('the server closed the connection')));
+    });
+    const check = creds.checkServer(secure, hostname);
+    if (!check.ok) throw new VdiskError('EACCES', `TLS handshake failed: ${check.reason}`);
+    logEvent('debug', 'nbd-client-tls', { uri: this.filename, protocol: secure.getProtocol(), cipher: secure.getCipher()?.name });
   }
 
   private sendBytes(...bufs: Buffer[]): void {
@@ -396,6 +455,11 @@ export class NbdClientNode extends BlockNode {
     if (name.length > P.NBD_MAX_STRING) throw new VdiskError('EINVAL', 'export name is too long');
 
     const info: ExportInfo = { size: 0, flags: 0, structured: false, metaContextId: undefined, minBlock: 1, preferredBlock: 4096, maxBlock: P.NBD_MAX_PAYLOAD };
+    if (options.tlsCreds) {
+      if (!fixed) throw new VdiskError('EACCES', 'Server does not support STARTTLS (no fixed newstyle)');
+      const hostname = options.tlsHostname ?? (this.server.type === 'inet' ? this.server.host : undefined);
+      await this.startTls(options.tlsCreds, hostname);
+    }
     if (!fixed) return this.exportNameOption(name, noZeroes, info);
 
     if (options.structuredReplies ?? true) {
@@ -754,6 +818,8 @@ export class NbdClientNode extends BlockNode {
     const timer = setTimeout(() => this.socket.destroy(), CLOSE_TIMEOUT_MS);
     await this.socketClosed;
     clearTimeout(timer);
+    this.onClosed?.();
+    this.onClosed = undefined;
   }
 }
 
@@ -772,19 +838,33 @@ function extentOf(length: number, state: number): Extent {
  */
 export const NBD_DRIVER: DriverDef = {
   name: 'nbd',
-  members: { server: SOCKET_ADDRESS, '*export': str, '*open-timeout': int('uint32') },
-  async open(o, { common }) {
+  members: { server: SOCKET_ADDRESS, '*export': str, '*open-timeout': int('uint32'), '*tls-creds': str, '*tls-hostname': str },
+  async open(o, { common, objects }) {
     const server = o.server as Record<string, unknown>;
     if (server.type === 'fd') throw new VdiskError('ENOTSUP', 'NBD over a file descriptor is not supported');
     const address: NbdClientAddress =
       server.type === 'unix' ? { type: 'unix', path: server.path as string } : { type: 'inet', host: server.host as string, port: server.port as string | number };
     const timeout = o['open-timeout'] as number | undefined;
-    return NbdClientNode.connect({
+    const credsId = o['tls-creds'] as string | undefined;
+    let tlsCreds: TlsCreds | undefined;
+    if (credsId !== undefined) {
+      if (!objects) throw new VdiskError('ENOENT', `No TLS credentials with id '${credsId}'`);
+      tlsCreds = objects.tlsCreds(credsId, 'client');
+    }
+    const node = await NbdClientNode.connect({
       nodeName: common.nodeName,
       server: address,
       exportName: (o.export as string | undefined) ?? '',
       readOnly: common.readOnly,
       openTimeoutMs: timeout ? timeout * 1000 : undefined,
+      tlsCreds,
+      tlsHostname: o['tls-hostname'] as string | undefined,
     });
+    if (tlsCreds) {
+      const user = `node '${common.nodeName}'`;
+      objects!.hold(tlsCreds.id, user);
+      node.onClosed = () => objects!.release(tlsCreds.id, user);
+    }
+    return node;
   },
 };

@@ -14,6 +14,8 @@ import type { BlockExport, ExportDriver, ExportHandle } from '../export/registry
 import { lookupBitmap } from '../block/bitmap-ops.js';
 import { BLOCK_DIRTY_BITMAP } from '../qapi/block.js';
 import { type Members, type Type, bool, check, enumOf, int, str, struct, union, arrayOf, alternate } from '../qapi/schema.js';
+import type { ObjectRegistry } from '../objects/registry.js';
+import type { TlsCreds } from '../objects/tls-creds.js';
 import { NbdConnection } from './connection.js';
 import type { ExportedBitmap } from './meta.js';
 import { NBD_MAX_STRING, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP } from './protocol.js';
@@ -30,6 +32,16 @@ export interface NbdServerOptions {
   'max-connections'?: number;
   /** Seconds a client may take to finish the handshake (vdisk's addition). */
   'handshake-timeout'?: number;
+  /** Id of server-endpoint TLS credentials: clients must NBD_OPT_STARTTLS first. */
+  'tls-creds'?: string;
+  /** Id of an authz object the client's identity (certificate DN, PSK username) must pass. */
+  'tls-authz'?: string;
+}
+
+/** The server's TLS: its credentials and, optionally, who may connect. */
+export interface NbdServerTls {
+  creds: TlsCreds;
+  authzId: string | undefined;
 }
 
 const INET_MEMBERS: Members = {
@@ -94,17 +106,65 @@ export class NbdServer {
   private readonly unixPaths: string[] = [];
   /** Human-readable addresses, for logs and the start-up banner. */
   readonly endpoints: string[] = [];
+  /** Listening addresses beyond this machine (not loopback), for the unencrypted-export warning. */
+  private readonly exposed: string[] = [];
 
-  private constructor(options: NbdServerOptions) {
+  /** Set when clients must negotiate TLS before anything else. */
+  readonly tls: NbdServerTls | undefined;
+
+  private constructor(
+    options: NbdServerOptions,
+    private readonly objects: ObjectRegistry | undefined,
+  ) {
     this.maxConnections = options['max-connections'] ?? 0;
     this.handshakeTimeoutMs = (options['handshake-timeout'] ?? 10) * 1000;
+    const credsId = options['tls-creds'];
+    const authzId = options['tls-authz'];
+    if (credsId === undefined) {
+      // QEMU: "tls-authz is not supported without tls-creds".
+      if (authzId !== undefined) throw new VdiskError('EINVAL', 'tls-authz is not supported without tls-creds');
+      return;
+    }
+    if (!objects) throw new VdiskError('ENOENT', `No TLS credentials with id '${credsId}'`);
+    const creds = objects.tlsCreds(credsId, 'server');
+    if (authzId !== undefined && creds.qomType === 'tls-creds-x509' && !creds.verifyPeer) {
+      // QEMU would accept this and check nothing: the name is only known once the certificate is verified.
+      throw new VdiskError('EINVAL', `tls-authz needs TLS credentials with verify-peer=on ('${credsId}' has verify-peer=off, so no client is identified)`);
+    }
+    this.tls = { creds, authzId };
   }
 
   /** Starts listening on options.addr. */
-  static async start(options: NbdServerOptions): Promise<NbdServer> {
-    const server = new NbdServer(options);
-    await server.listen(options.addr);
+  static async start(options: NbdServerOptions, objects?: ObjectRegistry): Promise<NbdServer> {
+    const server = new NbdServer(options, objects);
+    if (server.tls) objects!.hold(server.tls.creds.id, 'the NBD server');
+    try {
+      await server.listen(options.addr);
+    } catch (err) {
+      if (server.tls) objects!.release(server.tls.creds.id, 'the NBD server');
+      throw err;
+    }
+    if (server.tls) logEvent('info', 'nbd-server-tls', { tlsCreds: server.tls.creds.id, type: server.tls.creds.qomType, tlsAuthz: server.tls.authzId });
     return server;
+  }
+
+  /** Whether a later --nbd-server's TLS options agree with the server's (one server, one TLS setting). */
+  sameTls(options: NbdServerOptions): boolean {
+    return options['tls-creds'] === this.tls?.creds.id && options['tls-authz'] === this.tls?.authzId;
+  }
+
+  /**
+   * Whether a client identity passes tls-authz. A missing authz object denies
+   * everyone, as QEMU's qauthz_is_allowed_by_id.
+   */
+  authorize(identity: string | undefined): { ok: true } | { ok: false; reason: string } {
+    const id = this.tls?.authzId;
+    if (id === undefined) return { ok: true };
+    const authz = this.objects?.get(id);
+    if (!authz || !('isAllowed' in authz)) return { ok: false, reason: `No authorization object with id '${id}'` };
+    if (identity === undefined) return { ok: false, reason: 'the client has no identity to authorize' };
+    if (!authz.isAllowed(identity)) return { ok: false, reason: `TLS authz check for ${identity} is denied` };
+    return { ok: true };
   }
 
   /** Listens on one more address (the server may have several). */
@@ -135,7 +195,21 @@ export class NbdServer {
       endpoint = `fd:${addr.str}`;
     }
     this.endpoints.push(endpoint);
-    logEvent('info', 'nbd-server-listening', { address: endpoint, maxConnections: this.maxConnections || 'unlimited' });
+    logEvent('info', 'nbd-server-listening', { address: endpoint, maxConnections: this.maxConnections || 'unlimited', tls: this.tls ? this.tls.creds.id : 'off' });
+    if (addr.type === 'inet' && !isLoopback((srv.address() as net.AddressInfo).address)) {
+      this.exposed.push(endpoint);
+      for (const e of this.exports.values()) if (e.writable) this.warnUnencrypted(e.name, [endpoint]);
+    }
+  }
+
+  /** One line for each writable export anyone on the network could write without TLS. */
+  private warnUnencrypted(exportName: string, endpoints: string[]): void {
+    if (this.tls || endpoints.length === 0) return;
+    logEvent('warn', 'nbd-writable-export-without-tls', {
+      export: exportName,
+      endpoints,
+      advice: 'anyone who can reach these addresses can write this disk; use tls-creds, a loopback address or a unix socket',
+    });
   }
 
   /** The TCP port actually bound (useful with port 0). */
@@ -178,6 +252,7 @@ export class NbdServer {
   addExport(exp: NbdExport): void {
     if (this.exports.has(exp.name)) throw new VdiskError('EEXIST', `NBD server already has export named '${exp.name}'`);
     this.exports.set(exp.name, exp);
+    if (exp.writable) this.warnUnencrypted(exp.name, this.exposed);
   }
 
   /** Stops serving an export; with hard, disconnects its clients at once, else waits for them. */
@@ -200,8 +275,14 @@ export class NbdServer {
     await Promise.all([...this.connections].map((c) => c.gracefulClose()));
     await Promise.all(listenersClosed);
     for (const p of this.unixPaths) fs.rmSync(p, { force: true });
+    if (this.tls) this.objects?.release(this.tls.creds.id, 'the NBD server');
     logEvent('info', 'nbd-server-stopped', { endpoints: this.endpoints });
   }
+}
+
+/** 127.0.0.0/8 and ::1 (also as IPv4-mapped addresses). */
+function isLoopback(address: string): boolean {
+  return /^127\./.test(address) || /^::ffff:127\./i.test(address) || address === '::1';
 }
 
 /** A unix socket file left by a process that died: remove it if nobody answers on it. */
@@ -313,9 +394,5 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined, graph: B
 }
 
 export function checkNbdServerOptions(raw: unknown, mode: 'json' | 'keyval'): NbdServerOptions {
-  const o = check(NBD_SERVER_OPTIONS, raw, '', mode) as Record<string, unknown>;
-  if (o['tls-creds'] !== undefined || o['tls-authz'] !== undefined) {
-    throw new VdiskError('ENOTSUP', 'TLS is not supported yet');
-  }
-  return o as unknown as NbdServerOptions;
+  return check(NBD_SERVER_OPTIONS, raw, '', mode) as unknown as NbdServerOptions;
 }

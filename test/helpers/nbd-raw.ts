@@ -27,6 +27,16 @@ export class RawClient {
     socket.on('error', () => undefined);
   }
 
+  /** A client on a socket already open (the TLS socket after NBD_OPT_STARTTLS). */
+  static over(socket: net.Socket): RawClient {
+    return new RawClient(socket);
+  }
+
+  /** Bytes received and not read yet. */
+  get buffered(): number {
+    return this.buf.length;
+  }
+
   static connect(path: string): Promise<RawClient> {
     return new Promise((resolve, reject) => {
       const s = net.connect(path);

@@ -31,6 +31,8 @@ const PACKAGES: Record<string, string> = {
   losetup: 'mount',
   busybox: 'busybox-static',
   cpio: 'cpio',
+  certtool: 'gnutls-bin',
+  psktool: 'gnutls-bin',
 };
 
 interface TestLike {

@@ -16,6 +16,7 @@ import { FileNode } from './file.js';
 import { NullNode } from './null-co.js';
 import { RawNode } from './raw.js';
 import { NBD_DRIVER } from '../../nbd/client.js';
+import type { ObjectRegistry } from '../../objects/registry.js';
 
 /** The options every driver takes (BlockdevOptionsBase), already checked. */
 export interface CommonOptions {
@@ -35,6 +36,8 @@ export interface OpenContext {
   openChild(ref: unknown, role: ChildRole): Promise<BlockNode>;
   /** Sends a QMP event (a node that reports something as it happens: blkverify mismatches). */
   emitEvent(event: string, data: Record<string, unknown>): void;
+  /** The daemon's objects (TLS credentials), when the graph has them. */
+  objects: ObjectRegistry | undefined;
 }
 
 export interface DriverDef {

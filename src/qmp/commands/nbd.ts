@@ -1,6 +1,6 @@
-/** nbd-server-start (SocketAddressLegacy, as QEMU's QMP takes it) and nbd-server-stop. */
+/** nbd-server-start (SocketAddressLegacy, as QEMU's QMP takes it), nbd-server-stop, object-add and object-del. */
 import { SOCKET_ADDRESS_LEGACY, flattenLegacyAddress } from '../../nbd/server.js';
-import { int, str, struct } from '../../qapi/schema.js';
+import { any, int, str, struct } from '../../qapi/schema.js';
 import type { QmpCommand } from '../server.js';
 
 export const NBD_COMMANDS: QmpCommand[] = [
@@ -10,6 +10,23 @@ export const NBD_COMMANDS: QmpCommand[] = [
     run: async (args, { daemon }) => {
       const { addr, ...rest } = args;
       await daemon.nbdServerStart({ addr: flattenLegacyAddress(addr as Record<string, unknown>), ...rest }, 'json');
+      return {};
+    },
+  },
+  {
+    name: 'object-add',
+    // Boxed ObjectOptions: the object registry checks them per qom-type.
+    args: any,
+    run: (args, { daemon }) => {
+      daemon.objectAdd(args, 'json');
+      return {};
+    },
+  },
+  {
+    name: 'object-del',
+    args: struct('object-del', { id: str }),
+    run: (args, { daemon }) => {
+      daemon.objectDel(args.id as string);
       return {};
     },
   },

@@ -28,10 +28,10 @@ import { int, str } from '../qapi/schema.js';
 import type { TlsCreds } from '../objects/tls-creds.js';
 import { ByteQueue } from './byte-queue.js';
 import * as P from './protocol.js';
-import { SOCKET_ADDRESS } from './server.js';
+import { SOCKET_ADDRESS, unixSocketPath } from './server.js';
 
 /** Where the server listens. */
-export type NbdClientAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port?: string | number };
+export type NbdClientAddress = { type: 'unix'; path: string; abstract?: boolean; tight?: boolean } | { type: 'inet'; host: string; port?: string | number };
 
 export interface NbdClientOptions {
   nodeName: string;
@@ -332,7 +332,7 @@ export class NbdClientNode extends BlockNode {
     const timeoutMs = options.openTimeoutMs ?? 30_000;
     const socket =
       this.server.type === 'unix'
-        ? net.connect({ path: this.server.path })
+        ? net.connect({ path: unixSocketPath(this.server) })
         : net.connect({ host: this.server.host, port: Number(this.server.port ?? NBD_DEFAULT_PORT) });
     socket.setNoDelay(true);
     this.attach(socket);
@@ -843,7 +843,9 @@ export const NBD_DRIVER: DriverDef = {
     const server = o.server as Record<string, unknown>;
     if (server.type === 'fd') throw new VdiskError('ENOTSUP', 'NBD over a file descriptor is not supported');
     const address: NbdClientAddress =
-      server.type === 'unix' ? { type: 'unix', path: server.path as string } : { type: 'inet', host: server.host as string, port: server.port as string | number };
+      server.type === 'unix'
+        ? { type: 'unix', path: server.path as string, abstract: server.abstract as boolean | undefined, tight: server.tight as boolean | undefined }
+        : { type: 'inet', host: server.host as string, port: server.port as string | number };
     const timeout = o['open-timeout'] as number | undefined;
     const credsId = o['tls-creds'] as string | undefined;
     let tlsCreds: TlsCreds | undefined;

@@ -22,8 +22,8 @@ import { NBD_MAX_STRING, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP } from './prot
 
 /** SocketAddress (flat, as qemu-storage-daemon's --nbd-server takes it). */
 export type SocketAddress =
-  | { type: 'inet'; host: string; port: string | number }
-  | { type: 'unix'; path: string }
+  | { type: 'inet'; host: string; port: string | number; 'keep-alive'?: boolean }
+  | { type: 'unix'; path: string; abstract?: boolean; tight?: boolean }
   | { type: 'fd'; str: string };
 
 export interface NbdServerOptions {
@@ -54,6 +54,23 @@ const INET_MEMBERS: Members = {
   '*keep-alive': bool,
 };
 const UNIX_MEMBERS: Members = { path: str, '*abstract': bool, '*tight': bool };
+
+/**
+ * What to hand to bind(2)/connect(2) for a unix address: the path, or for
+ * Linux's abstract namespace (abstract=on) a NUL byte then the name. libuv
+ * (Node 20) passes the whole sun_path for an abstract name, the name padded
+ * with NULs: that is QEMU's tight=off. QEMU's default, tight=on (the address
+ * exactly as long as the name), is a different name to the kernel and cannot
+ * be made through node:net, so it is refused rather than bound under a name
+ * no tight=on client would find.
+ */
+export function unixSocketPath(addr: { path: string; abstract?: boolean; tight?: boolean }): string {
+  if (!addr.abstract) return addr.path;
+  if (addr.tight !== false) {
+    throw new VdiskError('ENOTSUP', 'abstract unix sockets need tight=off in vdisk (the name padded to the whole sun_path; tight=on, QEMU\'s default, is not supported): add tight=off here and on the client');
+  }
+  return `\0${addr.path}`;
+}
 
 /** SocketAddress: flat union on type. */
 export const SOCKET_ADDRESS: Type = union('SocketAddress', { type: enumOf('SocketAddressType', ['inet', 'unix', 'fd']) }, 'type', {
@@ -171,21 +188,27 @@ export class NbdServer {
   async listen(addr: SocketAddress): Promise<void> {
     const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
     srv.maxConnections = this.maxConnections > 0 ? this.maxConnections : Infinity;
-    if (addr.type === 'unix') await removeStaleSocket(addr.path);
+    const unixPath = addr.type === 'unix' ? unixSocketPath(addr) : '';
+    if (addr.type === 'unix' && !addr.abstract) await removeStaleSocket(addr.path);
+    // keep-alive=on: the kernel probes an idle client and ends the connection of one that is gone.
+    const keepAlive = addr.type === 'inet' && addr['keep-alive'] === true;
+    if (keepAlive) srv.on('connection', (socket: net.Socket) => socket.setKeepAlive(true));
     await new Promise<void>((resolve, reject) => {
       srv.once('error', (err: NodeJS.ErrnoException) => {
         const where = addr.type === 'unix' ? addr.path : addr.type === 'inet' ? `${addr.host}:${addr.port}` : `fd ${addr.str}`;
         const errno = err.code === 'EADDRINUSE' ? 'EBUSY' : err.code === 'EACCES' ? 'EACCES' : 'EIO';
         reject(new VdiskError(errno, `Failed to listen on ${where}: ${err.message}`));
       });
-      if (addr.type === 'unix') srv.listen(addr.path, resolve);
+      if (addr.type === 'unix') srv.listen(unixPath, resolve);
       else if (addr.type === 'inet') srv.listen({ host: addr.host, port: Number(addr.port) }, resolve);
       else srv.listen({ fd: Number(addr.str) }, resolve);
     });
     srv.on('error', (err) => logEvent('error', 'nbd-listener-error', { error: err.message }));
     this.listeners.push(srv);
     let endpoint: string;
-    if (addr.type === 'unix') {
+    if (addr.type === 'unix' && addr.abstract) {
+      endpoint = `unix:@${addr.path}`; // no file to remove at stop
+    } else if (addr.type === 'unix') {
       this.unixPaths.push(addr.path);
       endpoint = `unix:${addr.path}`;
     } else if (addr.type === 'inet') {
@@ -195,7 +218,7 @@ export class NbdServer {
       endpoint = `fd:${addr.str}`;
     }
     this.endpoints.push(endpoint);
-    logEvent('info', 'nbd-server-listening', { address: endpoint, maxConnections: this.maxConnections || 'unlimited', tls: this.tls ? this.tls.creds.id : 'off' });
+    logEvent('info', 'nbd-server-listening', { address: endpoint, ...(keepAlive ? { keepAlive } : {}), maxConnections: this.maxConnections || 'unlimited', tls: this.tls ? this.tls.creds.id : 'off' });
     if (addr.type === 'inet' && !isLoopback((srv.address() as net.AddressInfo).address)) {
       this.exposed.push(endpoint);
       for (const e of this.exports.values()) if (e.writable) this.warnUnencrypted(e.name, [endpoint]);

@@ -1,7 +1,8 @@
 /**
  * The QMP control port: QEMU's monitor protocol on unix and TCP sockets.
  *
- * Each connection is a QmpSession: the greeting, capabilities negotiation,
+ * Each connection is a QmpSession over a QmpSessionCore (session-core.ts,
+ * the protocol without the socket): the greeting, capabilities negotiation,
  * then commands run strictly one after another (replies in request order,
  * as QEMU does without out-of-band execution). Events go to every session
  * that has negotiated. Commands are a table (src/qmp/commands/), each with an
@@ -12,10 +13,11 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { VdiskError, toVdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
-import { type Type, arrayOf, check, enumOf, struct } from '../qapi/schema.js';
+import type { Type } from '../qapi/schema.js';
 import type { Daemon, QmpEvent } from '../daemon.js';
 import { VERSION } from '../version.js';
-import { QmpJsonStream, formatJson } from './json.js';
+import { formatJson } from './json.js';
+import { QmpSessionCore, type QmpExecution } from './session-core.js';
 
 /** What a command handler gets. */
 export interface QmpContext {
@@ -132,9 +134,10 @@ export class QmpServer {
 }
 
 export class QmpSession {
+  /** The protocol (JSON, negotiation, checks); this class runs commands and owns the socket. */
+  private readonly core: QmpSessionCore;
+  /** Events flow once the capabilities reply is on its way (not when it is merely parsed). */
   private negotiated = false;
-  private oob = false;
-  private readonly stream = new QmpJsonStream();
   /** Commands run one at a time, in order. */
   private queue: Promise<void> = Promise.resolve();
   private closed = false;
@@ -143,25 +146,35 @@ export class QmpSession {
     private readonly server: QmpServer,
     private readonly socket: net.Socket,
   ) {
-    socket.setEncoding('utf8');
-    socket.on('data', (text: string) => {
-      for (const r of this.stream.feed(text)) {
-        if ('error' in r) this.enqueue(() => this.send({ error: { class: 'GenericError', desc: r.error } }));
-        else this.enqueue(() => this.handle(r.value));
+    this.core = new QmpSessionCore((name) => this.server.command(name), { QMP: { version: QMP_VERSION, capabilities: ['oob'] } });
+    socket.on('data', (data: Buffer) => {
+      for (const a of this.core.push(data)) {
+        if (a.type === 'send') {
+          this.enqueue(() => {
+            if (a.negotiated) this.negotiated = true;
+            this.write(a.text);
+          });
+        } else {
+          this.enqueue(() => this.execute(a.exec));
+        }
       }
     });
     socket.on('error', () => undefined);
     socket.on('close', () => (this.closed = true));
-    this.send({ QMP: { version: QMP_VERSION, capabilities: ['oob'] } });
+    this.write(this.core.greeting());
   }
 
   private enqueue(fn: () => Promise<void> | void): void {
     this.queue = this.queue.then(fn).catch((err) => logEvent('error', 'qmp-internal-error', { error: (err as Error).stack }));
   }
 
-  send(msg: unknown): void {
+  private write(text: string): void {
     if (this.closed || this.socket.destroyed) return;
-    this.socket.write(formatJson(msg) + '\r\n');
+    this.socket.write(text);
+  }
+
+  send(msg: unknown): void {
+    this.write(formatJson(msg) + '\r\n');
   }
 
   sendEvent(msg: unknown): void {
@@ -176,60 +189,20 @@ export class QmpSession {
     setTimeout(() => this.socket.destroy(), 1000).unref();
   }
 
-  private async handle(msg: unknown): Promise<void> {
-    if (typeof msg !== 'object' || msg === null || Array.isArray(msg)) {
-      return this.send({ error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } });
-    }
-    const req = msg as Record<string, unknown>;
-    const hasId = Object.hasOwn(req, 'id');
-    const reply = (body: Record<string, unknown>) => this.send(hasId ? { ...body, id: req.id } : body);
-    const fail = (desc: string, cls = 'GenericError') => reply({ error: { class: cls, desc } });
-    for (const key of Object.keys(req)) {
-      if (key !== 'execute' && key !== 'arguments' && key !== 'id' && !(key === 'exec-oob' && this.oob)) return fail(`QMP input member '${key}' is unexpected`);
-    }
-    if (Object.hasOwn(req, 'exec-oob')) {
-      if (Object.hasOwn(req, 'execute')) return fail("QMP input member 'execute' is unexpected");
-      if (typeof req['exec-oob'] !== 'string') return fail("QMP input member 'exec-oob' must be a string");
-      // No vdisk command is meant to run out of band (QEMU has only migrate-recover and a test command).
-      return fail(`The command ${req['exec-oob']} does not support OOB`);
-    }
-    if (!Object.hasOwn(req, 'execute')) return fail("QMP input lacks member 'execute'");
-    if (typeof req.execute !== 'string') return fail("QMP input member 'execute' must be a string");
-    const args = req.arguments ?? {};
-    if (typeof args !== 'object' || args === null || Array.isArray(args)) return fail("QMP input member 'arguments' must be an object");
-    const name = req.execute;
-
-    if (name === 'qmp_capabilities') {
-      if (this.negotiated) return fail('Capabilities negotiation is already complete, command ignored', 'CommandNotFound');
-      try {
-        const checked = check(CAPABILITIES_ARGS, args, '', 'json') as { enable?: string[] };
-        // 'oob' is offered and may be enabled (QEMU's Python client does when offered); it only
-        // makes 'exec-oob' a known member, since no command here runs out of band.
-        this.oob = checked.enable?.includes('oob') ?? false;
-      } catch (err) {
-        return fail((err as Error).message);
-      }
-      this.negotiated = true;
-      return reply({ return: {} });
-    }
-    if (!this.negotiated) return fail("Expecting capabilities negotiation with 'qmp_capabilities'", 'CommandNotFound');
-    const command = this.server.command(name);
-    if (!command) return fail(`The command ${name} has not been found`, 'CommandNotFound');
+  private async execute(exec: QmpExecution): Promise<void> {
+    const command = this.server.command(exec.name)!;
     let result: unknown;
     try {
-      const checked = check(command.args, args, '', 'json') as Record<string, unknown>;
-      result = await command.run(checked, { daemon: this.server.daemon, server: this.server, session: this });
+      result = await command.run(exec.args, { daemon: this.server.daemon, server: this.server, session: this });
     } catch (err) {
-      const e = toVdiskError(err, `QMP command ${name}`);
-      logEvent('debug', 'qmp-command-failed', { command: name, error: e.message });
-      return fail(e.advice === undefined ? e.message : `${e.message}: ${e.advice}`, e.qmpClass);
+      const e = toVdiskError(err, `QMP command ${exec.name}`);
+      logEvent('debug', 'qmp-command-failed', { command: exec.name, error: e.message });
+      return this.write(this.core.failure(exec, e.advice === undefined ? e.message : `${e.message}: ${e.advice}`, e.qmpClass));
     }
-    logEvent('debug', 'qmp-command', { command: name });
-    reply({ return: result ?? {} });
+    logEvent('debug', 'qmp-command', { command: exec.name });
+    this.write(this.core.reply(exec, result));
   }
 }
-
-const CAPABILITIES_ARGS = struct('qmp_capabilities', { '*enable': arrayOf(enumOf('QMPCapability', ['oob'])) });
 
 function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\./.test(host);

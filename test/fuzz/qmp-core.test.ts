@@ -1,0 +1,63 @@
+/**
+ * The QMP session core (src/qmp/session-core.ts) fed bytes directly, no
+ * socket, with the real command table: exact replies for a valid session,
+ * then fast-check properties (src/fuzz/qmp.ts) with a fixed seed.
+ */
+import t from 'tap';
+import fc from 'fast-check';
+import { qmpCore, qmpScheduleArb, qmpStreamArb, runQmpCore } from '../../src/fuzz/qmp.js';
+
+t.test('a valid session, line for line', async (t) => {
+  const core = qmpCore();
+  t.equal(core.greeting(), '{"QMP": {"version": {}, "capabilities": ["oob"]}}\r\n');
+  let acts = core.push(Buffer.from('{"execute": "query-version", "id": 1}'));
+  t.same(acts, [{ type: 'send', text: '{"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with \'qmp_capabilities\'"}, "id": 1}\r\n' }], 'nothing runs before negotiation');
+  // Split inside a string and inside a multi-byte character.
+  const msg = Buffer.from('{"execute": "qmp_capabilities", "id": "é"}');
+  t.same(core.push(msg.subarray(0, 20)), []);
+  t.same(core.push(msg.subarray(0 + 20, 39)), []);
+  acts = core.push(msg.subarray(39));
+  t.same(acts, [{ type: 'send', text: '{"return": {}, "id": "\\u00e9"}\r\n', negotiated: true }], 'negotiated');
+  t.ok(core.commandMode);
+  acts = core.push(Buffer.from('{"execute": "blockdev-del", "arguments": {"node-name": 5}}{"execute": "blockdev-del", "arguments": {"node-name": "n0"}, "id": [1]}'));
+  t.equal(acts.length, 2);
+  t.match(acts[0], { type: 'send', text: /"class": "GenericError", "desc": "Invalid parameter type for 'node-name', expected: string"/ }, 'a bad argument never reaches the handler');
+  t.match(acts[1], { type: 'execute', exec: { name: 'blockdev-del', args: { 'node-name': 'n0' }, hasId: true, id: [1] } });
+  if (acts[1].type === 'execute') {
+    t.equal(core.reply(acts[1].exec, undefined), '{"return": {}, "id": [1]}\r\n');
+    t.equal(core.failure(acts[1].exec, 'Failed to find node with node-name=\'n0\''), '{"error": {"class": "GenericError", "desc": "Failed to find node with node-name=\'n0\'"}, "id": [1]}\r\n');
+  }
+  acts = core.push(Buffer.from('{"execute": "nope"} [1] {"execute": "quit", "bogus": 1}'));
+  t.same(
+    acts.map((a) => (a.type === 'send' ? JSON.parse(a.text).error.desc : a.exec.name)),
+    ['The command nope has not been found', 'QMP input must be a JSON object', "QMP input member 'bogus' is unexpected"],
+  );
+});
+
+t.test('property: arbitrary and damaged streams break no rule, and the session recovers', async (t) => {
+  let executed = 0;
+  let messages = 0;
+  fc.assert(
+    fc.property(qmpStreamArb, qmpScheduleArb, (stream, schedule) => {
+      const r = runQmpCore(stream, schedule);
+      executed += r.executed;
+      messages += r.actions.length;
+    }),
+    { seed: 2026, numRuns: 800 },
+  );
+  t.ok(executed > 150, `commands handed out: ${executed}`);
+  t.ok(messages > 2000, `replies and commands: ${messages}`);
+});
+
+t.test('property: how the bytes are cut does not change the replies', async (t) => {
+  fc.assert(
+    fc.property(qmpStreamArb, qmpScheduleArb, (stream, schedule) => {
+      const text = (acts: ReturnType<typeof runQmpCore>['actions']) => acts.map((a) => (a.type === 'send' ? a.text : `exec ${a.exec.name}`)).join('');
+      const whole = runQmpCore(stream, [stream.length + 1]);
+      const cut = runQmpCore(stream, schedule);
+      if (text(whole.actions) !== text(cut.actions)) throw new Error('different replies');
+    }),
+    { seed: 99, numRuns: 300 },
+  );
+  t.pass();
+});

@@ -96,3 +96,18 @@ export function runQmpCore(stream: Buffer, schedule: number[]): { actions: QmpAc
   if (after.length !== 1) throw new Error(`no reply to a valid command after the stream (${actions.length - before} actions)`);
   return { actions, executed };
 }
+
+/**
+ * Streams safe to throw at a running daemon: garbage, damaged JSON and only
+ * the query-* commands, so what the daemon does is never a legitimate change
+ * (a fuzzed 'quit' or 'blockdev-del' would be obeyed, and rightly).
+ */
+const QUERY_NAMES = QMP_COMMAND_NAMES.filter((n) => n.startsWith('query-'));
+const safeMessageArb = fc
+  .record({ execute: fc.constantFrom('qmp_capabilities', ...QUERY_NAMES, 'no-such-command'), arguments: fc.option(jsonValue, { nil: undefined, freq: 2 }), id: fc.option(jsonValue, { nil: undefined }) })
+  .map((m) => JSON.stringify(m));
+export const qmpSafeStreamArb: fc.Arbitrary<Buffer> = fc.oneof(
+  { weight: 3, arbitrary: fc.array(safeMessageArb, { maxLength: 8 }).map((ms) => Buffer.from(NEGOTIATE + ms.join(''))) },
+  { weight: 2, arbitrary: fc.array(fc.oneof(safeMessageArb, lexArb), { maxLength: 16 }).map((ms) => Buffer.from(ms.join(''))) },
+  { weight: 1, arbitrary: fc.uint8Array({ maxLength: 200 }).map((u) => Buffer.from(u)) },
+);

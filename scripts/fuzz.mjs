@@ -3,10 +3,11 @@
  * Long fuzz runs of the protocol cores, with the same generators and
  * properties as test/fuzz/ (src/fuzz/*.ts, built into dist/):
  *
- *   node scripts/fuzz.mjs --seconds 600 --target nbd|qmp|fuse|all [--seed N] [--out DIR]
+ *   node scripts/fuzz.mjs --seconds 600 --target nbd|qmp|fuse|client|all [--seed N] [--out DIR]
  *
  * Runs batches of fast-check runs, a new seed per batch, until the time is
- * up, and prints the seed and the counts. A failing input is shrunk and saved
+ * up, and prints the seed and the counts. Targets: nbd (the server core),
+ * qmp, fuse, client (the nbd driver's reply parser). A failing input is shrunk and saved
  * under --out (default ./fuzz-findings) as the exact bytes plus a JSON file
  * with the seed and the error, ready to become a regression test.
  * Exit status 1 if anything failed. Needs `npx tsc -p .` first.
@@ -22,7 +23,7 @@ const opt = (name, dflt) => {
   return i >= 0 ? args[i + 1] : dflt;
 };
 if (args.includes('--help')) {
-  console.log('usage: node scripts/fuzz.mjs [--seconds 60] [--target nbd|qmp|fuse|all] [--seed N] [--out DIR]');
+  console.log('usage: node scripts/fuzz.mjs [--seconds 60] [--target nbd|qmp|fuse|client|all] [--seed N] [--out DIR]');
   process.exit(0);
 }
 const seconds = Number(opt('seconds', '60'));
@@ -42,16 +43,15 @@ if (target === 'qmp' || target === 'all') {
   const m = await dist('qmp.js');
   targets.qmp = fc.property(m.qmpStreamArb, m.qmpScheduleArb, (stream, schedule) => void m.runQmpCore(stream, schedule));
 }
-if (target === 'fuse' || target === 'all') {
-  const file = path.join(root, 'dist', 'fuzz', 'fuse.js');
-  if (fs.existsSync(file)) {
-    const m = await dist('fuse.js');
-    targets.fuse = fc.property(m.fuseStreamArb, (stream) => void m.runFuseCore(stream));
-  } else if (target === 'fuse') {
-    throw new Error('no FUSE fuzz target in this build (dist/fuzz/fuse.js)');
-  }
+if (target === 'client' || target === 'all') {
+  const m = await dist('nbd-client.js');
+  targets.client = fc.property(m.clientStreamArb, m.clientScheduleArb, (input, schedule) => void m.runClientCore(input, schedule));
 }
-if (Object.keys(targets).length === 0) throw new Error(`--target: expected nbd, qmp, fuse or all, not '${target}'`);
+if (target === 'fuse' || target === 'all') {
+  const m = await dist('fuse.js');
+  targets.fuse = fc.property(m.fuseStreamArb, (input) => void m.runFuseCore(input));
+}
+if (Object.keys(targets).length === 0) throw new Error(`--target: expected nbd, qmp, fuse, client or all, not '${target}'`);
 
 console.log(`fuzz: targets ${Object.keys(targets).join(', ')}, ${seconds} s, first seed ${seed}`);
 const deadline = Date.now() + seconds * 1000;
@@ -65,11 +65,14 @@ while (Date.now() < deadline) {
     if (r.failed) {
       failures++;
       fs.mkdirSync(out, { recursive: true });
-      const [stream, schedule] = r.counterexample;
+      const [input, schedule] = r.counterexample;
       const base = path.join(out, `${name}-${seed}`);
-      fs.writeFileSync(`${base}.bin`, stream);
-      fs.writeFileSync(`${base}.json`, JSON.stringify({ target: name, seed, schedule, error: String(r.errorInstance?.message ?? r.error), bytesHex: Buffer.from(stream).toString('hex') }, null, 2) + '\n');
-      console.log(`fuzz: ${name} FAILED with seed ${seed}: ${r.errorInstance?.message ?? r.error}\n  input saved: ${base}.bin (${stream.length} bytes), ${base}.json`);
+      // nbd/qmp: one byte stream (and how it was cut); fuse: a mode and a list of kernel requests.
+      const hex = (b) => Buffer.from(b).toString('hex');
+      const saved = Buffer.isBuffer(input) ? { bytesHex: hex(input), schedule } : { mode: input.mode, requestsHex: input.requests.map(hex) };
+      if (Buffer.isBuffer(input)) fs.writeFileSync(`${base}.bin`, input);
+      fs.writeFileSync(`${base}.json`, JSON.stringify({ target: name, seed, error: String(r.errorInstance?.message ?? r.error), ...saved }, null, 2) + '\n');
+      console.log(`fuzz: ${name} FAILED with seed ${seed}: ${r.errorInstance?.message ?? r.error}\n  input saved: ${base}.json`);
     }
     if (Date.now() >= deadline) break;
   }

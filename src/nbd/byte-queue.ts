@@ -43,6 +43,22 @@ export class ByteQueue {
     return done;
   }
 
+  /** The next n bytes (n <= length) without taking them. */
+  peek(n: number): Buffer {
+    const first = this.chunks[0];
+    if (n === 0) return Buffer.alloc(0);
+    if (first.length - this.head >= n) return first.subarray(this.head, this.head + n);
+    const out = Buffer.allocUnsafe(n);
+    let done = 0;
+    for (let i = 0, at = this.head; done < n; i++, at = 0) {
+      const c = this.chunks[i];
+      const k = Math.min(n - done, c.length - at);
+      c.copy(out, done, at, at + k);
+      done += k;
+    }
+    return out;
+  }
+
   /** Whether the next n bytes (n <= length) lie inside one chunk. */
   contiguous(n: number): boolean {
     return n === 0 || this.chunks[0].length - this.head >= n;

@@ -27,6 +27,7 @@ import { logEvent } from '../log.js';
 import { int, str } from '../qapi/schema.js';
 import type { TlsCreds } from '../objects/tls-creds.js';
 import { ByteQueue } from './byte-queue.js';
+import { type ClientEvent, type ClientRequest, NbdClientCore } from './client-core.js';
 import * as P from './protocol.js';
 import { SOCKET_ADDRESS, unixSocketPath } from './server.js';
 
@@ -189,6 +190,11 @@ class Reader {
     return this.queue.length;
   }
 
+  /** Takes everything buffered (the handshake is over; the rest is replies). */
+  drain(): Buffer {
+    return this.queue.take(this.queue.length);
+  }
+
   async take(n: number): Promise<Buffer> {
     await this.wait(n);
     return this.queue.take(n);
@@ -212,15 +218,8 @@ class Reader {
   }
 }
 
-interface Request {
-  type: number;
-  offset: number;
-  length: number;
-  /** READ: where the data goes. */
-  buf?: Buffer;
-  /** BLOCK_STATUS: the extents of base:allocation, [length, flags] pairs. */
-  extents?: number[];
-  error?: VdiskError;
+/** A request in flight: what the reply parser needs (ClientRequest) and who waits for it. */
+interface Request extends ClientRequest {
   resolve: () => void;
   reject: (err: VdiskError) => void;
 }
@@ -272,7 +271,10 @@ export class NbdClientNode extends BlockNode {
   private metaContextId: number | undefined;
   private socket!: net.Socket;
   private readonly reader = new Reader();
-  private readonly requests = new Map<number, Request>();
+  /** Parses replies once the handshake is over (client-core.ts) and holds the requests in flight. */
+  private readonly core = new NbdClientCore();
+  private transmitting = false;
+  private lost = false;
   private nextCookie = 1;
   /** Set once the connection is unusable; every request then fails with it. */
   private broken: VdiskError | undefined;
@@ -359,10 +361,13 @@ export class NbdClientNode extends BlockNode {
       clearTimeout(timer);
     }
     logEvent('debug', 'nbd-client-connected', { uri: this.filename, size: this.length, structured: this.structured, blockStatus: this.hasBlockStatus });
-    void this.replyLoop();
+    // From here on the socket carries replies: what the handshake left unread is their start.
+    this.transmitting = true;
+    const rest = this.reader.drain();
+    if (rest.length) this.onReplies(rest);
   }
 
-  private readonly onSocketData = (chunk: Buffer) => this.reader.push(chunk);
+  private readonly onSocketData = (chunk: Buffer) => (this.transmitting ? this.onReplies(chunk) : this.reader.push(chunk));
   private readonly onSocketError = (err: Error) => this.connectionLost(err.message);
   private readonly onSocketClose = () => this.connectionLost('the server closed the connection');
 
@@ -544,6 +549,8 @@ export class NbdClientNode extends BlockNode {
     this.exportFlags = info.flags & P.NBD_FLAG_HAS_FLAGS ? info.flags : 0;
     this.structured = info.structured;
     this.metaContextId = info.metaContextId;
+    this.core.structured = info.structured;
+    this.core.metaContextId = info.metaContextId;
     this.readOnly = (options.readOnly ?? false) || (this.exportFlags & P.NBD_FLAG_READ_ONLY) !== 0;
     this.nativeFua = (this.exportFlags & P.NBD_FLAG_SEND_FUA) !== 0;
     const isPow2 = (n: number) => n > 0 && (n & (n - 1)) === 0;
@@ -561,26 +568,24 @@ export class NbdClientNode extends BlockNode {
     if (this.broken) return;
     this.broken = new VdiskError('EIO', `NBD connection to '${this.filename}' lost: ${reason}`);
     this.reader.fail(this.broken);
-    const pending = [...this.requests.values()];
-    this.requests.clear();
+    this.lost = true;
+    const pending = this.core.takeAll() as Request[];
     for (const r of pending) r.reject(this.broken);
     if (!this.isClosed && pending.length) logEvent('warn', 'nbd-client-disconnected', { uri: this.filename, reason, failedRequests: pending.length });
   }
 
   /** A reply the protocol does not allow: hang up (the spec's "hard disconnect"). */
-  private protocolError(message: string): never {
-    const err = new VdiskError('EIO', `NBD protocol error from '${this.filename}': ${message}`);
+  private protocolError(message: string): void {
     logEvent('warn', 'nbd-client-protocol-error', { uri: this.filename, error: message });
     this.connectionLost(message);
     this.socket.destroy();
-    throw err;
   }
 
   private allocCookie(): number {
     for (;;) {
       const c = this.nextCookie;
       this.nextCookie = this.nextCookie >= 0xffffffff ? 1 : this.nextCookie + 1;
-      if (!this.requests.has(c)) return c;
+      if (!this.core.has(c)) return c;
     }
   }
 
@@ -590,7 +595,7 @@ export class NbdClientNode extends BlockNode {
     const cookie = this.allocCookie();
     return new Promise<Request>((resolve, reject) => {
       const req: Request = { type, offset, length, buf, resolve: () => resolve(req), reject };
-      this.requests.set(cookie, req);
+      this.core.add(cookie, req);
       const h = Buffer.allocUnsafe(28);
       h.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
       h.writeUInt16BE(flags, 4);
@@ -605,108 +610,23 @@ export class NbdClientNode extends BlockNode {
     });
   }
 
-  /** Reads replies until the connection ends; each completes the request its cookie names. */
-  private async replyLoop(): Promise<void> {
-    try {
-      for (;;) {
-        const magic = (await this.reader.take(4)).readUInt32BE(0);
-        if (magic === P.NBD_SIMPLE_REPLY_MAGIC) await this.simpleReply();
-        else if (magic === P.NBD_STRUCTURED_REPLY_MAGIC) await this.structuredChunk();
-        else this.protocolError(`bad reply magic 0x${magic.toString(16)}`);
-      }
-    } catch {
-      // connectionLost has failed every request; nothing more to read.
+  /** Reply bytes: each reply the core completes settles the request its cookie names. */
+  private onReplies(chunk: Buffer): void {
+    // After a connection loss nothing is read (a close by doClose still reads the last replies).
+    if (this.lost) return;
+    for (const e of this.core.push(chunk) as ClientEvent[]) {
+      if (e.type === 'protocol-error') return this.protocolError(e.message);
+      const req = e.req as Request;
+      if (req.error) req.reject(this.serverError(req, req.error.code, req.error.message));
+      else if (req.localError) req.reject(new VdiskError('EIO', req.localError));
+      else req.resolve();
     }
-  }
-
-  private lookup(hi: number, lo: number): Request {
-    const req = hi === 0 ? this.requests.get(lo) : undefined;
-    if (!req) this.protocolError(`reply for unknown cookie ${hi}:${lo}`);
-    return req;
-  }
-
-  private finish(cookie: number, req: Request): void {
-    this.requests.delete(cookie);
-    if (req.error) req.reject(req.error);
-    else req.resolve();
   }
 
   private serverError(req: Request, code: number, message: string): VdiskError {
     const errno = errnoFromNbd(code);
     const what = P.CMD_NAMES[req.type] ?? String(req.type);
     return new VdiskError(errno, `NBD ${what} at ${req.offset} (${req.length} bytes) failed on the server: ${message || errno}`);
-  }
-
-  private async simpleReply(): Promise<void> {
-    const h = await this.reader.take(12);
-    const error = h.readUInt32BE(0);
-    const hi = h.readUInt32BE(4);
-    const lo = h.readUInt32BE(8);
-    const req = this.lookup(hi, lo);
-    if (error !== 0) req.error = this.serverError(req, error, '');
-    else if (req.type === P.NBD_CMD_READ) await this.reader.readInto(req.buf!, 0, req.length);
-    else if (req.type === P.NBD_CMD_BLOCK_STATUS) req.error = new VdiskError('EIO', 'the server answered NBD_CMD_BLOCK_STATUS with a simple reply');
-    this.finish(lo, req);
-  }
-
-  private async structuredChunk(): Promise<void> {
-    const h = await this.reader.take(16);
-    const flags = h.readUInt16BE(0);
-    const type = h.readUInt16BE(2);
-    const hi = h.readUInt32BE(4);
-    const lo = h.readUInt32BE(8);
-    const length = h.readUInt32BE(12);
-    if (!this.structured) this.protocolError('structured reply without negotiation');
-    const req = this.lookup(hi, lo);
-    switch (type) {
-      case P.NBD_REPLY_TYPE_NONE:
-        if (length !== 0 || !(flags & P.NBD_REPLY_FLAG_DONE)) this.protocolError('bad NBD_REPLY_TYPE_NONE chunk');
-        break;
-      case P.NBD_REPLY_TYPE_OFFSET_DATA: {
-        if (req.type !== P.NBD_CMD_READ || length < 9) this.protocolError('unexpected NBD_REPLY_TYPE_OFFSET_DATA chunk');
-        const offset = u64(await this.reader.take(8), 0);
-        const n = length - 8;
-        if (offset < req.offset || offset + n > req.offset + req.length) this.protocolError('data chunk outside the request');
-        await this.reader.readInto(req.buf!, offset - req.offset, n);
-        break;
-      }
-      case P.NBD_REPLY_TYPE_OFFSET_HOLE: {
-        if (req.type !== P.NBD_CMD_READ || length !== 12) this.protocolError('unexpected NBD_REPLY_TYPE_OFFSET_HOLE chunk');
-        const b = await this.reader.take(12);
-        const offset = u64(b, 0);
-        const n = b.readUInt32BE(8);
-        if (n === 0 || offset < req.offset || offset + n > req.offset + req.length) this.protocolError('hole chunk outside the request');
-        req.buf!.fill(0, offset - req.offset, offset - req.offset + n);
-        break;
-      }
-      case P.NBD_REPLY_TYPE_BLOCK_STATUS: {
-        if (req.type !== P.NBD_CMD_BLOCK_STATUS || length < 12 || (length - 4) % 8 !== 0) this.protocolError('unexpected NBD_REPLY_TYPE_BLOCK_STATUS chunk');
-        const b = await this.reader.take(length);
-        if (b.readUInt32BE(0) !== this.metaContextId) break;
-        const extents: number[] = [];
-        for (let at = 4; at < length; at += 8) {
-          const n = b.readUInt32BE(at);
-          if (n === 0) this.protocolError('block status extent of length 0');
-          extents.push(n, b.readUInt32BE(at + 4));
-        }
-        req.extents = extents;
-        break;
-      }
-      default: {
-        if (!(type & 0x8000)) this.protocolError(`unknown structured reply type ${type}`);
-        if (length < 6) this.protocolError('error chunk too short');
-        const e = await this.reader.take(6);
-        const code = e.readUInt32BE(0);
-        const msgLength = e.readUInt16BE(4);
-        if (msgLength > length - 6) this.protocolError('error message longer than its chunk');
-        const message = (await this.reader.take(msgLength)).toString('utf8');
-        await this.reader.skip(length - 6 - msgLength);
-        if (code === 0) this.protocolError('error chunk with error 0');
-        req.error ??= this.serverError(req, code, message);
-        break;
-      }
-    }
-    if (flags & P.NBD_REPLY_FLAG_DONE) this.finish(lo, req);
   }
 
   // ---- driver hooks -----------------------------------------------------------------

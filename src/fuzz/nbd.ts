@@ -264,6 +264,19 @@ export function runNbdCore(stream: Buffer, schedule: number[], server: NbdCoreSe
   }
   while (outstanding.length > 0) completeOne(step++);
   if (core.needs > 0 && core.buffered >= core.needs) throw new Error(`hang: ${core.buffered} bytes buffered, ${core.needs} would do`);
+  // Every request header parsed in transmission (but DISC) got exactly one final reply: nothing
+  // received is left unanswered, nothing is answered twice. (In this harness each reply is one send.)
+  const start = actions.findIndex((a) => a.type === 'transmission');
+  if (start >= 0) {
+    const headers = core.answerable;
+    let finals = 0;
+    for (const a of actions.slice(start)) {
+      if (a.type !== 'send') continue;
+      const magic = a.data.readUInt32BE(0);
+      if (magic === P.NBD_SIMPLE_REPLY_MAGIC || (magic === P.NBD_STRUCTURED_REPLY_MAGIC && a.data.readUInt16BE(4) & P.NBD_REPLY_FLAG_DONE)) finals++;
+    }
+    if (finals !== headers) throw new Error(`${headers} requests received, ${finals} answered`);
+  }
   const sent = Buffer.concat(actions.flatMap((a) => (a.type === 'send' ? [a.data] : [])));
   return { actions, sent, requests, ended: core.ended };
 }

@@ -22,7 +22,7 @@ const jsonValue: fc.Arbitrary<unknown> = fc.letrec((tie) => ({
     fc.string({ maxLength: 12 }),
     fc.integer(),
     fc.array(tie('v'), { maxLength: 3 }),
-    fc.dictionary(fc.constantFrom('node-name', 'driver', 'id', 'name', 'size', 'file', 'filename', 'enable', 'x'), tie('v'), { maxKeys: 4 }),
+    fc.dictionary(fc.constantFrom('node-name', 'driver', 'id', 'name', 'size', 'file', 'filename', 'enable', 'x', '__proto__', 'constructor'), tie('v'), { maxKeys: 4 }),
   ),
 })).v;
 

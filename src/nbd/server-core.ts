@@ -135,6 +135,7 @@ export class NbdServerCore {
   private _meta: MetaSelection | undefined;
   private _metaBaseOnly = false;
   private _inFlight = 0;
+  private _answerable = 0;
   private inFlightBytes = 0;
   private readonly requestCounts: number[] = P.CMD_NAMES.map(() => 0);
   private readonly requestBytes: number[] = P.CMD_NAMES.map(() => 0);
@@ -176,6 +177,10 @@ export class NbdServerCore {
   /** Only base:allocation: block status may take the path that allocates no more than it must. */
   get metaBaseOnly(): boolean {
     return this._metaBaseOnly;
+  }
+  /** Requests fully received that must each get one reply (all but DISC, known command or not). */
+  get answerable(): number {
+    return this._answerable;
   }
   get inFlight(): number {
     return this._inFlight;
@@ -693,10 +698,13 @@ export class NbdServerCore {
       this.requestCounts[type]++;
       this.requestBytes[type] += length;
     }
+    // A WRITE counts once its payload is in (or it is refused); DISC has no reply.
+    if (type !== P.NBD_CMD_DISC && type !== P.NBD_CMD_WRITE) this._answerable++;
 
     if (type === P.NBD_CMD_WRITE) {
       const error = this.validate(type, flags, offsetHi, offset, length);
       if (error) {
+        this._answerable++;
         this.replyError(cookieHi, cookieLo, error.code, error.message, type);
         if (length > P.NBD_MAX_PAYLOAD) throw new Error(`write of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit`);
         this.skipRemaining = length;
@@ -767,6 +775,7 @@ export class NbdServerCore {
   }
 
   private doWrite(cookieHi: number, cookieLo: number, flags: number, offset: number, buf: Buffer): void {
+    this._answerable++;
     this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, bytes: buf.length });
   }
 

@@ -19,6 +19,9 @@ import { EXPORT_SIZE, nbdStreamArb } from '../../src/fuzz/nbd.js';
 import { qmpSafeStreamArb } from '../../src/fuzz/qmp.js';
 
 const MiB = 1024 * 1024;
+/** Connections per protocol; VDISK_FUZZ_SCALE=10 makes a longer run of the same test by hand. */
+const SCALE = Number(process.env.VDISK_FUZZ_SCALE ?? 1);
+const SEED = Number(process.env.VDISK_FUZZ_SEED ?? 1300);
 const sha = (f: string) => createHash('sha256').update(fs.readFileSync(f)).digest('hex');
 
 /** Sends a stream in a few writes, half-closes, and waits (bounded) for the daemon to close. */
@@ -49,7 +52,7 @@ function throwAt(socketPath: string, stream: Buffer, cuts: number[]): Promise<vo
 
 t.test('random and damaged streams on the NBD and QMP sockets', async (t) => {
   requireTool(t, 'nbdinfo');
-  t.setTimeout(120_000);
+  t.setTimeout(120_000 * SCALE);
   const dir = tempDir(t);
   const rwFile = path.join(dir, 'rw.img');
   const roFile = path.join(dir, 'ro.img');
@@ -76,11 +79,11 @@ t.test('random and damaged streams on the NBD and QMP sockets', async (t) => {
     ],
   });
 
-  const nbdStreams = fc.sample(fc.tuple(nbdStreamArb, fc.array(fc.integer({ min: 1, max: 20 }), { minLength: 1, maxLength: 6 })), { seed: 1300, numRuns: 240 });
+  const nbdStreams = fc.sample(fc.tuple(nbdStreamArb, fc.array(fc.integer({ min: 1, max: 20 }), { minLength: 1, maxLength: 6 })), { seed: SEED, numRuns: 240 * SCALE });
   for (let i = 0; i < nbdStreams.length; i += 12) {
     await Promise.all(nbdStreams.slice(i, i + 12).map(([s, cuts]) => throwAt(d.socket, s, cuts)));
   }
-  const qmpStreams = fc.sample(fc.tuple(qmpSafeStreamArb, fc.array(fc.integer({ min: 1, max: 20 }), { minLength: 1, maxLength: 6 })), { seed: 1301, numRuns: 120 });
+  const qmpStreams = fc.sample(fc.tuple(qmpSafeStreamArb, fc.array(fc.integer({ min: 1, max: 20 }), { minLength: 1, maxLength: 6 })), { seed: SEED + 1, numRuns: 120 * SCALE });
   for (let i = 0; i < qmpStreams.length; i += 12) {
     await Promise.all(qmpStreams.slice(i, i + 12).map(([s, cuts]) => throwAt(qmp, s, cuts)));
   }

@@ -34,6 +34,18 @@ t.test('a valid session, line for line', async (t) => {
   );
 });
 
+t.test('keys that are Object.prototype names are only names', async (t) => {
+  // JSON objects are built as plain objects: '__proto__' must stay a key (never a prototype that
+  // would lend a command arguments it was not given) and 'constructor' is just an unknown member.
+  const core = qmpCore();
+  core.push(Buffer.from('{"execute": "qmp_capabilities"}'));
+  const desc = (s: string) => core.push(Buffer.from(s)).map((a) => (a.type === 'send' ? JSON.parse(a.text).error?.desc : `exec ${a.exec.name}`));
+  t.same(desc('{"execute": "blockdev-del", "arguments": {"__proto__": {"node-name": "n0"}}}'), ["Parameter 'node-name' is missing"]);
+  t.same(desc('{"__proto__": {"execute": "quit"}}'), ["QMP input member '__proto__' is unexpected"]);
+  t.same(desc('{"execute": "blockdev-del", "arguments": {"node-name": "n0", "constructor": 1}}'), ["Parameter 'constructor' is unexpected"]);
+  t.same(desc('{"execute": "hasOwnProperty"}'), ['The command hasOwnProperty has not been found']);
+});
+
 t.test('property: arbitrary and damaged streams break no rule, and the session recovers', async (t) => {
   let executed = 0;
   let messages = 0;

@@ -155,6 +155,55 @@ t.test('meta contexts: SET then BLOCK_STATUS', async (t) => {
   t.equal(r.readUInt16BE(32 + 4), P.NBD_REPLY_FLAG_DONE, 'last DONE');
 });
 
+t.test('handshake refusals, byte for byte', async (t) => {
+  const core = new NbdServerCore(fakeServer());
+  core.greeting();
+  core.push(clientFlags());
+  const refusal = (opt: number, type: number, msg: string) => optReply(opt, type, Buffer.from(msg));
+  t.same(sent(core.push(option(99, Buffer.from('x')))), refusal(99, P.NBD_REP_ERR_UNSUP, 'option 99 not supported'));
+  t.same(sent(core.push(option(P.NBD_OPT_LIST, Buffer.from('x')))), refusal(P.NBD_OPT_LIST, P.NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data'));
+  t.same(sent(core.push(option(P.NBD_OPT_STARTTLS))), refusal(P.NBD_OPT_STARTTLS, P.NBD_REP_ERR_POLICY, 'TLS not configured'));
+  t.same(sent(core.push(option(P.NBD_OPT_GO, goData('nope')))), refusal(P.NBD_OPT_GO, P.NBD_REP_ERR_UNKNOWN, "export 'nope' not present"));
+  // Declared far too long: refused at once, then its data is skipped unread as it arrives.
+  t.same(sent(core.push(option(P.NBD_OPT_INFO, Buffer.alloc(0), 100000))), refusal(P.NBD_OPT_INFO, P.NBD_REP_ERR_TOO_BIG, 'option data of 100000 bytes is too long'));
+  t.same(core.push(Buffer.alloc(99999)), []);
+  t.equal(core.needs, 1, 'one byte of it still to skip');
+  core.push(Buffer.alloc(1));
+  // INFO on an export wanting 512-byte alignment from a client that did not ask for block sizes.
+  const acts = sent(core.push(option(P.NBD_OPT_INFO, goData('al'))));
+  const want = refusal(P.NBD_OPT_INFO, P.NBD_REP_ERR_BLOCK_SIZE_REQD, "request NBD_INFO_BLOCK_SIZE to use export 'al'");
+  t.same(acts.subarray(acts.length - want.length), want, 'after the INFO replies: BLOCK_SIZE_REQD');
+  const list = sent(core.push(option(P.NBD_OPT_LIST)));
+  t.equal(list.length, 3 * (20 + 4 + 2 + 'xx export'.length) + 20, 'LIST: three exports with descriptions, then ACK');
+  const abort = core.push(option(P.NBD_OPT_ABORT));
+  t.same(
+    abort.map((a) => a.type),
+    ['send', 'end'],
+  );
+  t.same(core.push(option(P.NBD_OPT_GO, goData('rw'))), [], 'nothing after ABORT');
+});
+
+t.test('oldstyle EXPORT_NAME: size, flags and the 124 zero bytes unless NO_ZEROES', async (t) => {
+  for (const noZeroes of [false, true]) {
+    const core = new NbdServerCore(fakeServer());
+    core.greeting();
+    core.push(clientFlags(P.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? P.NBD_FLAG_C_NO_ZEROES : 0)));
+    const acts = core.push(option(P.NBD_OPT_EXPORT_NAME, Buffer.from('rw')));
+    const b = sent(acts);
+    t.equal(b.length, noZeroes ? 10 : 134);
+    t.equal(b.readBigUInt64BE(0), BigInt(EXPORT_SIZE));
+    t.equal(b.readUInt16BE(8), 0x1 | 0x4 | 0x8 | 0x20 | 0x40 | 0x100 | 0x400 | 0x800, 'writable: trim, write zeroes, fast zero; no DF without structured replies');
+    t.equal(acts.at(-1)?.type, 'transmission');
+  }
+  const core = new NbdServerCore(fakeServer());
+  core.greeting();
+  core.push(clientFlags());
+  t.match(core.push(option(P.NBD_OPT_EXPORT_NAME, Buffer.from('nope'))), [{ type: 'end', reason: 'protocol-error', message: "client asked for unknown export 'nope' with NBD_OPT_EXPORT_NAME" }]);
+  const bad = new NbdServerCore(fakeServer());
+  bad.greeting();
+  t.match(bad.push(Buffer.from('GET / HTTP/1.1\r\n')), [{ type: 'end', reason: 'protocol-error', message: 'unknown client flags 0x47455420' }]);
+});
+
 t.test('property: arbitrary and damaged streams break no rule', async (t) => {
   let requests = 0;
   let writes = 0;

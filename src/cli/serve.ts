@@ -13,12 +13,13 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Daemon } from '../daemon.js';
 import { VdiskError } from '../errors.js';
-import { LOG_LEVELS, type LogLevel, flushLog, logEvent, setLogFormat, setLogLevel } from '../log.js';
+import { LOG_LEVELS, type LogFormat, type LogLevel, flushLog, logEvent, setLogFormat, setLogLevel } from '../log.js';
 import { checkNbdServerOptions } from '../nbd/server.js';
 import { parseOptionArg } from '../qapi/keyval.js';
 import { parseSize } from '../qapi/schema.js';
 import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
+import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyStopping } from '../systemd.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
@@ -45,7 +46,9 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --port PORT         TCP port of the embedded default (default: 10809)
   --pidfile FILE      write the process id here once serving
   --log-level LEVEL   error, warn, info (default) or debug
-  --log-format FMT    json or human (default: human on a terminal, else json)
+  --log-format FMT    json, human or journal (JSON with sd-daemon <N> priority prefixes;
+                      the default when stderr is journald's stream, JOURNAL_STREAM)
+                      (default: human on a terminal, else json)
 `;
 
 const DEFAULT_PORT = 10809;
@@ -83,9 +86,13 @@ export async function serveCommand(argv: string[]): Promise<number> {
     setLogLevel(values['log-level'] as LogLevel);
   }
   if (values['log-format'] !== undefined) {
-    if (values['log-format'] !== 'json' && values['log-format'] !== 'human') throw new VdiskError('EINVAL', '--log-format: expected json or human');
-    setLogFormat(values['log-format']);
+    if (!['json', 'human', 'journal'].includes(values['log-format'])) throw new VdiskError('EINVAL', '--log-format: expected json, human or journal');
+    setLogFormat(values['log-format'] as LogFormat);
   }
+
+  // Read once, before anything else, and taken out of the environment (see src/systemd.ts).
+  initListenFds();
+  initNotify();
 
   // One failed promise nobody awaited must not take every export down: log it and keep serving.
   process.on('unhandledRejection', (err) => logEvent('error', 'internal-error', { error: (err as Error)?.stack ?? String(err) }));
@@ -103,6 +110,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     if (explicit) await setUpFromOptions(daemon, values.object ?? [], values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
     else await setUpDefault(daemon, values['data-dir'] ?? 'vdisk-data', values.size, values.port);
     for (const text of values.qmp ?? []) await withLabel('--qmp', text, () => qmp.listen(parseQmpAddress(text)));
+    checkListenFdsUsed();
   } catch (err) {
     await qmp.close().catch(() => undefined);
     await daemon.shutdown().catch(() => undefined);
@@ -111,6 +119,9 @@ export async function serveCommand(argv: string[]): Promise<number> {
 
   if (pidfile) fs.writeFileSync(pidfile, `${process.pid}\n`);
   printEndpoints(daemon, qmp, !explicit);
+  // Only now: every listener and mount is up and the pidfile written, so whatever systemd starts
+  // after us (After=vdisk@x.service) finds the daemon answering.
+  notify(`READY=1\nSTATUS=${servingStatus(daemon, qmp)}\nMAINPID=${process.pid}`);
 
   await waitForStop(daemon, qmp);
   if (pidfile) fs.rmSync(pidfile, { force: true });
@@ -278,6 +289,17 @@ function printEndpoints(daemon: Daemon, qmp: QmpServer, isDefault: boolean): voi
   process.stdout.write(lines.join('\n') + '\n');
 }
 
+/** One line for `systemctl status`: what is served, where. */
+function servingStatus(daemon: Daemon, qmp: QmpServer): string {
+  const exports = daemon.exports.list();
+  const names = exports.map((e) => e.id);
+  const parts = [`serving ${exports.length} export${exports.length === 1 ? '' : 's'}${names.length ? ` (${names.slice(0, 4).join(', ')}${names.length > 4 ? ', ...' : ''})` : ''}`];
+  const nbd = daemon.nbdServer?.endpoints ?? [];
+  if (nbd.length) parts.push(`NBD on ${nbd.join(' ')}`);
+  if (qmp.endpoints.length) parts.push(`QMP on ${qmp.endpoints.join(' ')}`);
+  return parts.join('; ');
+}
+
 function formatSize(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
   let i = 0;
@@ -303,6 +325,7 @@ function waitForStop(daemon: Daemon, qmp: QmpServer): Promise<void> {
       }
       stopping = true;
       logEvent('info', 'stop-requested', why);
+      notifyStopping(`stopping (${why.signal ?? 'QMP quit'}): finishing requests in flight and flushing`);
       qmp
         .close()
         .then(() => daemon.shutdown())

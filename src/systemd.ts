@@ -173,7 +173,7 @@ export function checkSocketDirectory(socketPath: string, who: string): void {
 export function unixSocketPathOfFd(fd: number): string | undefined {
   try {
     const ino = String(fs.fstatSync(fd).ino);
-    for (const line of fs.readFileSync('/proc/net/unix', 'utf8').split('\n').slice(1)) {
+    for (const line of fs.readFileSync('/proc/self/net/unix', 'utf8').split('\n').slice(1)) {
       const cols = line.trim().split(/\s+/);
       if (cols[6] === ino && cols[7]) return cols[7];
     }

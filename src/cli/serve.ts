@@ -19,6 +19,7 @@ import { parseOptionArg } from '../qapi/keyval.js';
 import { parseSize } from '../qapi/schema.js';
 import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
+import { type Chardev, daemonize, parseChardev, parseMonitor, reportDaemonError, reportDaemonReady, takeDaemonizeStatus } from './qsd-options.js';
 import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyStopping } from '../systemd.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
@@ -37,14 +38,22 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --nbd-server OPTS   listen for NBD clients, e.g. addr.type=unix,addr.path=/run/vdisk.sock
                       (repeat to listen on several addresses); tls-creds=ID makes clients
                       use TLS, tls-authz=ID says which of them may connect
-  --qmp ADDR          QMP control port: unix:PATH (created mode 0600) or tcp:HOST:PORT
+  --qmp ADDR          QMP control port: unix:PATH (created mode 0600), tcp:HOST:PORT
+                      or fd:NAME (a socket systemd passed, by LISTEN_FDNAMES name or number)
                       (loopback only); repeat for several
   --config FILE       one JSON document: {"object": [...], "blockdev": [...], "nbd-server": [...],
                       "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
   --size SIZE         size of a new default disk (default: 10G)
   --port PORT         TCP port of the embedded default (default: 10809)
-  --pidfile FILE      write the process id here once serving
+  --pidfile FILE      write the process id here once serving (removed at stop)
+  --chardev socket,id=ID,path=PATH,server=on,wait=off
+                      a socket for --monitor (qemu-storage-daemon's syntax; also
+                      host=HOST,port=PORT on loopback, or fd=N|NAME)
+  --monitor [chardev=]ID[,mode=control][,pretty=on|off]
+                      a QMP monitor on that chardev (as --qmp)
+  --daemonize         run in the background; the command exits 0 once serving
+                      (pidfile written), or 1 with the error that stopped it
   --log-level LEVEL   error, warn, info (default) or debug
   --log-format FMT    json, human or journal (JSON with sd-daemon <N> priority prefixes;
                       the default when stderr is journald's stream, JOURNAL_STREAM)
@@ -55,6 +64,17 @@ const DEFAULT_PORT = 10809;
 const DEFAULT_SIZE = 10 * 1024 ** 3;
 
 export async function serveCommand(argv: string[]): Promise<number> {
+  // In a --daemonize child, every start-up error goes to the waiting parent: stderr is /dev/null.
+  const daemonChild = takeDaemonizeStatus();
+  try {
+    return await serve(argv, daemonChild);
+  } catch (err) {
+    reportDaemonError((err as Error).message);
+    throw err;
+  }
+}
+
+async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -67,6 +87,9 @@ export async function serveCommand(argv: string[]): Promise<number> {
       port: { type: 'string' },
       pidfile: { type: 'string' },
       qmp: { type: 'string', multiple: true },
+      chardev: { type: 'string', multiple: true },
+      monitor: { type: 'string', multiple: true },
+      daemonize: { type: 'boolean' },
       config: { type: 'string' },
       'log-level': { type: 'string' },
       'log-format': { type: 'string' },
@@ -90,6 +113,16 @@ export async function serveCommand(argv: string[]): Promise<number> {
     setLogFormat(values['log-format'] as LogFormat);
   }
 
+  // qemu-storage-daemon's monitors: checked before anything starts, as every other option.
+  const chardevs = new Map<string, Chardev>();
+  for (const text of values.chardev ?? []) {
+    const c = parseChardev(text);
+    if (chardevs.has(c.id)) throw new VdiskError('EEXIST', `--chardev ${text}: attempt to add duplicate property '${c.id}' to object (type 'container')`);
+    chardevs.set(c.id, c);
+  }
+  const monitors = (values.monitor ?? []).map((text) => ({ text, ...parseMonitor(text, chardevs) }));
+  if (values.daemonize && !daemonChild) return daemonize(argv);
+
   // Read once, before anything else, and taken out of the environment (see src/systemd.ts).
   initListenFds();
   initNotify();
@@ -102,30 +135,47 @@ export async function serveCommand(argv: string[]): Promise<number> {
   process.on('SIGHUP', () => logEvent('info', 'signal-ignored', { signal: 'SIGHUP', why: 'vdisk stops on SIGTERM, SIGINT or QMP quit' }));
   const daemon = new Daemon();
   const config = values.config === undefined ? undefined : readConfig(values.config);
-  const explicit = values.object || values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
-  const pidfile = values.pidfile ?? (config?.pidfile as string | undefined);
+  const explicit = values.object || values.blockdev || values.export || values['nbd-server'] || values.qmp || values.chardev || values.monitor || config;
+  const pidfileArg = values.pidfile ?? (config?.pidfile as string | undefined);
+  // Absolute: a daemonized vdisk moves to / once serving, and removes its pidfile at stop.
+  const pidfile = pidfileArg === undefined ? undefined : path.resolve(pidfileArg);
   const qmp = new QmpServer(daemon, QMP_COMMANDS);
   try {
     if (config) await setUpFromConfig(daemon, qmp, values.config!, config);
     if (explicit) await setUpFromOptions(daemon, values.object ?? [], values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
     else await setUpDefault(daemon, values['data-dir'] ?? 'vdisk-data', values.size, values.port);
     for (const text of values.qmp ?? []) await withLabel('--qmp', text, () => qmp.listen(parseQmpAddress(text)));
+    for (const m of monitors) {
+      const addr = chardevs.get(m.chardev)!.addr;
+      await withLabel('--monitor', m.text, () => qmp.listen(addr, false, { pretty: m.pretty }));
+    }
     checkListenFdsUsed();
+    if (pidfile) writePidfile(pidfile);
   } catch (err) {
     await qmp.close().catch(() => undefined);
     await daemon.shutdown().catch(() => undefined);
     throw err;
   }
 
-  if (pidfile) fs.writeFileSync(pidfile, `${process.pid}\n`);
   printEndpoints(daemon, qmp, !explicit);
   // Only now: every listener and mount is up and the pidfile written, so whatever systemd starts
   // after us (After=vdisk@x.service) finds the daemon answering.
   notify(`READY=1\nSTATUS=${servingStatus(daemon, qmp)}\nMAINPID=${process.pid}`);
+  reportDaemonReady();
 
   await waitForStop(daemon, qmp);
   if (pidfile) fs.rmSync(pidfile, { force: true });
   return 0;
+}
+
+/** Written once every listener is up, so a script that waits for the file finds a daemon that answers. */
+function writePidfile(file: string): void {
+  try {
+    fs.writeFileSync(file, `${process.pid}\n`);
+  } catch (err) {
+    // qemu-storage-daemon's wording.
+    throw new VdiskError('EIO', `cannot create PID file: Could not create '${file}': ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'No such file or directory' : (err as Error).message}`);
+  }
 }
 
 /** --config FILE: one JSON document with the same objects as the options. */

@@ -86,17 +86,17 @@ export class QmpServer {
   }
 
   /** Listens on an address; a unix socket is created with mode 0600 (only its owner may control the daemon). */
-  async listen(addr: QmpAddress, allowRemote = false): Promise<net.Server> {
+  async listen(addr: QmpAddress, allowRemote = false, options: { pretty?: boolean } = {}): Promise<net.Server> {
     if (addr.type === 'fd') {
       // Several sockets may share one name (one .socket unit): listen on each.
       let last: net.Server | undefined;
-      for (const fd of takeListenFds(addr.str, `--qmp fd:${addr.str}`)) last = await this.listenFd(fd);
+      for (const fd of takeListenFds(addr.str, `--qmp fd:${addr.str}`)) last = await this.listenFd(fd, options.pretty === true);
       return last!;
     }
     if (addr.type === 'inet' && !allowRemote && !isLoopback(addr.host)) {
       throw new VdiskError('EPERM', `--qmp: refusing to listen on ${addr.host}: QMP has no authentication; use a loopback address or a unix socket`);
     }
-    const server = net.createServer((socket) => this.accept(socket));
+    const server = net.createServer((socket) => this.accept(socket, options.pretty === true));
     if (addr.type === 'unix') {
       checkSocketDirectory(addr.path, '--qmp');
       await removeStaleSocket(addr.path);
@@ -121,8 +121,8 @@ export class QmpServer {
   }
 
   /** A socket passed by systemd: its mode and owner are the .socket unit's (SocketMode=), its file is not ours to remove. */
-  private async listenFd(fd: number): Promise<net.Server> {
-    const server = net.createServer((socket) => this.accept(socket));
+  private async listenFd(fd: number, pretty: boolean): Promise<net.Server> {
+    const server = net.createServer((socket) => this.accept(socket, pretty));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err) => reject(toVdiskError(err, `QMP listen on fd ${fd}`)));
       server.listen({ fd }, () => resolve());
@@ -136,8 +136,8 @@ export class QmpServer {
     return server;
   }
 
-  private accept(socket: net.Socket): void {
-    const session = new QmpSession(this, socket);
+  private accept(socket: net.Socket, pretty: boolean): void {
+    const session = new QmpSession(this, socket, pretty);
     this.sessions.add(session);
     socket.once('close', () => this.sessions.delete(session));
   }
@@ -172,6 +172,8 @@ export class QmpSession {
   constructor(
     private readonly server: QmpServer,
     private readonly socket: net.Socket,
+    /** --monitor pretty=on: QEMU's indented JSON, for people reading the socket. */
+    private readonly pretty = false,
   ) {
     socket.setEncoding('utf8');
     socket.on('data', (text: string) => {
@@ -191,7 +193,8 @@ export class QmpSession {
 
   send(msg: unknown): void {
     if (this.closed || this.socket.destroyed) return;
-    this.socket.write(formatJson(msg) + '\r\n');
+    // QEMU ends every line of a monitor's output with \r\n, indented ones included.
+    this.socket.write((this.pretty ? JSON.stringify(JSON.parse(formatJson(msg)), null, 4).replace(/\n/g, '\r\n') : formatJson(msg)) + '\r\n');
   }
 
   sendEvent(msg: unknown): void {

@@ -77,7 +77,9 @@ t.test('READY=1 comes once clients can connect and the pidfile is written; watch
   const notifySock = path.join(dir, 'notify.sock');
   const socat = await notifyReceiver(t, notifySock);
   const pidfile = path.join(dir, 'vdisk.pid');
-  const vdisk = spawnLogged(t, process.execPath, serveArgs(dir, ['--pidfile', pidfile]), { NOTIFY_SOCKET: notifySock, WATCHDOG_USEC: '200000' });
+  const mountpoint = path.join(dir, 'fuse.raw');
+  fs.writeFileSync(mountpoint, '');
+  const vdisk = spawnLogged(t, process.execPath, serveArgs(dir, ['--pidfile', pidfile, '--export', `type=fuse,id=f1,node-name=f0,mountpoint=${mountpoint}`]), { NOTIFY_SOCKET: notifySock, WATCHDOG_USEC: '200000' });
 
   await until('READY=1', () => socat.out().includes('READY=1'));
   // Nothing may fail from here on: READY=1 promises a working service.
@@ -85,9 +87,11 @@ t.test('READY=1 comes once clients can connect and the pidfile is written; watch
   const info = await run('nbdinfo', ['--size', `nbd+unix:///disk0?socket=${path.join(dir, 'nbd.sock')}`]);
   t.equal(info.stdout.trim(), String(4 * MiB), `nbdinfo reaches the export at READY=1 ${info.stderr}`);
   const qmp = await QmpWire.connect(path.join(dir, 'qmp.sock'));
-  t.same((await qmp.cmd('query-block-exports')).return, [{ id: 'e0', type: 'nbd', 'node-name': 'f0', 'shutting-down': false }], 'QMP answers at READY=1');
+  t.same(((await qmp.cmd('query-block-exports')).return as Array<{ id: string }>).map((e) => e.id).sort(), ['e0', 'f1'], 'QMP answers at READY=1');
   qmp.socket.destroy();
-  t.match(socat.out(), /STATUS=serving 1 export \(e0\); NBD on unix:\S+nbd\.sock; QMP on unix:\S+qmp\.sock/, 'STATUS says what is served');
+  const fuse = await run('qemu-img', ['info', '--output=json', '-f', 'raw', mountpoint]);
+  t.equal(JSON.parse(fuse.stdout || '{}')['virtual-size'], 4 * MiB, `the FUSE export is mounted at READY=1 ${fuse.stderr}`);
+  t.match(socat.out(), /STATUS=serving 2 exports \(e0, f1\); NBD on unix:\S+nbd\.sock; QMP on unix:\S+qmp\.sock/, 'STATUS says what is served');
   t.match(socat.out(), new RegExp(`MAINPID=${vdisk.proc.pid}`));
 
   // WATCHDOG_USEC=200ms: a ping every 100 ms; wait for three beyond those seen so far.

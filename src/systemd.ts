@@ -57,8 +57,16 @@ export function notify(message: string): void {
   if (r < 0) logEvent('warn', 'sd-notify-failed', { socket: notifySocket, message: message.split('\n')[0], errno: -r });
 }
 
+let isStopping = false;
+
+/** Whether STOPPING=1 was sent: later STATUS lines would only confuse. */
+export function stopping(): boolean {
+  return isStopping;
+}
+
 /** STOPPING=1: the watchdog stops too, as the daemon may take a while to flush. */
 export function notifyStopping(status: string): void {
+  isStopping = true;
   if (watchdogTimer) clearInterval(watchdogTimer);
   watchdogTimer = undefined;
   notify(`STOPPING=1\nSTATUS=${status}`);

@@ -20,7 +20,7 @@ import { parseSize } from '../qapi/schema.js';
 import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
 import { type Chardev, daemonize, parseChardev, parseMonitor, reportDaemonError, reportDaemonReady, takeDaemonizeStatus } from './qsd-options.js';
-import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyStopping } from '../systemd.js';
+import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyEnabled, notifyStopping, stopping } from '../systemd.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
@@ -162,6 +162,10 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   // after us (After=vdisk@x.service) finds the daemon answering.
   notify(`READY=1\nSTATUS=${servingStatus(daemon, qmp)}\nMAINPID=${process.pid}`);
   reportDaemonReady();
+  // Exports added or removed over QMP: `systemctl status` keeps saying what is served.
+  if (notifyEnabled()) daemon.exports.on('changed', () => {
+    if (!stopping()) notify(`STATUS=${servingStatus(daemon, qmp)}`);
+  });
 
   await waitForStop(daemon, qmp);
   if (pidfile) fs.rmSync(pidfile, { force: true });

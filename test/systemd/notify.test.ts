@@ -116,6 +116,8 @@ t.test('abstract NOTIFY_SOCKET; WATCHDOG_PID of another process means no pings; 
   const vdisk = spawnLogged(t, process.execPath, serveArgs(dir), { NOTIFY_SOCKET: name, WATCHDOG_USEC: '20000', WATCHDOG_PID: '1' });
   await until('READY=1', () => socat.out().includes('READY=1'));
   const qmp = await QmpWire.connect(path.join(dir, 'qmp.sock'));
+  t.same((await qmp.cmd('block-export-del', { id: 'e0' })).return, {});
+  await until('a new STATUS', () => socat.out().includes('STATUS=serving 0 exports; NBD on'));
   await qmp.cmd('quit');
   t.equal(await vdisk.exited, 0);
   await until('STOPPING=1', () => socat.out().includes('STOPPING=1'));

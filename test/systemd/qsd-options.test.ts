@@ -85,17 +85,21 @@ const MISTAKES: Array<[string, (dir: string) => string[], (dir: string) => strin
   ['--daemonize with a pidfile that cannot be created', (dir) => ['--daemonize', '--pidfile', `${dir}/missing/x.pid`], (dir) => `cannot create PID file: Could not create '${dir}/missing/x.pid': No such file or directory`],
 ];
 
-for (const [what, args, message] of MISTAKES) {
-  t.test(`same error as qemu-storage-daemon: ${what}`, async (t) => {
-    for (const [name, cmd, prefix] of BINARIES) {
+t.test('the same mistakes give qemu-storage-daemon\'s errors', async (t) => {
+  // All at once: each is a process start that fails, and starts are what take the time.
+  const cases = MISTAKES.flatMap(([what, args, message]) =>
+    BINARIES.map(async ([name, cmd, prefix]) => {
       const dir = tempDir(t);
       const r = await run(cmd, [...prefix, ...args(dir)], { timeoutMs: 30_000 });
-      t.equal(r.code, 1, `${name} exits 1`);
-      t.match(r.stderr, message(dir), `${name}: ${r.stderr.trim().split('\n').pop()}`);
-      t.same(fs.readdirSync(dir), [], `${name} left nothing behind`);
-    }
-  });
-}
+      return { what, name, dir, message: message(dir), r };
+    }),
+  );
+  for (const { what, name, dir, message, r } of await Promise.all(cases)) {
+    t.equal(r.code, 1, `${what}: ${name} exits 1`);
+    t.match(r.stderr, message, `${what}: ${name}: ${r.stderr.trim().split('\n').pop()}`);
+    t.same(fs.readdirSync(dir), [], `${what}: ${name} left nothing behind`);
+  }
+});
 
 t.test('vdisk: --monitor pretty=on indents its JSON as QEMU does', async (t) => {
   const dir = tempDir(t);

@@ -6,6 +6,7 @@
  */
 import t from 'tap';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { QmpWire } from '../helpers/qmp.js';
 import { VDISK, requireTools, run, sparseFile, tempDir } from '../helpers/tools.js';
@@ -115,4 +116,26 @@ t.test('vdisk: --monitor pretty=on indents its JSON as QEMU does', async (t) => 
   t.match(out.stdout, '{\r\n    "QMP": {\r\n        "version": {', 'greeting indented, lines ending \\r\\n');
   t.match(out.stdout, '"return": {\r\n        "qemu": {');
   await until('the daemon to exit', () => !alive(pid));
+});
+
+t.test('vdisk: a TCP --chardev on loopback is a monitor; any other address is refused (QMP has no authentication)', async (t) => {
+  const dir = tempDir(t);
+  const probe = net.createServer();
+  await new Promise<void>((r) => probe.listen(0, '127.0.0.1', r));
+  const port = (probe.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => probe.close(() => r()));
+  const pidfile = path.join(dir, 'v.pid');
+  const r = await run(process.execPath, [VDISK, 'serve', '--chardev', `socket,id=m,host=127.0.0.1,port=${port},server=on,wait=off`, '--monitor', 'chardev=m', '--daemonize', '--pidfile', pidfile]);
+  t.equal(r.code, 0, r.stderr);
+  const pid = Number(fs.readFileSync(pidfile, 'utf8'));
+  t.teardown(() => {
+    if (alive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const out = await run('socat', ['-t', '5', '-', `TCP:127.0.0.1:${port}`], { input: '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n' });
+  t.match(out.stdout, /^\{"QMP": .*\r\n\{"return": \{\}\}\r\n\{"return": \{\}\}\r\n$/, 'greeting, capabilities, quit');
+  await until('the daemon to exit', () => !alive(pid));
+
+  const refused = await run(process.execPath, [VDISK, 'serve', '--chardev', 'socket,id=m,host=0.0.0.0,port=4444,server=on,wait=off', '--monitor', 'm']);
+  t.equal(refused.code, 1);
+  t.match(refused.stderr, 'refusing to listen on 0.0.0.0: QMP has no authentication');
 });

@@ -60,7 +60,7 @@ export function notify(message: string): void {
 let isStopping = false;
 
 /** Whether STOPPING=1 was sent: later STATUS lines would only confuse. */
-export function stopping(): boolean {
+export function stoppingNotified(): boolean {
   return isStopping;
 }
 

@@ -20,7 +20,7 @@ import { parseSize } from '../qapi/schema.js';
 import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
 import { type Chardev, daemonize, parseChardev, parseMonitor, reportDaemonError, reportDaemonReady, takeDaemonizeStatus } from './qsd-options.js';
-import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyEnabled, notifyStopping, stopping } from '../systemd.js';
+import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyEnabled, notifyStopping, stoppingNotified } from '../systemd.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
@@ -164,7 +164,7 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   reportDaemonReady();
   // Exports added or removed over QMP: `systemctl status` keeps saying what is served.
   if (notifyEnabled()) daemon.exports.on('changed', () => {
-    if (!stopping()) notify(`STATUS=${servingStatus(daemon, qmp)}`);
+    if (!stoppingNotified()) notify(`STATUS=${servingStatus(daemon, qmp)}`);
   });
 
   await waitForStop(daemon, qmp);

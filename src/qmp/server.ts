@@ -127,10 +127,15 @@ export class QmpServer {
       server.once('error', (err) => reject(toVdiskError(err, `QMP listen on fd ${fd}`)));
       server.listen({ fd }, () => resolve());
     });
-    this.listeners.push(server);
     const a = server.address();
+    if (a && typeof a === 'object' && !isLoopback(a.address)) {
+      // The same rule as --qmp tcp:, whoever made the socket.
+      await new Promise<void>((r) => server.close(() => r()));
+      throw new VdiskError('EPERM', `--qmp: refusing to serve QMP on the passed socket fd ${fd} bound to ${a.address}:${a.port}: QMP has no authentication; bind it to a loopback address or use a unix socket`);
+    }
     const unix = a && typeof a === 'object' ? undefined : a || unixSocketPathOfFd(fd);
     const address = a && typeof a === 'object' ? `tcp:${a.address}:${a.port}` : unix ? `unix:${unix}` : `fd:${fd}`;
+    this.listeners.push(server);
     this.fdAddress.set(server, address);
     logEvent('info', 'qmp-listening', { address, fd });
     return server;

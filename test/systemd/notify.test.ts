@@ -194,6 +194,16 @@ t.test('socket activation mistakes are clear errors at start', async (t) => {
   t.equal(await act.exited, 1, 'an option naming a socket that was not passed');
   t.match(act.err(), "--qmp fd:monitor: no socket named 'monitor' was passed (LISTEN_FDNAMES) (passed: 3=nbd, 4=qmp)");
 
+  // QMP has no authentication: a passed TCP socket beyond loopback is refused as --qmp tcp: is.
+  fs.rmSync(nbdSock, { force: true });
+  act = spawnLogged(t, 'systemd-socket-activate', ['-l', nbdSock, '--fdname=nbd', '-l', `0.0.0.0:${await freePort()}`, '--fdname=qmp', process.execPath, VDISK, 'serve', '--nbd-server', 'addr.type=fd,addr.str=nbd', '--qmp', 'fd:qmp']);
+  await until('the sockets', () => (act.err().match(/Listening on/g) ?? []).length === 2);
+  const wake = net.connect(nbdSock);
+  wake.on('error', () => undefined);
+  t.teardown(() => wake.destroy());
+  t.equal(await act.exited, 1, 'QMP on a passed socket bound to 0.0.0.0');
+  t.match(act.err(), /--qmp: refusing to serve QMP on the passed socket fd 4 bound to 0\.0\.0\.0:\d+: QMP has no authentication/);
+
   const r = await run(process.execPath, [VDISK, 'serve', '--nbd-server', 'addr.type=fd,addr.str=nbd']);
   t.equal(r.code, 1, 'type=fd with no sockets passed');
   t.match(r.stderr, "no socket named 'nbd' was passed (LISTEN_FDNAMES) (no sockets were passed: LISTEN_FDS is unset)");

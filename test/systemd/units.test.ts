@@ -14,13 +14,15 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { QmpWire } from '../helpers/qmp.js';
 import { ROOT, requireTools, run, tempDir } from '../helpers/tools.js';
 
-if (!requireTools(t, 'systemd-analyze', 'systemd-socket-activate', 'socat', 'qemu-img', 'qemu-io', 'nbdinfo')) process.exit(1);
+if (!requireTools(t, 'systemd-analyze', 'systemd-sysusers', 'systemd-socket-activate', 'setpriv', 'socat', 'qemu-img', 'qemu-io', 'nbdinfo')) process.exit(1);
 
 interface TestLike {
   teardown(fn: () => unknown): void;
 }
 
 const UNITS = path.join(ROOT, 'systemd');
+/** nobody: an unprivileged uid that exists everywhere. */
+const NOBODY = 65534;
 const SERVICES = ['vdisk.service', 'vdisk@.service'];
 const SOCKETS = ['vdisk@.socket', 'vdisk-qmp@.socket'];
 const DROPINS = fs.readdirSync(path.join(UNITS, 'dropins'));
@@ -66,6 +68,18 @@ t.test('systemd-analyze verify fails on a broken unit (the check above can fail)
   const r = await run('systemd-analyze', ['verify', path.join(dir, 'vdisk@disk0.service')]);
   t.not(r.stderr.trim(), '', 'a warning the first test would catch');
   t.match(r.stderr, /Failed to parse service type/);
+});
+
+t.test('systemd-sysusers makes the user and group the units run as', async (t) => {
+  const root = tempDir(t, 'vdisk-sysroot-');
+  fs.mkdirSync(path.join(root, 'etc'));
+  const r = await run('systemd-sysusers', [`--root=${root}`, path.join(UNITS, 'vdisk.sysusers.conf')]);
+  t.equal(r.code, 0, r.stderr);
+  const user = unitValue(path.join(UNITS, 'vdisk@.service'), 'User');
+  const group = unitValue(path.join(UNITS, 'vdisk@.service'), 'Group');
+  t.match(fs.readFileSync(path.join(root, 'etc', 'passwd'), 'utf8'), new RegExp(`^${user}:x:\\d+:\\d+:[^:]*:/var/lib/vdisk:/usr/sbin/nologin$`, 'm'));
+  t.match(fs.readFileSync(path.join(root, 'etc', 'group'), 'utf8'), new RegExp(`^${group}:x:\\d+:`, 'm'));
+  for (const u of SOCKETS) t.equal(unitValue(path.join(UNITS, u), 'SocketUser'), user, `${u}: sockets owned by the service user`);
 });
 
 t.test('systemd-analyze security --offline=true rates the services OK or better', async (t) => {
@@ -154,14 +168,35 @@ function execStart(unit: string, instance: string, map: (s: string) => string): 
 t.test('vdisk@disk0.service as systemd would run it with examples/vdisk/disk0.json', async (t) => {
   const f = await fakeRoot(t, 'disk0.json', 'disk0');
   const notifySock = path.join(f.root, 'notify.sock');
-  const socat = spawnLogged(t, 'socat', ['-u', `UNIX-RECV:${notifySock}`, 'STDOUT']);
+  // systemd's notify socket takes datagrams from any uid (it checks the sender's pid instead).
+  const socat = spawnLogged(t, 'socat', ['-u', `UNIX-RECV:${notifySock},perm=0777`, 'STDOUT']);
   await until('the notify socket', () => fs.existsSync(notifySock));
   const watchdogSec = Number(unitValue(path.join(UNITS, 'vdisk@.service'), 'WatchdogSec'));
   const argv = execStart('vdisk@.service', 'disk0', f.map);
   t.same(argv.slice(2), ['serve', '--config', f.config]);
-  const vdisk = spawnLogged(t, argv[0], argv.slice(1), { NOTIFY_SOCKET: notifySock, WATCHDOG_USEC: String(watchdogSec * 1e6) });
-  await until('READY=1', () => socat.out().includes('READY=1'));
-  t.equal(fs.readFileSync(path.join(f.run, 'vdisk.pid'), 'utf8'), `${vdisk.proc.pid}\n`, 'pidfile in the RuntimeDirectory');
+  // Not root: an unprivileged uid owning only the Runtime/StateDirectory, with the unit's UMask= and
+  // NoNewPrivileges=, as User=vdisk gets them (nobody's uid stands in for the vdisk user).
+  const unit = path.join(UNITS, 'vdisk@.service');
+  t.equal(unitValue(unit, 'User'), 'vdisk');
+  t.equal(unitValue(unit, 'NoNewPrivileges'), 'yes');
+  // The way there is the system's (/, /run, /var/lib, /etc: root's, readable by all).
+  for (const d of [f.root, path.dirname(f.run), path.dirname(f.state), path.dirname(f.config)]) fs.chmodSync(d, 0o755);
+  for (const d of [f.run, f.state, path.join(f.state, 'disk0.qcow2')]) fs.chownSync(d, NOBODY, NOBODY);
+  fs.chmodSync(f.run, 0o750);
+  fs.chmodSync(f.state, 0o750);
+  const vdisk = spawnLogged(
+    t,
+    'setpriv',
+    [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--no-new-privs', 'sh', '-c', `umask ${unitValue(unit, 'UMask')} && exec "$@"`, 'sh', ...argv],
+    { NOTIFY_SOCKET: notifySock, WATCHDOG_USEC: String(watchdogSec * 1e6) },
+  );
+  await until('READY=1', () => socat.out().includes('READY=1') || vdisk.proc.exitCode !== null).catch((err) => {
+    throw new Error(`${(err as Error).message}: ${vdisk.err()}`);
+  });
+  const pid = Number(fs.readFileSync(path.join(f.run, 'vdisk.pid'), 'utf8'));
+  t.equal(pid, vdisk.proc.pid, 'pidfile in the RuntimeDirectory (setpriv and sh exec: the same process)');
+  t.match(fs.readFileSync(`/proc/${pid}/status`, 'utf8'), new RegExp(`^Uid:\\s+${NOBODY}\\s+${NOBODY}\\s+${NOBODY}\\s+${NOBODY}$`, 'm'), 'serving as the unprivileged user');
+  t.equal(fs.statSync(path.join(f.run, 'vdisk.pid')).mode & 0o777, 0o600, 'UMask=0077 applies');
   const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 1M', `nbd+unix:///disk0?socket=${path.join(f.run, 'nbd.sock')}`]);
   t.equal(w.code, 0, `write over the unix socket ${w.stderr}`);
   const size = await run('nbdinfo', ['--size', `nbd://127.0.0.1:${f.port}/disk0`]);

@@ -14,7 +14,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { QmpWire } from '../helpers/qmp.js';
 import { ROOT, requireTools, run, tempDir } from '../helpers/tools.js';
 
-if (!requireTools(t, 'systemd-analyze', 'systemd-sysusers', 'systemd-socket-activate', 'setpriv', 'socat', 'qemu-img', 'qemu-io', 'nbdinfo')) process.exit(1);
+if (!requireTools(t, 'systemd-analyze', 'systemd-sysusers', 'systemd-socket-activate', 'setpriv', 'unshare', 'socat', 'qemu-img', 'qemu-io', 'nbdinfo')) process.exit(1);
 
 interface TestLike {
   teardown(fn: () => unknown): void;
@@ -184,17 +184,22 @@ t.test('vdisk@disk0.service as systemd would run it with examples/vdisk/disk0.js
   for (const d of [f.run, f.state, path.join(f.state, 'disk0.qcow2')]) fs.chownSync(d, NOBODY, NOBODY);
   fs.chmodSync(f.run, 0o750);
   fs.chmodSync(f.state, 0o750);
+  // ProtectSystem=strict: the whole file system read-only but for the Runtime/StateDirectory, in a
+  // mount namespace of its own (binds of the two directories first, then / remounted read-only).
+  t.equal(unitValue(unit, 'ProtectSystem'), 'strict');
+  const strict = `mount --bind "$RUN" "$RUN" && mount --bind "$STATE" "$STATE" && mount -o remount,bind,ro / && exec "$@"`;
   const vdisk = spawnLogged(
     t,
-    'setpriv',
-    [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--no-new-privs', 'sh', '-c', `umask ${unitValue(unit, 'UMask')} && exec "$@"`, 'sh', ...argv],
-    { NOTIFY_SOCKET: notifySock, WATCHDOG_USEC: String(watchdogSec * 1e6) },
+    'unshare',
+    ['--mount', '--propagation', 'private', 'sh', '-c', strict, 'sh',
+      'setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--no-new-privs', 'sh', '-c', `umask ${unitValue(unit, 'UMask')} && exec "$@"`, 'sh', ...argv],
+    { NOTIFY_SOCKET: notifySock, WATCHDOG_USEC: String(watchdogSec * 1e6), RUN: f.run, STATE: f.state },
   );
   await until('READY=1', () => socat.out().includes('READY=1') || vdisk.proc.exitCode !== null).catch((err) => {
     throw new Error(`${(err as Error).message}: ${vdisk.err()}`);
   });
   const pid = Number(fs.readFileSync(path.join(f.run, 'vdisk.pid'), 'utf8'));
-  t.equal(pid, vdisk.proc.pid, 'pidfile in the RuntimeDirectory (setpriv and sh exec: the same process)');
+  t.equal(pid, vdisk.proc.pid, 'pidfile in the RuntimeDirectory (unshare, setpriv and sh exec: the same process)');
   t.match(fs.readFileSync(`/proc/${pid}/status`, 'utf8'), new RegExp(`^Uid:\\s+${NOBODY}\\s+${NOBODY}\\s+${NOBODY}\\s+${NOBODY}$`, 'm'), 'serving as the unprivileged user');
   t.equal(fs.statSync(path.join(f.run, 'vdisk.pid')).mode & 0o777, 0o600, 'UMask=0077 applies');
   const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 1M', `nbd+unix:///disk0?socket=${path.join(f.run, 'nbd.sock')}`]);

@@ -37,10 +37,11 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --export OPTS       add an export, e.g. type=nbd,id=e0,node-name=f0,writable=on
   --nbd-server OPTS   listen for NBD clients, e.g. addr.type=unix,addr.path=/run/vdisk.sock
                       (repeat to listen on several addresses); tls-creds=ID makes clients
-                      use TLS, tls-authz=ID says which of them may connect
+                      use TLS, tls-authz=ID says which of them may connect;
+                      addr.type=fd,addr.str=NAME serves the sockets systemd passed as NAME
   --qmp ADDR          QMP control port: unix:PATH (created mode 0600), tcp:HOST:PORT
-                      or fd:NAME (a socket systemd passed, by LISTEN_FDNAMES name or number)
-                      (loopback only); repeat for several
+                      (loopback only) or fd:NAME (a socket systemd passed, by its
+                      LISTEN_FDNAMES name or fd number); repeat for several
   --config FILE       one JSON document: {"object": [...], "blockdev": [...], "nbd-server": [...],
                       "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
@@ -55,9 +56,9 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --daemonize         run in the background; the command exits 0 once serving
                       (pidfile written), or 1 with the error that stopped it
   --log-level LEVEL   error, warn, info (default) or debug
-  --log-format FMT    json, human or journal (JSON with sd-daemon <N> priority prefixes;
-                      the default when stderr is journald's stream, JOURNAL_STREAM)
-                      (default: human on a terminal, else json)
+  --log-format FMT    json, human or journal (default: human on a terminal, else json;
+                      journal is json with sd-daemon <N> priority prefixes, added by
+                      itself when stderr is journald's stream, JOURNAL_STREAM)
 `;
 
 const DEFAULT_PORT = 10809;

@@ -52,6 +52,12 @@ export function notifyEnabled(): boolean {
 /** Sends one sd_notify message ("READY=1", "STATUS=...", several lines joined by \n). */
 export function notify(message: string): void {
   if (notifySocket === undefined) return;
+  if (typeof native.sdNotify !== 'function') {
+    // An addon built from older sources: say so once, rather than throw from every notification.
+    logEvent('error', 'sd-notify-unavailable', { socket: notifySocket, fix: "the native addon predates sd_notify: rebuild it with 'npm run build'" });
+    notifySocket = undefined;
+    return;
+  }
   const r = native.sdNotify(notifySocket, message);
   // A lost notification is not worth stopping for, but the operator must learn why systemd waits.
   if (r < 0) logEvent('warn', 'sd-notify-failed', { socket: notifySocket, message: message.split('\n')[0], errno: -r });

@@ -127,6 +127,8 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   // Read once, before anything else, and taken out of the environment (see src/systemd.ts).
   initListenFds();
   initNotify();
+  // Opening a long backing chain or a big bitmap can take a while: `systemctl status` says so.
+  notify('STATUS=starting: opening images, then listeners');
 
   // One failed promise nobody awaited must not take every export down: log it and keep serving.
   process.on('unhandledRejection', (err) => logEvent('error', 'internal-error', { error: (err as Error)?.stack ?? String(err) }));

@@ -93,6 +93,7 @@ t.test('READY=1 comes once clients can connect and the pidfile is written; watch
   t.equal(JSON.parse(fuse.stdout || '{}')['virtual-size'], 4 * MiB, `the FUSE export is mounted at READY=1 ${fuse.stderr}`);
   t.match(socat.out(), /STATUS=serving 2 exports \(e0, f1\); NBD on unix:\S+nbd\.sock; QMP on unix:\S+qmp\.sock/, 'STATUS says what is served');
   t.match(socat.out(), new RegExp(`MAINPID=${vdisk.proc.pid}`));
+  t.ok(socat.out().indexOf('STATUS=starting') >= 0 && socat.out().indexOf('STATUS=starting') < socat.out().indexOf('READY=1'), 'a starting STATUS before READY=1');
 
   // WATCHDOG_USEC=200ms: a ping every 100 ms; wait for three beyond those seen so far.
   const before = (socat.out().match(/WATCHDOG=1/g) ?? []).length;

@@ -90,11 +90,15 @@ export function takeDaemonizeStatus(): boolean {
   return true;
 }
 
-/** The child is serving: the parent may exit 0. The working directory becomes / as QEMU's does, so the daemon holds no mount busy. */
+/**
+ * The child is serving: the parent may exit 0. Unlike QEMU, the working
+ * directory stays: relative socket paths given on the command line are
+ * removed at stop by the names they were given, which a chdir('/') would
+ * point elsewhere.
+ */
 export function reportDaemonReady(): void {
   if (statusFd === undefined) return;
   writeStatus('ready\n');
-  process.chdir('/');
 }
 
 /** The child failed to start: the parent prints this and exits 1. */

@@ -139,3 +139,28 @@ t.test('vdisk: a TCP --chardev on loopback is a monitor; any other address is re
   t.equal(refused.code, 1);
   t.match(refused.stderr, 'refusing to listen on 0.0.0.0: QMP has no authentication');
 });
+
+t.test('vdisk --daemonize with relative paths: they keep their meaning, and are cleaned up at stop', async (t) => {
+  const dir = tempDir(t);
+  sparseFile(path.join(dir, 'disk.raw'), MiB);
+  const r = await run(process.execPath, [
+    VDISK, 'serve',
+    '--chardev', 'socket,id=m,path=q.sock,server=on,wait=off', '--monitor', 'm',
+    '--blockdev', 'driver=file,node-name=f,filename=disk.raw',
+    '--nbd-server', 'addr.type=unix,addr.path=n.sock',
+    '--export', 'type=nbd,id=e,node-name=f,name=d',
+    '--daemonize', '--pidfile', 'p.pid',
+  ], { cwd: dir });
+  t.equal(r.code, 0, r.stderr);
+  const pid = Number(fs.readFileSync(path.join(dir, 'p.pid'), 'utf8'));
+  t.teardown(() => {
+    if (alive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  t.same(fs.readdirSync(dir).sort(), ['disk.raw', 'n.sock', 'p.pid', 'q.sock']);
+  const size = await run('nbdinfo', ['--size', `nbd+unix:///d?socket=${path.join(dir, 'n.sock')}`]);
+  t.equal(size.stdout.trim(), String(MiB), size.stderr);
+  const qmp = await QmpWire.connect(path.join(dir, 'q.sock'));
+  await qmp.cmd('quit');
+  await until('the daemon to exit', () => !alive(pid));
+  t.same(fs.readdirSync(dir), ['disk.raw'], 'sockets and pidfile removed');
+});

@@ -17,7 +17,7 @@ packages=(g++ make python3)
 # busybox-static and cpio go into the initramfs of the guest that test/guest boots
 # (scripts/build-guest.sh, which fetches Debian's kernel package itself;
 # scripts/build-install-media.sh fetches what the OS-install guest installs).
-test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin)
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
   run) ;;

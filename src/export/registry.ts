@@ -104,6 +104,8 @@ export class ExportRegistry extends EventEmitter {
     node.users.add(exp);
     this.exports.set(id, exp);
     logEvent('info', 'export-added', { id, type: exp.type, nodeName: node.nodeName, writable });
+    // Not a QMP event (QEMU has none for an added export): for the service manager's STATUS line.
+    this.emit('changed');
     return exp;
   }
 
@@ -128,6 +130,7 @@ export class ExportRegistry extends EventEmitter {
     exp.node.users.delete(exp);
     logEvent('info', 'export-deleted', { id: exp.id });
     this.emit('event', { event: 'BLOCK_EXPORT_DELETED', data: { id: exp.id } } satisfies ExportEvent);
+    this.emit('changed');
   }
 
   get(id: string): BlockExport | undefined {

@@ -19,6 +19,7 @@ import { parseOptionArg } from '../qapi/keyval.js';
 import { parseSize } from '../qapi/schema.js';
 import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
+import { MetricsServer, parseMetricsAddress } from '../metrics/server.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
@@ -39,11 +40,14 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --qmp ADDR          QMP control port: unix:PATH (created mode 0600) or tcp:HOST:PORT
                       (loopback only); repeat for several
   --config FILE       one JSON document: {"object": [...], "blockdev": [...], "nbd-server": [...],
-                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
+                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "...",
+                      "metrics": "127.0.0.1:PORT"}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
   --size SIZE         size of a new default disk (default: 10G)
   --port PORT         TCP port of the embedded default (default: 10809)
   --pidfile FILE      write the process id here once serving
+  --metrics ADDR      Prometheus endpoint GET /metrics on 127.0.0.1:PORT (loopback only) or
+                      unix:PATH (docs/metrics.md)
   --log-level LEVEL   error, warn, info (default) or debug
   --log-format FMT    json or human (default: human on a terminal, else json)
 `;
@@ -65,6 +69,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
       pidfile: { type: 'string' },
       qmp: { type: 'string', multiple: true },
       config: { type: 'string' },
+      metrics: { type: 'string' },
       'log-level': { type: 'string' },
       'log-format': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -98,12 +103,19 @@ export async function serveCommand(argv: string[]): Promise<number> {
   const explicit = values.object || values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
   const pidfile = values.pidfile ?? (config?.pidfile as string | undefined);
   const qmp = new QmpServer(daemon, QMP_COMMANDS);
+  const metricsText = values.metrics ?? (config?.metrics as string | undefined);
+  let metrics: MetricsServer | undefined;
   try {
     if (config) await setUpFromConfig(daemon, qmp, values.config!, config);
     if (explicit) await setUpFromOptions(daemon, values.object ?? [], values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
     else await setUpDefault(daemon, values['data-dir'] ?? 'vdisk-data', values.size, values.port);
     for (const text of values.qmp ?? []) await withLabel('--qmp', text, () => qmp.listen(parseQmpAddress(text)));
+    if (metricsText !== undefined) {
+      if (typeof metricsText !== 'string') throw new VdiskError('EINVAL', `--config ${values.config}: 'metrics' must be a string HOST:PORT or unix:PATH`);
+      metrics = await MetricsServer.start(daemon, parseMetricsAddress(metricsText));
+    }
   } catch (err) {
+    await metrics?.close().catch(() => undefined);
     await qmp.close().catch(() => undefined);
     await daemon.shutdown().catch(() => undefined);
     throw err;
@@ -111,8 +123,14 @@ export async function serveCommand(argv: string[]): Promise<number> {
 
   if (pidfile) fs.writeFileSync(pidfile, `${process.pid}\n`);
   printEndpoints(daemon, qmp, !explicit);
+  if (metrics) {
+    const ep = metrics.endpoint;
+    const curl = ep.startsWith('unix:') ? `curl --unix-socket ${ep.slice(5)} http://localhost/metrics` : `curl http://${ep}/metrics`;
+    process.stdout.write(`vdisk: metrics on ${ep}    try: ${curl}\n`);
+  }
 
   await waitForStop(daemon, qmp);
+  await metrics?.close();
   if (pidfile) fs.rmSync(pidfile, { force: true });
   return 0;
 }
@@ -126,7 +144,7 @@ function readConfig(file: string): Record<string, unknown> {
     throw new VdiskError('EINVAL', `--config ${file}: ${(err as Error).message}`);
   }
   if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw new VdiskError('EINVAL', `--config ${file}: expected a JSON object`);
-  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile'];
+  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile', 'metrics'];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new VdiskError('EINVAL', `--config ${file}: unknown key '${key}' (expected ${known.join(', ')})`);
   }

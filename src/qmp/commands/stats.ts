@@ -93,14 +93,36 @@ export function nodeBlockStats(node: BlockNode, depth = 0): Record<string, unkno
   return out;
 }
 
+/**
+ * The nodes in the order QEMU lists them: a node joins QEMU's list when its
+ * driver has opened, which is after its file child and before its backing
+ * file (opened last). vdisk adds a node once all its children are open, so
+ * the order is rebuilt from the graph, starting from the oldest nodes.
+ */
+export function qemuNodeOrder(oldestFirst: BlockNode[], isMonitorOwned: (name: string) => boolean): BlockNode[] {
+  const out: BlockNode[] = [];
+  const seen = new Set<BlockNode>();
+  const visit = (n: BlockNode): void => {
+    if (seen.has(n)) return;
+    seen.add(n);
+    for (const c of n.children) if (c.role !== 'backing') visit(c.node);
+    out.push(n);
+    const backing = n.child('backing');
+    if (backing) visit(backing);
+  };
+  // Nodes made by blockdev-add first, each pulling in the implicit ones it opened.
+  for (const n of oldestFirst) if (isMonitorOwned(n.nodeName)) visit(n);
+  for (const n of oldestFirst) visit(n);
+  return out;
+}
+
 export const STATS_COMMANDS: QmpCommand[] = [
   {
     name: 'query-blockstats',
     args: struct('query-blockstats', { '*query-nodes': bool }),
     run: (args, { daemon }) => {
       if (!args['query-nodes']) return [];
-      // Oldest first, as QEMU walks its node list.
-      return daemon.graph.list().reverse().map((n) => nodeBlockStats(n));
+      return qemuNodeOrder(daemon.graph.list().reverse(), (n) => daemon.graph.isMonitorOwned(n)).map((n) => nodeBlockStats(n));
     },
   },
 ];

@@ -176,6 +176,7 @@ class SchemaBuilder {
       // QEMU marks an optional member with "default": null.
       if (optional) m.default = null;
       m.type = this.ref(t);
+      if ((m.name as string).startsWith('x-')) m.features = ['unstable'];
       return m;
     });
   }
@@ -190,7 +191,10 @@ export function qmpSchema(server: QmpServer, daemon: Daemon): Entry[] {
     // A command whose table says 'any' takes any object: QEMU has no such type, so it is shown empty.
     const argType = args.kind === 'any' ? b.ref(EMPTY) : b.ref(args);
     const retType = b.ref(RETURNS[name] ?? EMPTY);
-    head.push({ name, 'ret-type': retType, 'meta-type': 'command', 'arg-type': argType });
+    const entry: Entry = { name, 'ret-type': retType, 'meta-type': 'command', 'arg-type': argType };
+    // QEMU marks its x- commands and members 'unstable' (libvirt avoids them unless told otherwise).
+    if (name.startsWith('x-')) entry.features = ['unstable'];
+    head.push(entry);
   }
   for (const [name, data] of Object.entries(EVENTS)) head.push({ name, 'meta-type': 'event', 'arg-type': b.ref(data) });
   return [...head, ...b.entries];

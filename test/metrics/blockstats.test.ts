@@ -2,8 +2,8 @@
  * query-blockstats: the reply's shape is qemu-storage-daemon 7.2's for the
  * same graph (without query-nodes both answer []: exports make nameless
  * BlockBackends, which QEMU skips), and the numbers are what clients did,
- * counted on the client side: exact requests from nbdsh, bulk bytes from
- * nbdcopy and qemu-io through an NBD export.
+ * counted on the client side: exact requests from nbdsh, fio's own counts,
+ * bulk bytes from nbdcopy and qemu-io through an NBD export.
  */
 import t from 'tap';
 import fs from 'node:fs';
@@ -91,7 +91,7 @@ t.test('the reply has qemu-storage-daemon 7.2 shape, with and without query-node
 });
 
 t.test('counts are what the clients did', async (t) => {
-  if (!requireTools(t, 'nbdsh', 'nbdcopy', 'qemu-io')) return;
+  if (!requireTools(t, 'nbdsh', 'nbdcopy', 'qemu-io', 'fio')) return;
   const dir = tempDir(t);
   const args = await graphArgs(dir);
   const qmpSock = path.join(dir, 'qmp.sock');
@@ -147,6 +147,20 @@ t.test('counts are what the clients did', async (t) => {
   t.equal(b2.wr_bytes - b1.wr_bytes, 8 * MiB, 'nbdcopy wrote 8 MiB of random data: 8 MiB counted');
   t.ok(b2.wr_operations - b1.wr_operations >= 2, 'in several requests');
   t.ok(b2.flush_operations - b1.flush_operations >= 1, 'nbdcopy --flush flushes at the end');
+
+  // fio: its own count of requests and bytes, from its JSON report.
+  const f1 = await stats('r0');
+  const fio = await runOk(t, 'fio', [
+    '--name=m', '--ioengine=nbd', `--uri=${uri}`, '--rw=randrw', '--rwmixread=50', '--bs=4k', '--iodepth=8',
+    '--size=4M', '--io_size=2M', '--randrepeat=1', '--output-format=json',
+  ]);
+  const job = (JSON.parse(fio.slice(fio.indexOf('{'))) as { jobs: Array<{ read: { io_bytes: number; total_ios: number }; write: { io_bytes: number; total_ios: number } }> }).jobs[0];
+  const f2 = await stats('r0');
+  t.ok(job.write.total_ios > 0 && job.read.total_ios > 0, 'fio did reads and writes');
+  t.equal(f2.wr_operations - f1.wr_operations, job.write.total_ios, "writes: fio's count");
+  t.equal(f2.wr_bytes - f1.wr_bytes, job.write.io_bytes, "write bytes: fio's count");
+  t.equal(f2.rd_operations - f1.rd_operations, job.read.total_ios, "reads: fio's count");
+  t.equal(f2.rd_bytes - f1.rd_bytes, job.read.io_bytes, "read bytes: fio's count");
 
   // qemu-io through the qcow2 export: the qcow2 node sees exactly the guest I/O; its file sees metadata too.
   // (Reads stay within written data: the NBD server answers holes from block status without reading.)

@@ -37,7 +37,7 @@ function sample(text: string, name: string, labels: Record<string, string>): num
   return undefined;
 }
 
-async function promtool(t: { equal(a: unknown, b: unknown, message?: string): unknown }, text: string): Promise<void> {
+async function promtool(t: { equal(a: unknown, b: unknown, message: string): unknown }, text: string): Promise<void> {
   const r = await run('promtool', ['check', 'metrics'], { input: text });
   t.equal(r.code, 0, `promtool check metrics: ${r.stdout}${r.stderr}`);
   t.equal(r.stdout + r.stderr, '', 'no lint findings');

@@ -64,7 +64,7 @@ async function schemaOf(t: Tap, who: 'qsd' | 'vdisk'): Promise<{ schema: Schema;
   if (who === 'qsd') await w.ok('quit').catch(() => undefined);
   return { schema: new Schema(list), commands };
 }
-type Tap = Parameters<Parameters<typeof t.test>[1]>[0];
+type Tap = Parameters<typeof startQsd>[0];
 
 t.test('query-qmp-schema, probed as libvirt does and compared with qemu-storage-daemon', async (t) => {
   if (!requireTools(t, 'qemu-storage-daemon')) return;

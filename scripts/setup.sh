@@ -14,7 +14,9 @@ mode="${1:-run}"
 packages=(g++ make python3)
 # The tests' peers: nobody here wrote them.
 # gnutls-bin's certtool and psktool make the TLS tests' certificates and keys.
-# prometheus brings promtool, which checks the --metrics output (test/metrics).
+# prometheus brings promtool, which checks the --metrics output (test/metrics); Debian has no
+# promtool-only package, and on a machine run by systemd the package also enables a Prometheus
+# server on :9090 (systemctl disable --now prometheus if it is not wanted).
 # busybox-static and cpio go into the initramfs of the guest that test/guest boots
 # (scripts/build-guest.sh, which fetches Debian's kernel package itself;
 # scripts/build-install-media.sh fetches what the OS-install guest installs).

@@ -21,6 +21,7 @@ import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
 import { type Chardev, daemonize, parseChardev, parseMonitor, reportDaemonError, reportDaemonReady, takeDaemonizeStatus } from './qsd-options.js';
 import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyEnabled, notifyStopping, stoppingNotified } from '../systemd.js';
+import { MetricsServer, parseMetricsAddress } from '../metrics/server.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
@@ -43,7 +44,8 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
                       (loopback only) or fd:NAME (a socket systemd passed, by its
                       LISTEN_FDNAMES name or fd number); repeat for several
   --config FILE       one JSON document: {"object": [...], "blockdev": [...], "nbd-server": [...],
-                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
+                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "...",
+                      "metrics": "127.0.0.1:PORT"}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
   --size SIZE         size of a new default disk (default: 10G)
   --port PORT         TCP port of the embedded default (default: 10809)
@@ -55,6 +57,8 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
                       a QMP monitor on that chardev (as --qmp)
   --daemonize         run in the background; the command exits 0 once serving
                       (pidfile written), or 1 with the error that stopped it
+  --metrics ADDR      Prometheus endpoint GET /metrics on 127.0.0.1:PORT (loopback only) or
+                      unix:PATH (docs/metrics.md)
   --log-level LEVEL   error, warn, info (default) or debug
   --log-format FMT    json, human or journal (default: human on a terminal, else json;
                       journal is json with sd-daemon <N> priority prefixes, added by
@@ -92,6 +96,7 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
       monitor: { type: 'string', multiple: true },
       daemonize: { type: 'boolean' },
       config: { type: 'string' },
+      metrics: { type: 'string' },
       'log-level': { type: 'string' },
       'log-format': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -143,6 +148,8 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   // Absolute: a daemonized vdisk moves to / once serving, and removes its pidfile at stop.
   const pidfile = pidfileArg === undefined ? undefined : path.resolve(pidfileArg);
   const qmp = new QmpServer(daemon, QMP_COMMANDS);
+  const metricsText = values.metrics ?? (config?.metrics as string | undefined);
+  let metrics: MetricsServer | undefined;
   try {
     if (config) await setUpFromConfig(daemon, qmp, values.config!, config);
     if (explicit) await setUpFromOptions(daemon, values.object ?? [], values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
@@ -152,15 +159,25 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
       const addr = chardevs.get(m.chardev)!.addr;
       await withLabel('--monitor', m.text, () => qmp.listen(addr, false, { pretty: m.pretty }));
     }
+    if (metricsText !== undefined) {
+      if (typeof metricsText !== 'string') throw new VdiskError('EINVAL', `--config ${values.config}: 'metrics' must be a string HOST:PORT or unix:PATH`);
+      metrics = await MetricsServer.start(daemon, parseMetricsAddress(metricsText));
+    }
     checkListenFdsUsed();
     if (pidfile) writePidfile(pidfile);
   } catch (err) {
+    await metrics?.close().catch(() => undefined);
     await qmp.close().catch(() => undefined);
     await daemon.shutdown().catch(() => undefined);
     throw err;
   }
 
   printEndpoints(daemon, qmp, !explicit);
+  if (metrics) {
+    const ep = metrics.endpoint;
+    const curl = ep.startsWith('unix:') ? `curl --unix-socket ${ep.slice(5)} http://localhost/metrics` : `curl http://${ep}/metrics`;
+    process.stdout.write(`vdisk: metrics on ${ep}    try: ${curl}\n`);
+  }
   // Only now: every listener and mount is up and the pidfile written, so whatever systemd starts
   // after us (After=vdisk@x.service) finds the daemon answering.
   notify(`READY=1\nSTATUS=${servingStatus(daemon, qmp)}\nMAINPID=${process.pid}`);
@@ -171,6 +188,7 @@ async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   });
 
   await waitForStop(daemon, qmp);
+  await metrics?.close();
   if (pidfile) fs.rmSync(pidfile, { force: true });
   return 0;
 }
@@ -194,7 +212,7 @@ function readConfig(file: string): Record<string, unknown> {
     throw new VdiskError('EINVAL', `--config ${file}: ${(err as Error).message}`);
   }
   if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw new VdiskError('EINVAL', `--config ${file}: expected a JSON object`);
-  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile'];
+  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile', 'metrics'];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new VdiskError('EINVAL', `--config ${file}: unknown key '${key}' (expected ${known.join(', ')})`);
   }

@@ -10,7 +10,7 @@ import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode, NodeUser } from '../block/node.js';
-import { type InputMode, type Members, bool, check, enumOf, str } from '../qapi/schema.js';
+import { type InputMode, type Members, type Type, bool, check, enumOf, str, union } from '../qapi/schema.js';
 
 /** What a protocol does for one of its exports. */
 export interface ExportHandle {
@@ -84,6 +84,13 @@ export class ExportRegistry extends EventEmitter {
 
   private schemaMembers(type: string): Members {
     return { type: enumOf('BlockExportType', [...this.drivers.keys()]), ...BASE_MEMBERS, ...(this.drivers.get(type)?.members ?? {}) };
+  }
+
+  /** BlockExportOptions as a union on 'type' (what query-qmp-schema shows for block-export-add). */
+  optionsType(): Type {
+    const branches: Record<string, Members> = {};
+    for (const d of this.drivers.values()) branches[d.type] = d.members;
+    return union('BlockExportOptions', { type: enumOf('BlockExportType', [...this.drivers.keys()]), ...BASE_MEMBERS }, 'type', branches);
   }
 
   /** block-export-add. */

@@ -16,6 +16,7 @@
  *   pool, so the event loop never waits on a mount), plain read(2)/write(2)
  *   on /dev/fuse, and a uv_poll watcher that calls JavaScript on the event
  *   loop when /dev/fuse has requests.
+ * - sd_notify(3)'s datagram to $NOTIFY_SOCKET (node:net has no datagram unix sockets).
  *
  * Every function returns a negative errno on failure rather than throwing: the
  * JavaScript side turns it into a VdiskError with the right errno name, and
@@ -35,6 +36,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/un.h>
+#include <stddef.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -563,6 +566,45 @@ static napi_value js_unwatch_fd(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* ---- systemd ------------------------------------------------------------- */
+
+/* sdNotify(socketPath, message) -> 0 | -errno
+ * One datagram to $NOTIFY_SOCKET, as sd_notify(3) sends it: Node has no unix
+ * datagram sockets. A path starting with '@' is in the abstract namespace
+ * (the '@' becomes a NUL byte and the address is exactly as long as the name,
+ * as libsystemd does). */
+static napi_value js_sd_notify(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  size_t path_len = 0, msg_len = 0;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &path_len) != napi_ok ||
+      napi_get_value_string_utf8(env, argv[1], NULL, 0, &msg_len) != napi_ok)
+    return make_i64(env, -EINVAL);
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  if (path_len == 0 || path_len >= sizeof sa.sun_path) return make_i64(env, -EINVAL);
+  if (path[0] != '/' && path[0] != '@') return make_i64(env, -EAFNOSUPPORT);
+  memcpy(sa.sun_path, path, path_len);
+  if (path[0] == '@') sa.sun_path[0] = 0;
+  socklen_t sa_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len + (path[0] == '@' ? 0 : 1));
+  char *msg = malloc(msg_len + 1);
+  if (!msg) return make_i64(env, -ENOMEM);
+  napi_get_value_string_utf8(env, argv[1], msg, msg_len + 1, &msg_len);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    free(msg);
+    return make_i64(env, -errno);
+  }
+  ssize_t n = sendto(fd, msg, msg_len, MSG_NOSIGNAL, (struct sockaddr *)&sa, sa_len);
+  int err = n < 0 ? errno : 0;
+  close(fd);
+  free(msg);
+  return make_i64(env, -err);
+}
+
 /* ---- module -------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -582,6 +624,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"umountSync", NULL, js_umount_sync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"watchFd", NULL, js_watch_fd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"unwatchFd", NULL, js_unwatch_fd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sdNotify", NULL, js_sd_notify, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0],
                              props) != napi_ok)

@@ -14,10 +14,13 @@ mode="${1:-run}"
 packages=(g++ make python3)
 # The tests' peers: nobody here wrote them.
 # gnutls-bin's certtool and psktool make the TLS tests' certificates and keys.
+# prometheus brings promtool, which checks the --metrics output (test/metrics); Debian has no
+# promtool-only package, and on a machine run by systemd the package also enables a Prometheus
+# server on :9090 (systemctl disable --now prometheus if it is not wanted).
 # busybox-static and cpio go into the initramfs of the guest that test/guest boots
 # (scripts/build-guest.sh, which fetches Debian's kernel package itself;
 # scripts/build-install-media.sh fetches what the OS-install guest installs).
-test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin)
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd prometheus)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
   run) ;;

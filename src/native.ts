@@ -33,6 +33,8 @@ export interface VdiskNative {
   /** Calls callback(status) on the event loop whenever fd is readable. */
   watchFd(fd: number, callback: (status: number) => void): object;
   unwatchFd(handle: object): void;
+  /** One sd_notify datagram to a unix socket path or '@abstract' name. */
+  sdNotify(socketPath: string, message: string): number;
 }
 
 export const Op = {

@@ -28,7 +28,7 @@ import {
 import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { probeFormat } from '../block/drivers/index.js';
+import { isNbdUri, probeImageFormat, protocolBlockdev } from '../block/image-name.js';
 import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
 import { createImage } from '../cli/img/create.js';
 import type { Daemon } from '../daemon.js';
@@ -339,15 +339,16 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
     if (backingFile !== undefined && format !== 'qcow2') backingFile = undefined;
     await createImage({ format, filename, size: source.size, backingFile, backingFormat }, { openBacking: false });
   } else {
-    if (!fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
-    format ??= probeFormat(filename);
+    // An existing target may be an NBD export (nbd://, nbd+unix://), as QEMU's drive-backup allows.
+    if (!isNbdUri(filename) && !fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
+    format ??= await probeImageFormat(filename);
   }
   if (format !== 'raw' && format !== 'qcow2') throw new VdiskError('EINVAL', `Unknown driver '${format}'`);
   const options: Record<string, unknown> = {
     driver: format,
     discard: 'unmap',
     'detect-zeroes': 'unmap',
-    file: { driver: 'file', filename: path.resolve(filename) },
+    file: isNbdUri(filename) ? protocolBlockdev(filename) : { driver: 'file', filename: path.resolve(filename) },
   };
   // sync=none and sync=top targets, new or existing, get the source (none) or the source's backing
   // node (top) as their backing, as QEMU's drive-backup does (it opens them with no backing, then

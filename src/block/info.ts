@@ -56,8 +56,8 @@ export function imageInfo(node: BlockNode, filename: string = node.filename, bac
   if (!(node instanceof Qcow2Node)) {
     const i: Partial<ImageInfo> = { 'virtual-size': node.size, filename, format: node.driverName };
     if (actual !== undefined) i['actual-size'] = actual;
-    // Only drivers with QEMU's get_info report a dirty flag.
-    if (DRIVERS_WITH_INFO.has(node.driverName)) i['dirty-flag'] = false;
+    // Only drivers with QEMU's get_info report a dirty flag; raw asks its file, and nbd has none.
+    if (DRIVERS_WITH_INFO.has(node.driverName) && (node.driverName !== 'raw' || DRIVERS_WITH_INFO.has(node.child('file')?.driverName ?? ''))) i['dirty-flag'] = false;
     const persistent = node.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined);
     if (persistent.length) {
       i['x-bitmaps'] = persistent.map((b) => ({

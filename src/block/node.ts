@@ -24,6 +24,7 @@
  */
 import { VdiskError, invalid, toVdiskError } from '../errors.js';
 import type { BitmapDriverHooks, DirtyBitmap } from './dirty-bitmap.js';
+import { IoStats, Op } from '../metrics/stats.js';
 
 /** Request flags, a bitmask so no object is allocated per request. */
 export const ReqFlags = {
@@ -153,6 +154,12 @@ export abstract class BlockNode {
   detectZeroes: 'off' | 'on' | 'unmap' = 'off';
   /** The length in bytes; drivers set it when they open and truncate. */
   protected length = 0;
+  /**
+   * What this node was asked to do (query-blockstats, --metrics): counted by
+   * the public request methods below, so every caller (exports, parents,
+   * jobs) is seen once per request, whatever the driver does inside.
+   */
+  readonly stats = new IoStats();
 
   private inFlight = 0;
   /** Set while quiesced: writes wait for it before they start. */
@@ -305,14 +312,17 @@ export abstract class BlockNode {
 
   /** Reads buf.length bytes at offset into buf. */
   async read(offset: number, buf: Buffer, _flags: number = 0): Promise<void> {
-    this.checkRange('read', offset, buf.length, false);
+    this.checkRange('read', offset, buf.length, false, Op.Read);
     if (buf.length === 0) return;
+    const start = performance.now();
     this.inFlight++;
     try {
       if (this.announcesIo) this.primaryChild?.debugEvent('read_aio');
       if (this.isAligned(offset, buf.length)) await this.readSplit(offset, buf);
       else await this.readUnaligned(offset, buf);
+      this.stats.done(Op.Read, buf.length, start);
     } catch (err) {
+      this.stats.fail(Op.Read);
       throw toVdiskError(err, `read at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.requestDone();
@@ -321,11 +331,13 @@ export abstract class BlockNode {
 
   /** Writes buf at offset. With ReqFlags.FUA the data is durable when this settles. */
   async write(offset: number, buf: Buffer, flags: number = 0): Promise<void> {
-    this.checkRange('write', offset, buf.length, true);
+    this.checkRange('write', offset, buf.length, true, Op.Write);
     if (buf.length === 0) return;
     if (this.detectZeroes !== 'off' && isAllZero(buf)) {
       return this.writeZeroes(offset, buf.length, (flags & ReqFlags.FUA) | (this.detectZeroes === 'unmap' ? ReqFlags.MAY_UNMAP : 0));
     }
+    // From here on, as in QEMU's accounting, the time a write waits at a quiesced node counts.
+    const start = performance.now();
     while (this.writeGate) await this.writeGate;
     let settled: Array<() => void> | undefined;
     this.inFlight++;
@@ -348,7 +360,9 @@ export abstract class BlockNode {
       }
       if (offset + buf.length > this.length) this.grow(offset + buf.length);
       this.debugEvent('pwritev_done');
+      this.wrote(offset + buf.length, buf.length, start);
     } catch (err) {
+      this.stats.fail(Op.Write);
       throw toVdiskError(err, `write at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, buf.length);
@@ -363,8 +377,9 @@ export abstract class BlockNode {
    * not compress is written normally by the driver.
    */
   async writeCompressed(offset: number, buf: Buffer): Promise<void> {
-    this.checkRange('write', offset, buf.length, true);
+    this.checkRange('write', offset, buf.length, true, Op.Write);
     if (buf.length === 0) return;
+    const start = performance.now();
     while (this.writeGate) await this.writeGate;
     let settled: Array<() => void> | undefined;
     this.inFlight++;
@@ -372,7 +387,9 @@ export abstract class BlockNode {
       if (this.beforeWrite.length) settled = await this.runBeforeWrite(offset, buf.length);
       await this.doWriteCompressed(offset, buf);
       if (offset + buf.length > this.length) this.grow(offset + buf.length);
+      this.wrote(offset + buf.length, buf.length, start);
     } catch (err) {
+      this.stats.fail(Op.Write);
       throw toVdiskError(err, `compressed write at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, buf.length);
@@ -393,9 +410,11 @@ export abstract class BlockNode {
 
   /** Makes a range read as zeroes; MAY_UNMAP allows deallocation, NO_FALLBACK refuses slow paths. */
   async writeZeroes(offset: number, length: number, flags: number = 0): Promise<void> {
-    this.checkRange('write-zeroes', offset, length, true);
+    this.checkRange('write-zeroes', offset, length, true, Op.Write);
     if (length === 0) return;
     if (!this.discardEnabled) flags &= ~ReqFlags.MAY_UNMAP;
+    // A write of zeroes is a write to QEMU's accounting (virtio-blk and scsi count it so).
+    const start = performance.now();
     while (this.writeGate) await this.writeGate;
     let settled: Array<() => void> | undefined;
     this.inFlight++;
@@ -423,7 +442,9 @@ export abstract class BlockNode {
           if (tail) await this.writeUnaligned(bodyEnd, zeroes(tail), flags);
         }
       }
+      this.wrote(offset + length, length, start);
     } catch (err) {
+      this.stats.fail(Op.Write);
       throw toVdiskError(err, `write-zeroes at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, length);
@@ -434,8 +455,14 @@ export abstract class BlockNode {
 
   /** Tells the node a range is no longer needed; reads of it afterwards are unspecified. */
   async discard(offset: number, length: number): Promise<void> {
-    this.checkRange('discard', offset, length, true);
-    if (length === 0 || !this.discardEnabled) return;
+    this.checkRange('discard', offset, length, true, Op.Unmap);
+    if (length === 0) return;
+    const t0 = performance.now();
+    if (!this.discardEnabled) {
+      // Asked and answered (discard=ignore drops it, as QEMU): it counts as done.
+      this.stats.done(Op.Unmap, length, t0);
+      return;
+    }
     while (this.writeGate) await this.writeGate;
     let settled: Array<() => void> | undefined;
     this.inFlight++;
@@ -446,7 +473,9 @@ export abstract class BlockNode {
       const start = Math.ceil(offset / a) * a;
       const end = Math.floor((offset + length) / a) * a;
       if (end > start) await this.doDiscard(start, end - start);
+      this.stats.done(Op.Unmap, length, t0);
     } catch (err) {
+      this.stats.fail(Op.Unmap);
       throw toVdiskError(err, `discard at ${offset} on node '${this.nodeName}'`);
     } finally {
       this.markDirty(offset, length);
@@ -457,7 +486,11 @@ export abstract class BlockNode {
 
   /** Makes every completed write durable, on this node and every node below it. */
   async flush(): Promise<void> {
-    if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
+    if (this.closed) {
+      this.stats.invalid[Op.Flush]++;
+      throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
+    }
+    const start = performance.now();
     this.inFlight++;
     const gen = this.writeGen;
     try {
@@ -472,7 +505,9 @@ export abstract class BlockNode {
       const kids = this.flushedChildren;
       if (kids.length === 1) await kids[0].node.flush();
       else if (kids.length > 1) await Promise.all(kids.map((c) => c.node.flush()));
+      this.stats.done(Op.Flush, 0, start);
     } catch (err) {
+      this.stats.fail(Op.Flush);
       throw toVdiskError(err, `flush on node '${this.nodeName}'`);
     } finally {
       this.requestDone();
@@ -606,7 +641,20 @@ export abstract class BlockNode {
 
   // ---- helpers for the request path ---------------------------------------
 
-  private checkRange(op: string, offset: number, length: number, isWrite: boolean): void {
+  private checkRange(op: string, offset: number, length: number, isWrite: boolean, acct?: Op): void {
+    if (
+      !Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0 ||
+      (offset + length > this.length && !(this.growable && offset + length <= MAX_OFFSET)) ||
+      this.closed || (isWrite && this.readOnly)
+    ) {
+      // Refused before it started: QEMU's invalid_*_operations.
+      if (acct !== undefined) this.stats.invalid[acct]++;
+      this.rangeError(op, offset, length, isWrite);
+    }
+  }
+
+  /** Throws the error checkRange found (kept out of checkRange so the common path stays small). */
+  private rangeError(op: string, offset: number, length: number, isWrite: boolean): void {
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
       throw invalid(`${op} on node '${this.nodeName}': offset ${offset} and length ${length} must be non-negative integers below 2^53`);
     }
@@ -615,6 +663,12 @@ export abstract class BlockNode {
     }
     if (this.closed) throw new VdiskError('ESHUTDOWN', `node '${this.nodeName}' is closed`);
     if (isWrite && this.readOnly) throw new VdiskError('EROFS', `node '${this.nodeName}' is read-only`);
+  }
+
+  /** Accounts a successful write-like request ending at `end`. */
+  private wrote(end: number, length: number, start: number): void {
+    if (end > this.stats.wrHighestOffset) this.stats.wrHighestOffset = end;
+    this.stats.done(Op.Write, length, start);
   }
 
   private isAligned(offset: number, length: number): boolean {

@@ -10,13 +10,10 @@
  * "qemu-io> " prompt until end of input or `quit`.
  */
 import readline from 'node:readline';
-import { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { isQcow2 } from '../block/drivers/qcow2/format.js';
 import { VdiskError } from '../errors.js';
 import { runIoCommand, splitCommandLine } from '../io/index.js';
-import { isNbdUri, parseNbdUri } from '../nbd/client.js';
-import { cacheMode, checkFormat, openImage } from './img/image.js';
+import { cacheMode, openImage } from './img/image.js';
 
 export const IO_USAGE = `Usage: vdisk io [OPTIONS]... [-c STRING]... FILENAME
 qemu-io's commands on a disk image or an NBD export
@@ -148,29 +145,7 @@ interface Opened {
   close(): Promise<void>;
 }
 
-/** Opens an NBD URI: the client node, and on it the format (given, or probed from the first bytes as qemu-io does). */
-async function openNbd(uri: string, args: IoArgs): Promise<Opened> {
-  const { server, exportName } = parseNbdUri(uri);
-  const graph = new BlockGraph();
-  try {
-    const proto = await graph.add({ driver: 'nbd', 'node-name': 'io-nbd', server, export: exportName, 'read-only': args.readOnly, discard: args.discard });
-    let format = args.format;
-    if (format === undefined) {
-      const magic = Buffer.alloc(4);
-      if (proto.size >= 4) await proto.read(0, magic);
-      format = isQcow2(magic) ? 'qcow2' : 'raw';
-    }
-    checkFormat(format);
-    const node = await graph.add({ driver: format, 'node-name': 'io0', file: 'io-nbd', 'read-only': args.readOnly, discard: args.discard });
-    return { node, close: () => graph.closeAll() };
-  } catch (err) {
-    await graph.closeAll();
-    throw err;
-  }
-}
-
 async function openTarget(filename: string, args: IoArgs): Promise<Opened> {
-  if (isNbdUri(filename)) return openNbd(filename, args);
   const cache = cacheMode(args.cache, 'writeback');
   const img = await openImage(filename, {
     format: args.format,

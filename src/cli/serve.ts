@@ -13,12 +13,15 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Daemon } from '../daemon.js';
 import { VdiskError } from '../errors.js';
-import { LOG_LEVELS, type LogLevel, flushLog, logEvent, setLogFormat, setLogLevel } from '../log.js';
+import { LOG_LEVELS, type LogFormat, type LogLevel, flushLog, logEvent, setLogFormat, setLogLevel } from '../log.js';
 import { checkNbdServerOptions } from '../nbd/server.js';
 import { parseOptionArg } from '../qapi/keyval.js';
 import { parseSize } from '../qapi/schema.js';
 import { QMP_COMMANDS } from '../qmp/commands/index.js';
 import { QmpServer, parseQmpAddress } from '../qmp/server.js';
+import { type Chardev, daemonize, parseChardev, parseMonitor, reportDaemonError, reportDaemonReady, takeDaemonizeStatus } from './qsd-options.js';
+import { checkListenFdsUsed, initListenFds, initNotify, notify, notifyEnabled, notifyStopping, stoppingNotified } from '../systemd.js';
+import { MetricsServer, parseMetricsAddress } from '../metrics/server.js';
 
 export const SERVE_USAGE = `Usage: vdisk serve [options]
 
@@ -35,23 +38,48 @@ as JSON or as dotted key=value lists, like qemu-storage-daemon):
   --export OPTS       add an export, e.g. type=nbd,id=e0,node-name=f0,writable=on
   --nbd-server OPTS   listen for NBD clients, e.g. addr.type=unix,addr.path=/run/vdisk.sock
                       (repeat to listen on several addresses); tls-creds=ID makes clients
-                      use TLS, tls-authz=ID says which of them may connect
-  --qmp ADDR          QMP control port: unix:PATH (created mode 0600) or tcp:HOST:PORT
-                      (loopback only); repeat for several
+                      use TLS, tls-authz=ID says which of them may connect;
+                      addr.type=fd,addr.str=NAME serves the sockets systemd passed as NAME
+  --qmp ADDR          QMP control port: unix:PATH (created mode 0600), tcp:HOST:PORT
+                      (loopback only) or fd:NAME (a socket systemd passed, by its
+                      LISTEN_FDNAMES name or fd number); repeat for several
   --config FILE       one JSON document: {"object": [...], "blockdev": [...], "nbd-server": [...],
-                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "..."}
+                      "export": [...], "qmp": ["unix:PATH"], "pidfile": "...",
+                      "metrics": "127.0.0.1:PORT"}
   --data-dir DIR      directory of the embedded default (default: ./vdisk-data)
   --size SIZE         size of a new default disk (default: 10G)
   --port PORT         TCP port of the embedded default (default: 10809)
-  --pidfile FILE      write the process id here once serving
+  --pidfile FILE      write the process id here once serving (removed at stop)
+  --chardev socket,id=ID,path=PATH,server=on,wait=off
+                      a socket for --monitor (qemu-storage-daemon's syntax; also
+                      host=HOST,port=PORT on loopback, or fd=N|NAME)
+  --monitor [chardev=]ID[,mode=control][,pretty=on|off]
+                      a QMP monitor on that chardev (as --qmp)
+  --daemonize         run in the background; the command exits 0 once serving
+                      (pidfile written), or 1 with the error that stopped it
+  --metrics ADDR      Prometheus endpoint GET /metrics on 127.0.0.1:PORT (loopback only) or
+                      unix:PATH (docs/metrics.md)
   --log-level LEVEL   error, warn, info (default) or debug
-  --log-format FMT    json or human (default: human on a terminal, else json)
+  --log-format FMT    json, human or journal (default: human on a terminal, else json;
+                      journal is json with sd-daemon <N> priority prefixes, added by
+                      itself when stderr is journald's stream, JOURNAL_STREAM)
 `;
 
 const DEFAULT_PORT = 10809;
 const DEFAULT_SIZE = 10 * 1024 ** 3;
 
 export async function serveCommand(argv: string[]): Promise<number> {
+  // In a --daemonize child, every start-up error goes to the waiting parent: stderr is /dev/null.
+  const daemonChild = takeDaemonizeStatus();
+  try {
+    return await serve(argv, daemonChild);
+  } catch (err) {
+    reportDaemonError((err as Error).message);
+    throw err;
+  }
+}
+
+async function serve(argv: string[], daemonChild: boolean): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -64,7 +92,11 @@ export async function serveCommand(argv: string[]): Promise<number> {
       port: { type: 'string' },
       pidfile: { type: 'string' },
       qmp: { type: 'string', multiple: true },
+      chardev: { type: 'string', multiple: true },
+      monitor: { type: 'string', multiple: true },
+      daemonize: { type: 'boolean' },
       config: { type: 'string' },
+      metrics: { type: 'string' },
       'log-level': { type: 'string' },
       'log-format': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -83,9 +115,25 @@ export async function serveCommand(argv: string[]): Promise<number> {
     setLogLevel(values['log-level'] as LogLevel);
   }
   if (values['log-format'] !== undefined) {
-    if (values['log-format'] !== 'json' && values['log-format'] !== 'human') throw new VdiskError('EINVAL', '--log-format: expected json or human');
-    setLogFormat(values['log-format']);
+    if (!['json', 'human', 'journal'].includes(values['log-format'])) throw new VdiskError('EINVAL', '--log-format: expected json, human or journal');
+    setLogFormat(values['log-format'] as LogFormat);
   }
+
+  // qemu-storage-daemon's monitors: checked before anything starts, as every other option.
+  const chardevs = new Map<string, Chardev>();
+  for (const text of values.chardev ?? []) {
+    const c = parseChardev(text);
+    if (chardevs.has(c.id)) throw new VdiskError('EEXIST', `--chardev ${text}: attempt to add duplicate property '${c.id}' to object (type 'container')`);
+    chardevs.set(c.id, c);
+  }
+  const monitors = (values.monitor ?? []).map((text) => ({ text, ...parseMonitor(text, chardevs) }));
+  if (values.daemonize && !daemonChild) return daemonize(argv);
+
+  // Read once, before anything else, and taken out of the environment (see src/systemd.ts).
+  initListenFds();
+  initNotify();
+  // Opening a long backing chain or a big bitmap can take a while: `systemctl status` says so.
+  notify('STATUS=starting: opening images, then listeners');
 
   // One failed promise nobody awaited must not take every export down: log it and keep serving.
   process.on('unhandledRejection', (err) => logEvent('error', 'internal-error', { error: (err as Error)?.stack ?? String(err) }));
@@ -95,26 +143,64 @@ export async function serveCommand(argv: string[]): Promise<number> {
   process.on('SIGHUP', () => logEvent('info', 'signal-ignored', { signal: 'SIGHUP', why: 'vdisk stops on SIGTERM, SIGINT or QMP quit' }));
   const daemon = new Daemon();
   const config = values.config === undefined ? undefined : readConfig(values.config);
-  const explicit = values.object || values.blockdev || values.export || values['nbd-server'] || values.qmp || config;
-  const pidfile = values.pidfile ?? (config?.pidfile as string | undefined);
+  const explicit = values.object || values.blockdev || values.export || values['nbd-server'] || values.qmp || values.chardev || values.monitor || config;
+  const pidfileArg = values.pidfile ?? (config?.pidfile as string | undefined);
+  // Absolute: a daemonized vdisk moves to / once serving, and removes its pidfile at stop.
+  const pidfile = pidfileArg === undefined ? undefined : path.resolve(pidfileArg);
   const qmp = new QmpServer(daemon, QMP_COMMANDS);
+  const metricsText = values.metrics ?? (config?.metrics as string | undefined);
+  let metrics: MetricsServer | undefined;
   try {
     if (config) await setUpFromConfig(daemon, qmp, values.config!, config);
     if (explicit) await setUpFromOptions(daemon, values.object ?? [], values.blockdev ?? [], values['nbd-server'] ?? [], values.export ?? []);
     else await setUpDefault(daemon, values['data-dir'] ?? 'vdisk-data', values.size, values.port);
     for (const text of values.qmp ?? []) await withLabel('--qmp', text, () => qmp.listen(parseQmpAddress(text)));
+    for (const m of monitors) {
+      const addr = chardevs.get(m.chardev)!.addr;
+      await withLabel('--monitor', m.text, () => qmp.listen(addr, false, { pretty: m.pretty }));
+    }
+    if (metricsText !== undefined) {
+      if (typeof metricsText !== 'string') throw new VdiskError('EINVAL', `--config ${values.config}: 'metrics' must be a string HOST:PORT or unix:PATH`);
+      metrics = await MetricsServer.start(daemon, parseMetricsAddress(metricsText));
+    }
+    checkListenFdsUsed();
+    if (pidfile) writePidfile(pidfile);
   } catch (err) {
+    await metrics?.close().catch(() => undefined);
     await qmp.close().catch(() => undefined);
     await daemon.shutdown().catch(() => undefined);
     throw err;
   }
 
-  if (pidfile) fs.writeFileSync(pidfile, `${process.pid}\n`);
   printEndpoints(daemon, qmp, !explicit);
+  if (metrics) {
+    const ep = metrics.endpoint;
+    const curl = ep.startsWith('unix:') ? `curl --unix-socket ${ep.slice(5)} http://localhost/metrics` : `curl http://${ep}/metrics`;
+    process.stdout.write(`vdisk: metrics on ${ep}    try: ${curl}\n`);
+  }
+  // Only now: every listener and mount is up and the pidfile written, so whatever systemd starts
+  // after us (After=vdisk@x.service) finds the daemon answering.
+  notify(`READY=1\nSTATUS=${servingStatus(daemon, qmp)}\nMAINPID=${process.pid}`);
+  reportDaemonReady();
+  // Exports added or removed over QMP: `systemctl status` keeps saying what is served.
+  if (notifyEnabled()) daemon.exports.on('changed', () => {
+    if (!stoppingNotified()) notify(`STATUS=${servingStatus(daemon, qmp)}`);
+  });
 
   await waitForStop(daemon, qmp);
+  await metrics?.close();
   if (pidfile) fs.rmSync(pidfile, { force: true });
   return 0;
+}
+
+/** Written once every listener is up, so a script that waits for the file finds a daemon that answers. */
+function writePidfile(file: string): void {
+  try {
+    fs.writeFileSync(file, `${process.pid}\n`);
+  } catch (err) {
+    // qemu-storage-daemon's wording.
+    throw new VdiskError('EIO', `cannot create PID file: Could not create '${file}': ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'No such file or directory' : (err as Error).message}`);
+  }
 }
 
 /** --config FILE: one JSON document with the same objects as the options. */
@@ -126,7 +212,7 @@ function readConfig(file: string): Record<string, unknown> {
     throw new VdiskError('EINVAL', `--config ${file}: ${(err as Error).message}`);
   }
   if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw new VdiskError('EINVAL', `--config ${file}: expected a JSON object`);
-  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile'];
+  const known = ['object', 'blockdev', 'nbd-server', 'export', 'qmp', 'pidfile', 'metrics'];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new VdiskError('EINVAL', `--config ${file}: unknown key '${key}' (expected ${known.join(', ')})`);
   }
@@ -278,6 +364,17 @@ function printEndpoints(daemon: Daemon, qmp: QmpServer, isDefault: boolean): voi
   process.stdout.write(lines.join('\n') + '\n');
 }
 
+/** One line for `systemctl status`: what is served, where. */
+function servingStatus(daemon: Daemon, qmp: QmpServer): string {
+  const exports = daemon.exports.list();
+  const names = exports.map((e) => e.id);
+  const parts = [`serving ${exports.length} export${exports.length === 1 ? '' : 's'}${names.length ? ` (${names.slice(0, 4).join(', ')}${names.length > 4 ? ', ...' : ''})` : ''}`];
+  const nbd = daemon.nbdServer?.endpoints ?? [];
+  if (nbd.length) parts.push(`NBD on ${nbd.join(' ')}`);
+  if (qmp.endpoints.length) parts.push(`QMP on ${qmp.endpoints.join(' ')}`);
+  return parts.join('; ');
+}
+
 function formatSize(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
   let i = 0;
@@ -303,6 +400,7 @@ function waitForStop(daemon: Daemon, qmp: QmpServer): Promise<void> {
       }
       stopping = true;
       logEvent('info', 'stop-requested', why);
+      notifyStopping(`stopping (${why.signal ?? 'QMP quit'}): finishing requests in flight and flushing`);
       qmp
         .close()
         .then(() => daemon.shutdown())

@@ -10,7 +10,7 @@ import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode, NodeUser } from '../block/node.js';
-import { type InputMode, type Members, bool, check, enumOf, str } from '../qapi/schema.js';
+import { type InputMode, type Members, type Type, bool, check, enumOf, str, union } from '../qapi/schema.js';
 
 /** What a protocol does for one of its exports. */
 export interface ExportHandle {
@@ -86,6 +86,13 @@ export class ExportRegistry extends EventEmitter {
     return { type: enumOf('BlockExportType', [...this.drivers.keys()]), ...BASE_MEMBERS, ...(this.drivers.get(type)?.members ?? {}) };
   }
 
+  /** BlockExportOptions as a union on 'type' (what query-qmp-schema shows for block-export-add). */
+  optionsType(): Type {
+    const branches: Record<string, Members> = {};
+    for (const d of this.drivers.values()) branches[d.type] = d.members;
+    return union('BlockExportOptions', { type: enumOf('BlockExportType', [...this.drivers.keys()]), ...BASE_MEMBERS }, 'type', branches);
+  }
+
   /** block-export-add. */
   async add(rawOptions: unknown, mode: InputMode = 'json'): Promise<BlockExport> {
     const raw = rawOptions as Record<string, unknown>;
@@ -104,6 +111,8 @@ export class ExportRegistry extends EventEmitter {
     node.users.add(exp);
     this.exports.set(id, exp);
     logEvent('info', 'export-added', { id, type: exp.type, nodeName: node.nodeName, writable });
+    // Not a QMP event (QEMU has none for an added export): for the service manager's STATUS line.
+    this.emit('changed');
     return exp;
   }
 
@@ -128,6 +137,7 @@ export class ExportRegistry extends EventEmitter {
     exp.node.users.delete(exp);
     logEvent('info', 'export-deleted', { id: exp.id });
     this.emit('event', { event: 'BLOCK_EXPORT_DELETED', data: { id: exp.id } } satisfies ExportEvent);
+    this.emit('changed');
   }
 
   get(id: string): BlockExport | undefined {

@@ -697,7 +697,7 @@ export class NbdClientNode extends BlockNode {
   }
 
   protected override async doBlockStatus(offset: number, length: number): Promise<Extent> {
-    if (this.metaContextId === undefined) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1 };
+    if (this.metaContextId === undefined) return { length, flags: Status.DATA | Status.ALLOCATED, depth: 1, hostOffset: offset };
     const cached = this.fromCache(offset, length);
     if (cached) return cached;
     const generation = this.writeGeneration;
@@ -712,7 +712,7 @@ export class NbdClientNode extends BlockNode {
         this.statusCache.flags.push(ext[i + 1]);
       }
     }
-    return extentOf(Math.min(ext[0], length), ext[1]);
+    return extentOf(offset, Math.min(ext[0], length), ext[1]);
   }
 
   /** The next cached extent when it starts exactly at offset (a caller walking the disk in order). */
@@ -723,7 +723,7 @@ export class NbdClientNode extends BlockNode {
     const flags = c.flags.shift()!;
     c.start += n;
     if (c.lengths.length === 0) this.statusCache = undefined;
-    return extentOf(Math.min(n, length), flags);
+    return extentOf(offset, Math.min(n, length), flags);
   }
 
   protected override async doClose(): Promise<void> {
@@ -743,13 +743,17 @@ export class NbdClientNode extends BlockNode {
   }
 }
 
-/** base:allocation flags as block status: not a hole = data, zero = zero; either makes it this node's (QEMU's nbd driver). */
-function extentOf(length: number, state: number): Extent {
+/**
+ * base:allocation flags as block status: not a hole = data, zero = zero; either makes it this
+ * node's. The offset in the export is always the place (QEMU's nbd driver: OFFSET_VALID), so
+ * `img map` shows it as qemu-img does.
+ */
+function extentOf(offset: number, length: number, state: number): Extent {
   let flags = 0;
   if (!(state & P.NBD_STATE_HOLE)) flags |= Status.DATA;
   if (state & P.NBD_STATE_ZERO) flags |= Status.ZERO;
   if (flags) flags |= Status.ALLOCATED;
-  return { length, flags, depth: flags ? 1 : 0 };
+  return { length, flags, depth: flags ? 1 : 0, hostOffset: offset };
 }
 
 /**

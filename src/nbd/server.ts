@@ -17,6 +17,7 @@ import { type Members, type Type, bool, check, enumOf, int, str, struct, union, 
 import type { ObjectRegistry } from '../objects/registry.js';
 import type { TlsCreds } from '../objects/tls-creds.js';
 import { NbdConnection } from './connection.js';
+import { checkSocketDirectory, takeListenFds, unixSocketPathOfFd } from '../systemd.js';
 import type { ExportedBitmap } from './meta.js';
 import { NBD_MAX_STRING, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP } from './protocol.js';
 
@@ -186,10 +187,19 @@ export class NbdServer {
 
   /** Listens on one more address (the server may have several). */
   async listen(addr: SocketAddress): Promise<void> {
+    if (addr.type !== 'fd') return this.listenOn(addr);
+    // A systemd .socket unit passes all its sockets under one name: serve every one of them.
+    for (const fd of takeListenFds(addr.str, 'nbd-server addr.type=fd')) await this.listenOn(addr, fd);
+  }
+
+  private async listenOn(addr: SocketAddress, fd?: number): Promise<void> {
     const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
     srv.maxConnections = this.maxConnections > 0 ? this.maxConnections : Infinity;
     const unixPath = addr.type === 'unix' ? unixSocketPath(addr) : '';
-    if (addr.type === 'unix' && !addr.abstract) await removeStaleSocket(addr.path);
+    if (addr.type === 'unix' && !addr.abstract) {
+      checkSocketDirectory(addr.path, 'nbd-server');
+      await removeStaleSocket(addr.path);
+    }
     // keep-alive=on: the kernel probes an idle client and ends the connection of one that is gone.
     const keepAlive = addr.type === 'inet' && addr['keep-alive'] === true;
     if (keepAlive) srv.on('connection', (socket: net.Socket) => socket.setKeepAlive(true));
@@ -201,7 +211,7 @@ export class NbdServer {
       });
       if (addr.type === 'unix') srv.listen(unixPath, resolve);
       else if (addr.type === 'inet') srv.listen({ host: addr.host, port: Number(addr.port) }, resolve);
-      else srv.listen({ fd: Number(addr.str) }, resolve);
+      else srv.listen({ fd }, resolve);
     });
     srv.on('error', (err) => logEvent('error', 'nbd-listener-error', { error: err.message }));
     this.listeners.push(srv);
@@ -215,11 +225,16 @@ export class NbdServer {
       const a = srv.address() as net.AddressInfo;
       endpoint = `tcp:${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`;
     } else {
-      endpoint = `fd:${addr.str}`;
+      // A passed socket is described by what it is bound to, so URIs and the exposure check work;
+      // its file (if any) belongs to whoever made it (systemd), so it is not removed at stop.
+      const a = srv.address();
+      const unix = typeof a === 'string' || !a ? (a || unixSocketPathOfFd(fd!)) : undefined;
+      endpoint = a && typeof a === 'object' ? `tcp:${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}` : unix ? `unix:${unix}` : `fd:${fd}`;
     }
     this.endpoints.push(endpoint);
     logEvent('info', 'nbd-server-listening', { address: endpoint, ...(keepAlive ? { keepAlive } : {}), maxConnections: this.maxConnections || 'unlimited', tls: this.tls ? this.tls.creds.id : 'off' });
-    if (addr.type === 'inet' && !isLoopback((srv.address() as net.AddressInfo).address)) {
+    const bound = srv.address();
+    if (bound && typeof bound === 'object' && !isLoopback(bound.address)) {
       this.exposed.push(endpoint);
       for (const e of this.exports.values()) if (e.writable) this.warnUnencrypted(e.name, [endpoint]);
     }

@@ -16,8 +16,8 @@ import { logEvent } from '../log.js';
 import type { Type } from '../qapi/schema.js';
 import type { Daemon, QmpEvent } from '../daemon.js';
 import { VERSION } from '../version.js';
-import { formatJson } from './json.js';
-import { QmpSessionCore, type QmpExecution } from './session-core.js';
+import { QmpSessionCore, formatLine, type QmpExecution } from './session-core.js';
+import { checkSocketDirectory, takeListenFds, unixSocketPathOfFd } from '../systemd.js';
 
 /** What a command handler gets. */
 export interface QmpContext {
@@ -36,22 +36,24 @@ export interface QmpCommand {
 /** The QEMU version vdisk's QMP presents (the one its commands and replies follow). */
 export const QMP_VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: `vdisk ${VERSION}` };
 
-export type QmpAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+export type QmpAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number } | { type: 'fd'; str: string };
 
-/** Parses --qmp's value: unix:PATH or tcp:HOST:PORT. */
+/** Parses --qmp's value: unix:PATH, tcp:HOST:PORT or fd:NAME (a socket systemd passed, by name or number). */
 export function parseQmpAddress(text: string): QmpAddress {
   if (text.startsWith('unix:') && text.length > 5) return { type: 'unix', path: text.slice(5) };
+  if (text.startsWith('fd:') && text.length > 3) return { type: 'fd', str: text.slice(3) };
   const m = /^tcp:(.*):(\d+)$/.exec(text);
   if (m) {
     const port = Number(m[2]);
     if (port > 65535) throw new VdiskError('EINVAL', `--qmp: port ${port} is out of range`);
     return { type: 'inet', host: m[1].replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port };
   }
-  throw new VdiskError('EINVAL', `--qmp: expected unix:PATH or tcp:HOST:PORT, not '${text}'`);
+  throw new VdiskError('EINVAL', `--qmp: expected unix:PATH, tcp:HOST:PORT or fd:NAME, not '${text}'`);
 }
 
 export class QmpServer {
   private readonly listeners: net.Server[] = [];
+  private readonly fdAddress = new Map<net.Server, string>();
   private readonly sessions = new Set<QmpSession>();
   private readonly commands = new Map<string, QmpCommand>();
   /** Called by 'quit' after its reply is on its way. */
@@ -69,6 +71,8 @@ export class QmpServer {
   /** Where the control port listens: unix:PATH or tcp:HOST:PORT. */
   get endpoints(): string[] {
     return this.listeners.map((l) => {
+      const passed = this.fdAddress.get(l);
+      if (passed) return passed;
       const a = l.address();
       return typeof a === 'string' ? `unix:${a}` : a ? `tcp:${a.address}:${a.port}` : '';
     });
@@ -83,12 +87,21 @@ export class QmpServer {
   }
 
   /** Listens on an address; a unix socket is created with mode 0600 (only its owner may control the daemon). */
-  async listen(addr: QmpAddress, allowRemote = false): Promise<net.Server> {
+  async listen(addr: QmpAddress, allowRemote = false, options: { pretty?: boolean } = {}): Promise<net.Server> {
+    if (addr.type === 'fd') {
+      // Several sockets may share one name (one .socket unit): listen on each.
+      let last: net.Server | undefined;
+      for (const fd of takeListenFds(addr.str, `--qmp fd:${addr.str}`)) last = await this.listenFd(fd, options.pretty === true);
+      return last!;
+    }
     if (addr.type === 'inet' && !allowRemote && !isLoopback(addr.host)) {
       throw new VdiskError('EPERM', `--qmp: refusing to listen on ${addr.host}: QMP has no authentication; use a loopback address or a unix socket`);
     }
-    const server = net.createServer((socket) => this.accept(socket));
-    if (addr.type === 'unix') await removeStaleSocket(addr.path);
+    const server = net.createServer((socket) => this.accept(socket, options.pretty === true));
+    if (addr.type === 'unix') {
+      checkSocketDirectory(addr.path, '--qmp');
+      await removeStaleSocket(addr.path);
+    }
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err) => reject(toVdiskError(err, `QMP listen on ${describe(addr)}`)));
       if (addr.type === 'unix') {
@@ -108,8 +121,29 @@ export class QmpServer {
     return server;
   }
 
-  private accept(socket: net.Socket): void {
-    const session = new QmpSession(this, socket);
+  /** A socket passed by systemd: its mode and owner are the .socket unit's (SocketMode=), its file is not ours to remove. */
+  private async listenFd(fd: number, pretty: boolean): Promise<net.Server> {
+    const server = net.createServer((socket) => this.accept(socket, pretty));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err) => reject(toVdiskError(err, `QMP listen on fd ${fd}`)));
+      server.listen({ fd }, () => resolve());
+    });
+    const a = server.address();
+    if (a && typeof a === 'object' && !isLoopback(a.address)) {
+      // The same rule as --qmp tcp:, whoever made the socket.
+      await new Promise<void>((r) => server.close(() => r()));
+      throw new VdiskError('EPERM', `--qmp: refusing to serve QMP on the passed socket fd ${fd} bound to ${a.address}:${a.port}: QMP has no authentication; bind it to a loopback address or use a unix socket`);
+    }
+    const unix = a && typeof a === 'object' ? undefined : a || unixSocketPathOfFd(fd);
+    const address = a && typeof a === 'object' ? `tcp:${a.address}:${a.port}` : unix ? `unix:${unix}` : `fd:${fd}`;
+    this.listeners.push(server);
+    this.fdAddress.set(server, address);
+    logEvent('info', 'qmp-listening', { address, fd });
+    return server;
+  }
+
+  private accept(socket: net.Socket, pretty: boolean): void {
+    const session = new QmpSession(this, socket, pretty);
     this.sessions.add(session);
     socket.once('close', () => this.sessions.delete(session));
   }
@@ -128,7 +162,7 @@ export class QmpServer {
     for (const l of this.listeners.splice(0)) {
       const addr = l.address();
       await new Promise<void>((r) => l.close(() => r()));
-      if (typeof addr === 'string') fs.rmSync(addr, { force: true });
+      if (typeof addr === 'string' && !this.fdAddress.has(l)) fs.rmSync(addr, { force: true });
     }
   }
 }
@@ -145,8 +179,10 @@ export class QmpSession {
   constructor(
     private readonly server: QmpServer,
     private readonly socket: net.Socket,
+    /** --monitor pretty=on: QEMU's indented JSON, for people reading the socket. */
+    private readonly pretty = false,
   ) {
-    this.core = new QmpSessionCore((name) => this.server.command(name), { QMP: { version: QMP_VERSION, capabilities: ['oob'] } });
+    this.core = new QmpSessionCore((name) => this.server.command(name), { QMP: { version: QMP_VERSION, capabilities: ['oob'] } }, pretty);
     socket.on('data', (data: Buffer) => {
       for (const a of this.core.push(data)) {
         if (a.type === 'send') {
@@ -174,7 +210,7 @@ export class QmpSession {
   }
 
   send(msg: unknown): void {
-    this.write(formatJson(msg) + '\r\n');
+    this.write(formatLine(msg, this.pretty));
   }
 
   sendEvent(msg: unknown): void {
@@ -210,6 +246,7 @@ function isLoopback(host: string): boolean {
 
 function describe(addr: QmpAddress, server?: net.Server): string {
   if (addr.type === 'unix') return `unix:${addr.path}`;
+  if (addr.type === 'fd') return `fd:${addr.str}`;
   const a = server?.address();
   const port = a && typeof a === 'object' ? a.port : addr.port;
   return `tcp:${addr.host}:${port}`;

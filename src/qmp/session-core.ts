@@ -43,10 +43,16 @@ export class QmpSessionCore {
     /** The argument schema of a command, or undefined if there is no such command. */
     private readonly lookup: (name: string) => { args: Type } | undefined,
     private readonly greetingValue: unknown,
+    /** --monitor pretty=on: QEMU's indented JSON, for people reading the socket. */
+    private readonly pretty = false,
   ) {}
 
   greeting(): string {
-    return line(this.greetingValue);
+    return this.line(this.greetingValue);
+  }
+
+  private line(msg: unknown): string {
+    return formatLine(msg, this.pretty);
   }
 
   /** Whether qmp_capabilities has been accepted (events are sent only then). */
@@ -58,7 +64,7 @@ export class QmpSessionCore {
     const out: QmpAction[] = [];
     const text = typeof data === 'string' ? data : this.decoder.write(data);
     for (const r of this.stream.feed(text)) {
-      if ('error' in r) out.push({ type: 'send', text: line({ error: { class: 'GenericError', desc: r.error } }) });
+      if ('error' in r) out.push({ type: 'send', text: this.line({ error: { class: 'GenericError', desc: r.error } }) });
       else out.push(this.handle(r.value));
     }
     return out;
@@ -66,21 +72,21 @@ export class QmpSessionCore {
 
   /** The reply to a command that succeeded. */
   reply(exec: QmpExecution, result: unknown): string {
-    return line(withId(exec.hasId, exec.id, { return: result ?? {} }));
+    return this.line(withId(exec.hasId, exec.id, { return: result ?? {} }));
   }
 
   /** The reply to a command that failed. */
   failure(exec: QmpExecution, desc: string, cls = 'GenericError'): string {
-    return line(withId(exec.hasId, exec.id, { error: { class: cls, desc } }));
+    return this.line(withId(exec.hasId, exec.id, { error: { class: cls, desc } }));
   }
 
   private handle(msg: unknown): QmpAction {
     if (typeof msg !== 'object' || msg === null || Array.isArray(msg)) {
-      return { type: 'send', text: line({ error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } }) };
+      return { type: 'send', text: this.line({ error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } }) };
     }
     const req = msg as Record<string, unknown>;
     const hasId = Object.hasOwn(req, 'id');
-    const fail = (desc: string, cls = 'GenericError'): QmpAction => ({ type: 'send', text: line(withId(hasId, req.id, { error: { class: cls, desc } })) });
+    const fail = (desc: string, cls = 'GenericError'): QmpAction => ({ type: 'send', text: this.line(withId(hasId, req.id, { error: { class: cls, desc } })) });
     for (const key of Object.keys(req)) {
       if (key !== 'execute' && key !== 'arguments' && key !== 'id' && !(key === 'exec-oob' && this.oob)) return fail(`QMP input member '${key}' is unexpected`);
     }
@@ -107,7 +113,7 @@ export class QmpSessionCore {
         return fail((err as Error).message);
       }
       this.negotiated = true;
-      return { type: 'send', text: line(withId(hasId, req.id, { return: {} })), negotiated: true };
+      return { type: 'send', text: this.line(withId(hasId, req.id, { return: {} })), negotiated: true };
     }
     if (!this.negotiated) return fail("Expecting capabilities negotiation with 'qmp_capabilities'", 'CommandNotFound');
     const command = this.lookup(name);
@@ -127,6 +133,8 @@ function withId(hasId: boolean, id: unknown, body: Record<string, unknown>): Rec
   return hasId ? { ...body, id } : body;
 }
 
-function line(msg: unknown): string {
-  return formatJson(msg) + '\r\n';
+/** One message as QEMU sends it: one line, or indented (pretty) with every line ending in \r\n. */
+export function formatLine(msg: unknown, pretty = false): string {
+  // QEMU ends every line of a monitor's output with \r\n, indented ones included.
+  return (pretty ? JSON.stringify(JSON.parse(formatJson(msg)), null, 4).replace(/\n/g, '\r\n') : formatJson(msg)) + '\r\n';
 }

@@ -33,6 +33,7 @@ const PACKAGES: Record<string, string> = {
   cpio: 'cpio',
   certtool: 'gnutls-bin',
   psktool: 'gnutls-bin',
+  promtool: 'prometheus',
 };
 
 interface TestLike {

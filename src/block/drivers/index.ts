@@ -10,9 +10,9 @@ import { BlkverifyNode, type MismatchAction } from '../filters/blkverify.js';
 import fs from 'node:fs';
 import { VdiskError } from '../../errors.js';
 import { Qcow2Node } from './qcow2/qcow2.js';
-import { isQcow2 } from './qcow2/format.js';
 import type { BlockNode, ChildRole } from '../node.js';
 import { FileNode } from './file.js';
+import { probeImageFormat, protocolBlockdev } from '../image-name.js';
 import { NullNode } from './null-co.js';
 import { RawNode } from './raw.js';
 import { NBD_DRIVER } from '../../nbd/client.js';
@@ -131,7 +131,7 @@ export const DRIVERS: DriverDef[] = [
       const crashSafeBitmaps = o['x-crash-safe-bitmaps'] as boolean | undefined;
       return Qcow2Node.open({ nodeName: common.nodeName, file, backing, readOnly: common.readOnly, crashSafeBitmaps }, async (filename, format) => {
         // The backing file named in the header: read-only, in the format it was recorded with.
-        return openChild({ driver: format ?? probeFormat(filename), 'read-only': true, file: { driver: 'file', filename, 'read-only': true } }, 'backing');
+        return openChild({ driver: format ?? (await probeImageFormat(filename)), 'read-only': true, file: { ...protocolBlockdev(filename), 'read-only': true } }, 'backing');
       });
     },
   },
@@ -218,19 +218,3 @@ function nonNegative(o: Record<string, unknown>, key: string): void {
   if (typeof v === 'number' && v < 0) throw new VdiskError('EINVAL', `Parameter '${key}' expects a non-negative number below 2^64`);
 }
 
-/** Guesses an image's format from its first bytes: qcow2 or raw (what QEMU probes for backing files). */
-export function probeFormat(filename: string): string {
-  let fd: number;
-  try {
-    fd = fs.openSync(filename, 'r');
-  } catch (err) {
-    throw new VdiskError('ENOENT', `Could not open backing file '${filename}': ${(err as Error).message}`);
-  }
-  try {
-    const b = Buffer.alloc(4);
-    fs.readSync(fd, b, 0, 4, 0);
-    return isQcow2(b) ? 'qcow2' : 'raw';
-  } finally {
-    fs.closeSync(fd);
-  }
-}

@@ -14,7 +14,9 @@
 import { FileNode } from '../../block/drivers/file.js';
 import { type CheckResult, checkImage } from '../../block/drivers/qcow2/check.js';
 import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
-import { probeFormat } from '../../block/drivers/index.js';
+import { isNbdUri, probeImageFormat } from '../../block/image-name.js';
+import type { BlockNode } from '../../block/node.js';
+import { NbdClientNode } from '../../nbd/client.js';
 import { VdiskError } from '../../errors.js';
 import { parseImgArgs } from './args.js';
 import { checkFormat } from './image.js';
@@ -38,7 +40,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
   }
   const forceShare = Boolean(flags.U || flags['force-share']);
   if (repair && forceShare) throw new VdiskError('EINVAL', '--force-share/-U is not allowed with -r');
-  const format = (flags.f as string | undefined) ?? probeFormat(filename);
+  const format = (flags.f as string | undefined) ?? (await probeImageFormat(filename));
   checkFormat(format);
   if (format !== 'qcow2') {
     process.stderr.write('vdisk: This image format does not support checks\n');
@@ -80,7 +82,10 @@ export async function checkCommand(argv: string[]): Promise<number> {
 
 /** Opens a qcow2 image directly (not through a graph) so the check flag reaches the driver. */
 async function openForCheck(filename: string, readOnly: boolean, forceShare: boolean): Promise<Qcow2Node> {
-  const file = await FileNode.open({ nodeName: 'check-file', filename, readOnly, forceShare });
+  // An NBD export is checked through its URI as qemu-img does: the qcow2 image is the export's bytes.
+  const file: BlockNode = isNbdUri(filename)
+    ? await NbdClientNode.fromUri(filename, { nodeName: 'check-file', readOnly })
+    : await FileNode.open({ nodeName: 'check-file', filename, readOnly, forceShare });
   try {
     return await Qcow2Node.open({ nodeName: 'check', file, backing: null, readOnly, forCheck: true }, () => {
       throw new VdiskError('EINVAL', 'check does not open backing files');

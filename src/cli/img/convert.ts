@@ -64,7 +64,14 @@ export async function convertCommand(argv: string[]): Promise<number> {
     const total = sources.reduce((n, s) => n + s.node.size, 0);
     if (!flags.n) {
       const spec = createCommandSpec(flags as Flags, outFormat, targetName, total);
-      await createImage(spec, { openBacking: true });
+      try {
+        await createImage(spec, { openBacking: true });
+      } catch (err) {
+        // qemu-img's words for a target it could not make: "TARGET: error while converting FMT: why".
+        const message = (err as Error).message;
+        const why = message.startsWith(`${targetName}: `) ? message.slice(targetName.length + 2) : message;
+        throw new VdiskError((err as VdiskError).errno ?? 'EIO', `${targetName}: error while converting ${outFormat}: ${why}`);
+      }
     }
     // qemu-img's default target cache mode is 'unsafe': no flush at all (a convert that dies is run again).
     target = await openImage(targetName, { format: outFormat, unmap: true, ...cacheMode(flags.t as string | undefined, 'unsafe') });

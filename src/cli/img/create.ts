@@ -6,6 +6,8 @@
  * The size may be left out when there is a backing file: the new image then
  * has the backing file's size (opening it, unless -u).
  */
+import { isNbdUri, resolveBackingName } from '../../block/image-name.js';
+import { NbdClientNode } from '../../nbd/client.js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileNode } from '../../block/drivers/file.js';
@@ -173,7 +175,7 @@ export async function createImage(spec: CreateSpec, options: { openBacking: bool
   const at = (msg: string) => new VdiskError('EINVAL', `${spec.filename}: ${msg}`);
   if (spec.backingFile !== undefined && options.openBacking) {
     // The backing file is resolved relative to the new image, as it will be when the image is opened.
-    const resolved = path.isAbsolute(spec.backingFile) ? spec.backingFile : path.join(path.dirname(spec.filename), spec.backingFile);
+    const resolved = resolveBackingName(spec.filename, spec.backingFile);
     let backing;
     try {
       backing = await openImage(resolved, { format: spec.backingFormat, readOnly: true, forceShare: true });
@@ -202,6 +204,7 @@ export async function createImage(spec: CreateSpec, options: { openBacking: bool
     }
   }
 
+  if (isNbdUri(spec.filename)) return createOnNbd(spec, qcow2Options, at);
   let fd: number;
   try {
     fd = fs.openSync(spec.filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
@@ -223,6 +226,29 @@ export async function createImage(spec: CreateSpec, options: { openBacking: bool
     throw err instanceof VdiskError && !err.message.startsWith(spec.filename) ? at(err.message) : err;
   } finally {
     await file.close();
+  }
+}
+
+/**
+ * Creating on an NBD export, as QEMU's generic create for a protocol that
+ * cannot make files: the export must already be big enough (it cannot
+ * grow); raw needs nothing more, qcow2 is laid out inside the export.
+ */
+async function createOnNbd(spec: CreateSpec, qcow2Options: Parameters<typeof createQcow2>[1], at: (msg: string) => VdiskError): Promise<void> {
+  let node: NbdClientNode;
+  try {
+    node = await NbdClientNode.fromUri(spec.filename, { nodeName: 'create' });
+  } catch (err) {
+    throw at(`Could not open '${spec.filename}': ${(err as Error).message}`);
+  }
+  try {
+    if (spec.size! > node.size) throw at('Cannot grow NBD nodes');
+    if (spec.format === 'qcow2') await createQcow2(node, { ...qcow2Options, keepFileSize: true });
+    await node.flush();
+  } catch (err) {
+    throw err instanceof VdiskError && !err.message.startsWith(spec.filename) ? at(err.message) : err;
+  } finally {
+    await node.close();
   }
 }
 

@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
-import { probeFormat } from '../../block/drivers/index.js';
+import { isNbdUri, probeFileFormat, probeNodeFormat, protocolBlockdev } from '../../block/image-name.js';
 import { VdiskError } from '../../errors.js';
 import { parseKeyval } from '../../qapi/keyval.js';
 import { type InputMode, parseSize } from '../../qapi/schema.js';
@@ -97,7 +97,7 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     if (!fs.existsSync(image)) throw new VdiskError('ENOENT', `Could not open '${image}': No such file or directory`);
     const debug: Record<string, unknown> = { driver: 'blkdebug', image: { driver: 'file', filename: image } };
     if (config) debug.config = config;
-    blockdev = { driver: options.format ?? probeFormat(image), 'node-name': nodeName, file: debug };
+    blockdev = { driver: options.format ?? probeFileFormat(image), 'node-name': nodeName, file: debug };
     if (options.readOnly) blockdev['read-only'] = true;
   } else if (filename.startsWith('blkverify:')) {
     // QEMU's shorthand blkverify:RAW:TEST; a mismatch ends the process, as QEMU's tools do.
@@ -110,13 +110,15 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
       if (!fs.existsSync(p)) throw new VdiskError('ENOENT', `Could not open '${p}': No such file or directory`);
     }
     const child = (path: string, driver: string) => ({ driver, file: { driver: 'file', filename: path, ...(options.forceShare ? { 'force-share': true } : {}) } });
-    blockdev = { driver: 'blkverify', 'node-name': nodeName, 'mismatch-action': 'abort', raw: child(rawPath, 'raw'), test: child(testPath, probeFormat(testPath)) };
+    blockdev = { driver: 'blkverify', 'node-name': nodeName, 'mismatch-action': 'abort', raw: child(rawPath, 'raw'), test: child(testPath, probeFileFormat(testPath)) };
     if (options.readOnly) blockdev['read-only'] = true;
+  } else if (isNbdUri(filename)) {
+    return openNbdImage(graph, filename, nodeName, options);
   } else {
     if (!fs.existsSync(filename)) {
       throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
     }
-    const format = options.format ?? probeFormat(filename);
+    const format = options.format ?? probeFileFormat(filename);
     checkFormat(format);
     const file: Record<string, unknown> = { driver: 'file', filename };
     if (options.forceShare) file['force-share'] = true;
@@ -136,6 +138,39 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     file,
     close: () => graph.closeAll(),
   };
+}
+
+/**
+ * An NBD URI as qemu-img opens one: the nbd protocol node, and on it the
+ * format given with -f or probed from the export's first bytes (a qcow2
+ * image served raw by a server is opened as qcow2, as qemu-img does).
+ */
+async function openNbdImage(graph: BlockGraph, uri: string, nodeName: string, options: OpenImageOptions): Promise<OpenedImage> {
+  const readOnly = options.readOnly ?? false;
+  const protoOptions: Record<string, unknown> = { ...protocolBlockdev(uri), 'read-only': readOnly };
+  if (options.unmap) protoOptions.discard = 'unmap';
+  if (!options.anonymous) protoOptions['node-name'] = `${nodeName}-nbd`;
+  let proto: BlockNode;
+  try {
+    proto = options.anonymous ? await graph.addImplicit(protoOptions) : await graph.add(protoOptions);
+  } catch (err) {
+    const e = err as VdiskError;
+    throw new VdiskError(e.errno ?? 'EIO', `Could not open '${uri}': ${e.message}`);
+  }
+  let node: BlockNode;
+  try {
+    const format = options.format ?? (await probeNodeFormat(proto));
+    checkFormat(format);
+    const blockdev: Record<string, unknown> = { driver: format, file: proto.nodeName, 'read-only': readOnly };
+    if (!options.anonymous) blockdev['node-name'] = nodeName;
+    if (options.unmap) blockdev.discard = 'unmap';
+    if (options.noBacking && format === 'qcow2') blockdev.backing = null;
+    node = options.anonymous ? await graph.addImplicit(blockdev) : await graph.add(blockdev);
+  } catch (err) {
+    await graph.delete(proto.nodeName).catch(() => undefined);
+    throw err;
+  }
+  return { graph, node, format: node.driverName, file: proto, close: () => graph.closeAll() };
 }
 
 /**
@@ -169,7 +204,7 @@ function imageOptsBlockdev(text: string): Record<string, unknown> {
     const f = file as Record<string, unknown>;
     f.driver ??= 'file';
     if (blockdev.driver === undefined && f.driver === 'file' && typeof f.filename === 'string' && fs.existsSync(f.filename)) {
-      blockdev.driver = probeFormat(f.filename);
+      blockdev.driver = probeFileFormat(f.filename);
     }
   } else if (typeof file === 'string' && blockdev.driver === undefined) {
     // A reference to a node: the lookup fails as QEMU's does (there are no other nodes).

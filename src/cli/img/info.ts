@@ -22,7 +22,7 @@ export interface ImageInfo {
   filename: string;
   'cluster-size'?: number;
   format: string;
-  'actual-size': number;
+  'actual-size'?: number;
   'format-specific'?: { type: string; data: Record<string, unknown> };
   'full-backing-filename'?: string;
   'backing-filename'?: string;
@@ -82,7 +82,8 @@ function humanInfo(i: ImageInfo): string {
     `image: ${i.filename}`,
     `file format: ${i.format}`,
     `virtual size: ${humanSize(i['virtual-size'])} (${i['virtual-size']} bytes)`,
-    `disk size: ${humanSize(i['actual-size'])}`,
+    // A node with no host file below it (an NBD export) has no size on disk to tell.
+    `disk size: ${i['actual-size'] === undefined ? 'unavailable' : humanSize(i['actual-size'])}`,
   ];
   if (i['cluster-size'] !== undefined) lines.push(`cluster_size: ${i['cluster-size']}`);
   if (i['backing-filename'] !== undefined) {

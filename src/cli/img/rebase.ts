@@ -10,6 +10,7 @@
  * image then holds everything). -u (unsafe) only rewrites the header, for when
  * the file was moved or renamed.
  */
+import { resolveBackingName } from '../../block/image-name.js';
 import path from 'node:path';
 import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
 import type { BlockNode } from '../../block/node.js';
@@ -48,7 +49,7 @@ export async function rebaseCommand(argv: string[]): Promise<number> {
     if (!unsafe) {
       if (newName !== undefined) {
         // Relative names are relative to the image, as they will be when it is opened.
-        const resolved = path.isAbsolute(newName) ? newName : path.join(path.dirname(filename), newName);
+        const resolved = resolveBackingName(filename, newName);
         newBacking = await openImage(resolved, { format: newFormat, readOnly: true, forceShare: Boolean(flags.U || flags['force-share']) });
       }
       const progress = new Progress(Boolean(flags.p) && !flags.q);

@@ -12,5 +12,7 @@ import { EXPORT_COMMANDS } from './exports.js';
 import { HMP_COMMANDS } from './hmp.js';
 import { JOB_COMMANDS } from './jobs.js';
 import { NBD_COMMANDS } from './nbd.js';
+import { SCHEMA_COMMANDS } from './schema.js';
+import { STATS_COMMANDS } from './stats.js';
 
-export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...BITMAP_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS, ...BACKUP_COMMANDS, ...HMP_COMMANDS, ...BLKDEBUG_COMMANDS];
+export const QMP_COMMANDS: QmpCommand[] = [...CORE_COMMANDS, ...BLOCK_COMMANDS, ...BITMAP_COMMANDS, ...NBD_COMMANDS, ...EXPORT_COMMANDS, ...JOB_COMMANDS, ...BACKUP_COMMANDS, ...HMP_COMMANDS, ...BLKDEBUG_COMMANDS, ...STATS_COMMANDS, ...SCHEMA_COMMANDS];

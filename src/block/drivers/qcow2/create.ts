@@ -16,6 +16,12 @@ export interface Qcow2CreateOptions {
   lazyRefcounts?: boolean;
   backingFile?: string;
   backingFormat?: string;
+  /**
+   * The file cannot be shrunk (an NBD export): keep its size, as QEMU's
+   * non-exact truncate does. Only clusters the refcounts mark are ever read,
+   * so old bytes past the metadata do no harm.
+   */
+  keepFileSize?: boolean;
 }
 
 /** Checks creation options with qemu-img's messages; returns cluster bits and refcount order. */
@@ -76,7 +82,7 @@ export async function createQcow2(file: BlockNode, o: Qcow2CreateOptions): Promi
   const bits = 2 ** refcountOrder;
   for (let c = 0; c < used; c++) setRefcount(refBlocks, c, 1, bits);
 
-  await file.truncate(0);
+  if (!o.keepFileSize) await file.truncate(0);
   await file.write(0, serializeHeader(h));
   await file.write(tableOffset, table);
   await file.write(blocksOffset, refBlocks);

@@ -29,7 +29,6 @@
  * The dirty bit is set while the image is open writable (v3) and cleared on
  * a clean close; an image opened dirty has its refcounts rebuilt first.
  */
-import path from 'node:path';
 import { promisify } from 'node:util';
 import zlib from 'node:zlib';
 import { VdiskError } from '../../../errors.js';
@@ -52,6 +51,7 @@ import {
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
+import { resolveBackingName } from '../../image-name.js';
 import { type BitmapLayout, type StoreOptions, type StoredBitmap, bitmapChunkBytes, checkCanStore, loadBitmaps, storeBitmaps, writeBitmapChunks } from './bitmaps.js';
 import { PersistentBitmaps, type StoreEntry } from '../../persistent-bitmaps.js';
 
@@ -224,8 +224,7 @@ export class Qcow2Node extends BlockNode {
     if (options.backing === null) this.backing = undefined;
     else if (options.backing) this.backing = options.backing;
     else if (h.backingFile) {
-      const dir = path.dirname(file.filename);
-      const name = h.backingFile.startsWith('json:') || path.isAbsolute(h.backingFile) ? h.backingFile : path.join(dir, h.backingFile);
+      const name = resolveBackingName(file.filename, h.backingFile);
       this.backing = await openBacking(name, h.backingFormat);
     }
     if (this.backing) this.children.push({ role: 'backing', node: this.backing });

@@ -9,7 +9,8 @@
  * NBD_INFO_BLOCK_SIZE; a server without NBD_OPT_GO gets NBD_OPT_EXPORT_NAME.
  * Transmission: every request gets a cookie and many are in flight at once;
  * replies (simple, or structured chunks: data, hole, block status, error)
- * are matched to requests by cookie, in whatever order they come.
+ * are matched to requests by cookie, in whatever order they come, by
+ * NbdClientCore (client-core.ts: the reply parser without the socket).
  *
  * The node follows what the server advertises: its size, read-only flag,
  * FUA, flush, trim, write-zeroes and fast-zero support, and its block sizes
@@ -157,7 +158,7 @@ export function nbdUri(server: NbdClientAddress, exportName: string): string {
   return `nbd://${host}:${server.port ?? NBD_DEFAULT_PORT}/${name}`;
 }
 
-/** Incoming bytes, and a way to wait for them (handshake and reply parsing read sequentially). */
+/** Incoming bytes during the handshake, and a way to wait for them (the handshake reads sequentially). */
 class Reader {
   private readonly queue = new ByteQueue();
   private waiter: { n: number; resolve: () => void; reject: (err: Error) => void } | undefined;
@@ -198,16 +199,6 @@ class Reader {
   async take(n: number): Promise<Buffer> {
     await this.wait(n);
     return this.queue.take(n);
-  }
-
-  /** Copies n bytes into dest as they arrive (no second buffer for big payloads). */
-  async readInto(dest: Buffer, at: number, n: number): Promise<void> {
-    while (n > 0) {
-      await this.wait(1);
-      const k = this.queue.copyInto(dest, at, n);
-      at += k;
-      n -= k;
-    }
   }
 
   async skip(n: number): Promise<void> {

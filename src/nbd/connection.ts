@@ -46,6 +46,7 @@ import {
   statusExtents,
 } from './meta.js';
 import * as P from './protocol.js';
+import type { BudgetUser } from './limits.js';
 import type { NbdExport, NbdServer } from './server.js';
 
 const MAX_IN_FLIGHT = 64;
@@ -90,7 +91,7 @@ ALLOWED_FLAGS[P.NBD_CMD_BLOCK_STATUS] = P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_REQ_
 
 let nextConnectionId = 1;
 
-export class NbdConnection {
+export class NbdConnection implements BudgetUser {
   readonly id = nextConnectionId++;
   private readonly queue = new ByteQueue();
   private state = State.ClientFlags;
@@ -124,6 +125,12 @@ export class NbdConnection {
   /** A WRITE whose payload is still arriving. */
   private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; filled: number } | undefined;
   private skipRemaining = 0;
+  /** Bytes charged to the server's buffer budget: unsent replies, as last seen, and a write being received. */
+  private unsentCharged = 0;
+  private pendingCharged = 0;
+  /** Idle timeout: when data last arrived (ms, Date.now()). */
+  private lastInput = 0;
+  private idleTimer: NodeJS.Timeout | undefined;
   /** The socket in use: the accepted one, or the TLS socket over it after STARTTLS. */
   private socket: Socket;
   /** TLS is negotiated and the client accepted. */
@@ -132,7 +139,10 @@ export class NbdConnection {
   private tlsIdentity: string | undefined;
   private readonly listeners = {
     data: (chunk: Buffer) => this.onData(chunk),
-    drain: () => this.maybeResume(),
+    drain: () => {
+      this.syncUnsent();
+      this.maybeResume();
+    },
     error: (err: Error) => {
       if (this.state !== State.Closed) logEvent('debug', 'nbd-socket-error', { connection: this.id, error: err.message });
     },
@@ -204,6 +214,7 @@ export class NbdConnection {
 
   private onData(chunk: Buffer): void {
     if (this.state === State.Closed) return;
+    if (this.idleTimer !== undefined) this.lastInput = Date.now();
     this.queue.push(chunk);
     this.cork();
     try {
@@ -248,6 +259,8 @@ export class NbdConnection {
           p.filled += this.queue.copyInto(p.buf, p.filled, p.buf.length - p.filled);
           if (p.filled < p.buf.length) return;
           this.pending = undefined;
+          this.server.budget.release(this.pendingCharged);
+          this.pendingCharged = 0;
           this.state = State.RequestHeader;
           this.doWrite(p.cookieHi, p.cookieLo, p.flags, p.offset, p.buf);
           break;
@@ -265,9 +278,54 @@ export class NbdConnection {
     }
   }
 
-  /** Too much in flight, or the client is not reading its replies. */
+  /** Too much in flight, the client is not reading its replies, or all clients together hold the server's buffer budget. */
   private overloaded(): boolean {
-    return this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes >= MAX_IN_FLIGHT_BYTES || this.socket.writableLength >= MAX_UNSENT_BYTES;
+    if (this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes >= MAX_IN_FLIGHT_BYTES || this.socket.writableLength >= MAX_UNSENT_BYTES) return true;
+    this.syncUnsent();
+    if (!this.server.budget.mustWait(this.buffered)) return false;
+    this.server.budget.wait(this);
+    return true;
+  }
+
+  /** What this connection holds against the server's buffer budget. */
+  get buffered(): number {
+    return this.inFlightBytes + this.unsentCharged + this.pendingCharged;
+  }
+
+  resumeFromBudget(): void {
+    this.maybeResume();
+  }
+
+  /**
+   * Brings the budget's view of this connection's unsent replies up to date.
+   * The socket says how much it holds but not when that shrinks, except by
+   * 'drain' (when a write found it over its high-water mark): so the charge
+   * is synced at every send, every drain and every check; it may be stale
+   * by less than the high-water mark (16 KiB), never by a reply.
+   */
+  private syncUnsent(): void {
+    const now = this.state === State.Closed ? 0 : this.socket.writableLength;
+    const delta = now - this.unsentCharged;
+    if (delta === 0) return;
+    this.unsentCharged = now;
+    if (delta > 0) this.server.budget.charge(delta);
+    else this.server.budget.release(-delta);
+  }
+
+  /** x-query-nbd-server's view of this connection. */
+  stats(): Record<string, unknown> {
+    if (this.state !== State.Closed) this.syncUnsent();
+    return {
+      id: this.id,
+      peer: this.peer,
+      ...(this.exp ? { export: this.exp.name } : { handshake: true }),
+      'in-flight': this.inFlight,
+      'in-flight-bytes': this.inFlightBytes,
+      'unsent-bytes': this.unsentCharged,
+      buffered: this.buffered,
+      paused: this.paused,
+      requests: this.requestCounts.reduce((a, b) => a + b, 0),
+    };
   }
 
   private pause(): void {
@@ -307,6 +365,11 @@ export class NbdConnection {
     const wasTransmitting = this.exp !== undefined;
     this.state = State.Closed;
     clearTimeout(this.handshakeTimer);
+    clearTimeout(this.idleTimer);
+    // Requests still in flight release their own bytes when they settle (end()).
+    this.syncUnsent();
+    this.server.budget.release(this.pendingCharged);
+    this.pendingCharged = 0;
     logEvent(wasTransmitting ? 'info' : 'debug', 'nbd-client-disconnected', {
       connection: this.id,
       peer: this.peer,
@@ -347,6 +410,7 @@ export class NbdConnection {
   private send(buf: Buffer): void {
     if (this.state === State.Closed) return;
     this.socket.write(buf);
+    if (this.exp !== undefined) this.syncUnsent();
   }
 
   // ---- handshake ----------------------------------------------------------
@@ -498,6 +562,9 @@ export class NbdConnection {
     const name = data.toString('utf8');
     const exp = this.server.findExport(name);
     if (!exp) throw new Error(`client asked for unknown export '${name}' with NBD_OPT_EXPORT_NAME`);
+    // EXPORT_NAME has no error reply: a client over the export's limit can only be hung up on.
+    const refused = this.server.admit(this, exp);
+    if (refused) return this.hangUp();
     const b = Buffer.alloc(this.noZeroes ? 10 : 134);
     b.writeBigUInt64BE(BigInt(exp.node.size), 0);
     b.writeUInt16BE(this.transmissionFlags(exp), 8);
@@ -520,6 +587,8 @@ export class NbdConnection {
     for (let i = 0; i < count; i++) requests.add(data.readUInt16BE(6 + nameLength + 2 * i));
     const exp = this.server.findExport(name);
     if (!exp) return this.optionError(option, P.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+    const refused = this.server.admit(this, exp);
+    if (refused) return this.optionError(option, P.NBD_REP_ERR_POLICY, refused);
 
     if (requests.has(P.NBD_INFO_NAME)) {
       const n = Buffer.from(exp.name);
@@ -621,7 +690,7 @@ export class NbdConnection {
     else f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
     if (this.structured) f |= P.NBD_FLAG_SEND_DF;
     // Every connection shares one node, so a flush on any of them covers writes done on all.
-    if (this.server.maxConnections !== 1) f |= P.NBD_FLAG_CAN_MULTI_CONN;
+    if (this.server.multiConn(exp)) f |= P.NBD_FLAG_CAN_MULTI_CONN;
     return f;
   }
 
@@ -636,6 +705,7 @@ export class NbdConnection {
     this.metaBaseOnly = this.meta !== undefined && this.meta.count === 1 && this.meta.baseAllocation;
     this.state = State.RequestHeader;
     exp.connections.add(this);
+    if (this.server.idleTimeoutMs > 0) this.armIdleTimer(this.server.idleTimeoutMs);
     logEvent('info', 'nbd-client-connected', {
       connection: this.id,
       peer: this.peer,
@@ -644,6 +714,40 @@ export class NbdConnection {
       contexts: this.meta ? selectedContexts(this.meta).map((c) => c.name) : [],
       ...(this.tlsActive ? { tls: this.tlsIdentity ?? 'on' } : {}),
     });
+  }
+
+  /**
+   * x-idle-timeout: a client with nothing in flight, no reply waiting to be
+   * read and no input for that long is disconnected. The timer is re-armed
+   * lazily (input only stamps a time), so the data path pays one Date.now()
+   * per chunk, not a timer per request.
+   */
+  private armIdleTimer(delayMs: number): void {
+    this.lastInput = Date.now();
+    const check = (): void => {
+      if (this.state === State.Closed || this.ending) return;
+      const idleMs = this.server.idleTimeoutMs;
+      const quietFor = Date.now() - this.lastInput;
+      if (this.inFlight > 0 || this.socket.writableLength > 0) {
+        // Busy is not idle: the quiet time starts again when the work is done.
+        this.lastInput = Date.now();
+        this.idleTimer = setTimeout(check, idleMs).unref();
+      } else if (quietFor < idleMs) {
+        this.idleTimer = setTimeout(check, idleMs - quietFor).unref();
+      } else {
+        logEvent('info', 'nbd-client-idle-timeout', { connection: this.id, peer: this.peer, export: this.exp?.name, seconds: idleMs / 1000 });
+        this.hangUp();
+      }
+    };
+    this.idleTimer = setTimeout(check, delayMs).unref();
+  }
+
+  /** Ends the connection with nothing in flight: what is queued is sent, then the socket closes. */
+  private hangUp(): void {
+    this.state = State.Ending;
+    this.socket.pause();
+    setTimeout(() => this.destroy(), GRACEFUL_CLOSE_MS).unref();
+    this.socket.end(() => this.destroy());
   }
 
   // ---- transmission -------------------------------------------------------
@@ -677,6 +781,8 @@ export class NbdConnection {
         return;
       }
       const buf = Buffer.allocUnsafe(length);
+      this.pendingCharged = length;
+      this.server.budget.charge(length);
       this.pending = { cookieHi, cookieLo, flags, offset, buf, filled: 0 };
       this.state = State.WritePayload;
       return;
@@ -766,11 +872,13 @@ export class NbdConnection {
   private begin(bytes: number): void {
     this.inFlight++;
     this.inFlightBytes += bytes;
+    this.server.budget.charge(bytes);
   }
 
   private end(bytes: number): void {
     this.inFlight--;
     this.inFlightBytes -= bytes;
+    this.server.budget.release(bytes);
     if (this.paused) this.maybeResume();
     if (this.disconnectRequested) this.maybeFinishDisconnect();
   }

@@ -14,6 +14,13 @@ export interface BudgetUser {
   resumeFromBudget(): void;
 }
 
+/**
+ * Below this a connection counts as holding nothing. It is above the
+ * socket's high-water mark (16 KiB): unsent bytes under it shrink without a
+ * 'drain' event, so a connection waiting on them would never be woken.
+ */
+const NEARLY_EMPTY = 64 * 1024;
+
 /** 256 MiB: 64 clients with 1 MiB requests still keep 4 each in flight. */
 export const DEFAULT_BUFFER_LIMIT = 256 * 1024 * 1024;
 
@@ -42,14 +49,18 @@ export class BufferBudget {
   }
 
   /**
-   * Whether a connection holding `own` bytes must stop taking requests. Over
-   * the limit, only connections holding more than an equal share wait: a
-   * client that holds nothing always gets a request through, so clients
-   * that never read their replies can fill the budget but cannot starve the
-   * others (each still gets its share beyond it).
+   * Whether a connection holding `own` bytes must stop taking requests.
+   * Under the limit nobody waits. Over it, a connection that holds (nearly)
+   * nothing always gets a request through (so nobody starves), and one holding less
+   * than an equal share of the limit may go on into a reserve of half the
+   * limit: clients that never read their replies can fill the limit, but the
+   * others keep more than one request in flight. Over limit + reserve only
+   * empty connections go on. So the total never passes 1.5 x limit plus one
+   * request per connection.
    */
   mustWait(own: number): boolean {
-    if (this.limit === 0 || this.total < this.limit || own === 0) return false;
+    if (this.limit === 0 || this.total < this.limit || own < NEARLY_EMPTY) return false;
+    if (this.total >= this.limit * 1.5) return true;
     return own >= this.limit / Math.max(1, this.users());
   }
 

@@ -725,7 +725,7 @@ export class NbdConnection implements BudgetUser {
   private armIdleTimer(delayMs: number): void {
     this.lastInput = Date.now();
     const check = (): void => {
-      if (this.state === State.Closed || this.ending) return;
+      if (this.state === State.Closed || this.state === State.Ending || this.ending) return;
       const idleMs = this.server.idleTimeoutMs;
       const quietFor = Date.now() - this.lastInput;
       if (this.inFlight > 0 || this.socket.writableLength > 0) {

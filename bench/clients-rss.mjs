@@ -174,7 +174,7 @@ async function main() {
     const r = { idle };
     for (const rw of ['randwrite', 'randread']) {
       const stop = sampler(proc.pid);
-      r[rw] = await fio(rw, sock).catch((e) => die(`${name}: ${e.message}`));
+      r[rw] = await fio(rw, sock).catch((e) => die(`${name}: ${e.message.slice(0, 600)}\n${name}'s stderr:\n${proc.stderrText.slice(-3000)}`));
       const samples = stop();
       // Steady: the median of the second half of the run, once every client is busy.
       const half = samples.slice(Math.floor(samples.length / 2)).sort((a, b) => a - b);

@@ -39,8 +39,13 @@ export class BufferBudget {
     private readonly users: () => number,
   ) {}
 
+  /** The highest total seen, and how many times a connection had to wait (for x-query-nbd-server). */
+  peak = 0;
+  waits = 0;
+
   charge(bytes: number): void {
     this.total += bytes;
+    if (this.total > this.peak) this.peak = this.total;
   }
 
   release(bytes: number): void {
@@ -65,6 +70,7 @@ export class BufferBudget {
   }
 
   wait(user: BudgetUser): void {
+    if (!this.waiting.has(user)) this.waits++;
     this.waiting.add(user);
   }
 

@@ -5,8 +5,9 @@
  * export (NBD_REP_ERR_POLICY with a message at GO/INFO, a hang-up at
  * EXPORT_NAME, CAN_MULTI_CONN withdrawn at 1); x-idle-timeout disconnects a
  * client that does nothing; the daemon-wide buffer budget stops reading
- * from clients that never read their replies, without starving the others.
- * Real clients (qemu-img, qemu-io, nbdinfo, nbdsh) where one can do it; the
+ * from clients that never read their replies, without starving the others,
+ * and fio's nbd engine writes and verifies its data while the budget holds
+ * it back. Real clients (qemu-img, qemu-io, nbdinfo, nbdsh) where one can do it; the
  * raw client where a test needs a client that misbehaves or holds still.
  */
 import t from 'tap';
@@ -17,7 +18,7 @@ import { QmpWire } from '../helpers/qmp.js';
 import { nbdsh, requireTools, run, sparseFile, tempDir } from '../helpers/tools.js';
 
 t.before(() => {
-  requireTools(t, 'qemu-img', 'qemu-io', 'nbdinfo', 'nbdsh');
+  requireTools(t, 'qemu-img', 'qemu-io', 'nbdinfo', 'nbdsh', 'fio');
 });
 
 const MiB = 1024 * 1024;
@@ -50,6 +51,8 @@ interface ServerStats {
   'max-connections': number;
   'buffer-limit': number;
   buffered: number;
+  'buffered-peak': number;
+  'budget-waits': number;
   'refused-at-accept': number;
   exports: Array<{ name: string; clients: number; 'max-connections': number }>;
   connections: Array<{ id: number; export?: string; paused: boolean; requests: number; buffered: number; 'in-flight': number }>;
@@ -294,5 +297,45 @@ t.test('buffer budget: clients that never read their replies are stopped, the ot
   // Reads still in flight at the close settle after it and give their bytes back then.
   await until('every charge is given back', async () => (await stats(qmp)).buffered === 0);
   t.equal((await stats(qmp)).buffered, 0, 'nothing is left charged to the budget');
+  t.equal(await d.stop(), 0);
+});
+
+t.test('fio over a tight budget: 8 connections x 16 requests of 1 MiB write and verify their data while the budget holds them back', async (t) => {
+  const dir = tempDir(t);
+  const img = sparseFile(path.join(dir, 'disk.raw'), 64 * MiB);
+  const qmpSock = path.join(dir, 'qmp.sock');
+  const sock = path.join(dir, 'nbd.sock');
+  const limit = 4 * MiB;
+  const d = await startDaemon(t, {
+    dir,
+    nbdServer: false,
+    args: [
+      '--nbd-server', `addr.type=unix,addr.path=${sock},x-buffer-limit=4M`,
+      '--blockdev', `driver=file,node-name=f0,filename=${img}`,
+      '--export', 'type=nbd,id=e0,node-name=f0,name=disk,writable=on',
+      '--qmp', `unix:${qmpSock}`,
+    ],
+  });
+  const qmp = await QmpWire.connect(qmpSock);
+  t.teardown(() => qmp.socket.destroy());
+  // Each job writes its own 8 MiB (offset_increment), then reads it back and checks every block.
+  const jobs = 8;
+  const r = await run('fio', [
+    '--name=budget', '--ioengine=nbd', `--uri=nbd+unix:///disk?socket=${sock}`, '--rw=randwrite', '--bs=1M', '--iodepth=16',
+    `--numjobs=${jobs}`, '--thread', '--size=8M', '--offset_increment=8M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1',
+    '--group_reporting', '--output-format=json',
+  ], { timeoutMs: 120_000 });
+  t.equal(r.code, 0, `fio wrote and verified: ${r.stderr.slice(-2000)}`);
+  const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
+  t.equal(job.error, 0, 'no fio error');
+  t.equal(job.write.io_bytes, jobs * 8 * MiB, 'every job wrote its 8 MiB');
+  t.equal(job.read.io_bytes, jobs * 8 * MiB, 'and read it all back for the verify');
+  const s = await stats(qmp);
+  t.ok(s['budget-waits'] > 0, `connections had to wait for the budget (${s['budget-waits']} times)`);
+  t.ok(s['buffered-peak'] <= 1.5 * limit + jobs * MiB, `the peak (${s['buffered-peak']}) stayed within 1.5 x ${limit} + one request per connection`);
+  await until('the clients are gone and every charge given back', async () => {
+    const now = await stats(qmp);
+    return now.connections.length === 0 && now.buffered === 0;
+  });
   t.equal(await d.stop(), 0);
 });

@@ -36,7 +36,8 @@ const vdisk = (extra) => (img, sock) => [
     path.join(ROOT, 'bin', 'vdisk'), 'serve',
     '--blockdev', `driver=file,node-name=f0,filename=${img}`,
     // 64 fio threads sharing one busy CPU can take longer than the default 10 s to finish
-    // their handshakes (one run saw a connection cut that way); qemu-nbd 7.2 has no such limit.
+    // their handshakes (one run had a connection reset at fio's start, most likely this); qemu-nbd
+    // 7.2 has no such limit.
     '--nbd-server', `addr.type=unix,addr.path=${sock},handshake-timeout=60${extra}`,
     '--export', 'type=nbd,id=e0,node-name=f0,name=disk,writable=on',
     '--log-level', 'warn',

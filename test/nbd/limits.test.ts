@@ -323,8 +323,8 @@ t.test('fio over a tight budget: 8 connections x 16 requests of 1 MiB write and 
   const r = await run('fio', [
     '--name=budget', '--ioengine=nbd', `--uri=nbd+unix:///disk?socket=${sock}`, '--rw=randwrite', '--bs=1M', '--iodepth=16',
     `--numjobs=${jobs}`, '--thread', '--size=8M', '--offset_increment=8M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1',
-    '--group_reporting', '--output-format=json',
-  ], { timeoutMs: 120_000 });
+    '--verify_state_save=0', '--group_reporting', '--output-format=json',
+  ], { timeoutMs: 120_000, cwd: dir });
   t.equal(r.code, 0, `fio wrote and verified: ${r.stderr.slice(-2000)}`);
   const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
   t.equal(job.error, 0, 'no fio error');

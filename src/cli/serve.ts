@@ -283,6 +283,7 @@ async function listenAgain(daemon: Daemon, o: unknown, mode: 'json' | 'keyval'):
     const tls = server.tls ? `tls-creds=${server.tls.creds.id}${server.tls.authzId ? `,tls-authz=${server.tls.authzId}` : ''}` : 'no TLS';
     throw new VdiskError('EINVAL', `every --nbd-server must give the same tls-creds and tls-authz (the NBD server has ${tls})`);
   }
+  server.checkSameLimits(options);
   await server.listen(options.addr);
 }
 

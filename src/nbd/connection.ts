@@ -40,6 +40,7 @@ import {
 } from './meta.js';
 import * as P from './protocol.js';
 import { HOLE_SCAN_MIN, NbdServerCore, type NbdAction, type NbdOutcome, type NbdRequest } from './server-core.js';
+import type { BudgetUser } from './limits.js';
 import type { NbdExport, NbdServer } from './server.js';
 
 const SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
@@ -48,7 +49,7 @@ const GRACEFUL_CLOSE_MS = 10_000;
 
 let nextConnectionId = 1;
 
-export class NbdConnection {
+export class NbdConnection implements BudgetUser {
   readonly id = nextConnectionId++;
   private readonly core: NbdServerCore;
   private closedFlag = false;
@@ -62,9 +63,17 @@ export class NbdConnection {
   private socket: Socket;
   /** Who the client is by TLS: its certificate's DN or its PSK username (for logs). */
   private tlsIdentity: string | undefined;
+  /** Unsent replies charged to the server's buffer budget, as last seen. */
+  private unsentCharged = 0;
+  /** Idle timeout: when data last arrived (ms, Date.now()). */
+  private lastInput = 0;
+  private idleTimer: NodeJS.Timeout | undefined;
   private readonly listeners = {
     data: (chunk: Buffer) => this.onData(chunk),
-    drain: () => this.run(this.core.drained()),
+    drain: () => {
+      this.syncUnsent();
+      this.run(this.core.drained());
+    },
     error: (err: Error) => {
       if (!this.closedFlag) logEvent('debug', 'nbd-socket-error', { connection: this.id, error: err.message });
     },
@@ -77,7 +86,23 @@ export class NbdConnection {
     readonly peer: string,
   ) {
     this.socket = socket;
-    this.core = new NbdServerCore(server, this.id, () => this.socket.writableLength);
+    this.core = new NbdServerCore(
+      server,
+      this.id,
+      () => this.socket.writableLength,
+      {
+        charge: (n) => server.budget.charge(n),
+        release: (n) => server.budget.release(n),
+        // All clients together hold the server's buffer budget: this one waits its turn.
+        mustPause: () => {
+          this.syncUnsent();
+          if (!server.budget.mustWait(this.buffered)) return false;
+          server.budget.wait(this);
+          return true;
+        },
+      },
+      this,
+    );
     socket.setNoDelay(true);
     // Big socket buffers: a 1 MiB read reply then leaves in one or two writes instead of
     // many wake-ups (measured: 1M reads 1.6 -> 2.6 GB/s on a unix socket). The kernel caps
@@ -135,6 +160,7 @@ export class NbdConnection {
 
   private onData(chunk: Buffer): void {
     if (this.closedFlag || this.ending) return;
+    if (this.idleTimer !== undefined) this.lastInput = Date.now();
     this.cork();
     this.run(this.core.push(chunk));
   }
@@ -143,7 +169,10 @@ export class NbdConnection {
     for (const a of actions) {
       switch (a.type) {
         case 'send':
-          if (!this.closedFlag) this.socket.write(a.data);
+          if (!this.closedFlag) {
+            this.socket.write(a.data);
+            if (this.core.export !== undefined) this.syncUnsent();
+          }
           break;
         case 'request':
           this.execute(a.req);
@@ -168,7 +197,8 @@ export class NbdConnection {
     }
   }
 
-  private end(reason: 'abort' | 'disconnect' | 'protocol-error', message?: string): void {
+  private end(reason: 'abort' | 'disconnect' | 'refused' | 'protocol-error', message?: string): void {
+    if (reason === 'refused') return this.hangUp();
     if (reason === 'disconnect') {
       // Close once every reply is flushed; do not wait for the client to close its side.
       this.socket.end(() => this.socket.destroy());
@@ -195,6 +225,10 @@ export class NbdConnection {
     const exp = this.core.export;
     this.closedFlag = true;
     clearTimeout(this.handshakeTimer);
+    clearTimeout(this.idleTimer);
+    // Requests still in flight release their own bytes when they settle (core.complete()).
+    this.syncUnsent();
+    this.core.releasePending();
     logEvent(exp !== undefined ? 'info' : 'debug', 'nbd-client-disconnected', {
       connection: this.id,
       peer: this.peer,
@@ -204,6 +238,83 @@ export class NbdConnection {
     });
     this.server.connectionClosed(this);
     for (const w of this.closeWaiters.splice(0)) w();
+  }
+
+  /** What this connection holds against the server's buffer budget. */
+  get buffered(): number {
+    return this.core.inFlightBytes + this.unsentCharged + this.core.pendingCharged;
+  }
+
+  resumeFromBudget(): void {
+    this.run(this.core.drained());
+  }
+
+  /**
+   * Brings the budget's view of this connection's unsent replies up to date.
+   * The socket says how much it holds but not when that shrinks, except by
+   * 'drain' (when a write found it over its high-water mark): so the charge
+   * is synced at every send, every drain and every check; it may be stale
+   * by less than the high-water mark (16 KiB), never by a reply.
+   */
+  private syncUnsent(): void {
+    const now = this.closedFlag ? 0 : this.socket.writableLength;
+    const delta = now - this.unsentCharged;
+    if (delta === 0) return;
+    this.unsentCharged = now;
+    if (delta > 0) this.server.budget.charge(delta);
+    else this.server.budget.release(-delta);
+  }
+
+  /** x-query-nbd-server's view of this connection. */
+  stats(): Record<string, unknown> {
+    if (!this.closedFlag) this.syncUnsent();
+    const exp = this.core.export;
+    return {
+      id: this.id,
+      peer: this.peer,
+      ...(exp ? { export: exp.name } : { handshake: true }),
+      'in-flight': this.core.inFlight,
+      'in-flight-bytes': this.core.inFlightBytes,
+      'unsent-bytes': this.unsentCharged,
+      buffered: this.buffered,
+      paused: this.core.isPaused,
+      requests: this.core.requestsReceived,
+    };
+  }
+
+  /**
+   * x-idle-timeout: a client with nothing in flight, no reply waiting to be
+   * read and no input for that long is disconnected. The timer is re-armed
+   * lazily (input only stamps a time), so the data path pays one Date.now()
+   * per chunk, not a timer per request.
+   */
+  private armIdleTimer(delayMs: number): void {
+    this.lastInput = Date.now();
+    const check = (): void => {
+      if (this.closedFlag || this.ending || this.core.ended) return;
+      const idleMs = this.server.idleTimeoutMs;
+      const quietFor = Date.now() - this.lastInput;
+      if (this.core.inFlight > 0 || this.socket.writableLength > 0) {
+        // Busy is not idle: the quiet time starts again when the work is done.
+        this.lastInput = Date.now();
+        this.idleTimer = setTimeout(check, idleMs).unref();
+      } else if (quietFor < idleMs) {
+        this.idleTimer = setTimeout(check, idleMs - quietFor).unref();
+      } else {
+        logEvent('info', 'nbd-client-idle-timeout', { connection: this.id, peer: this.peer, export: exp()?.name, seconds: idleMs / 1000 });
+        this.hangUp();
+      }
+    };
+    const exp = () => this.core.export;
+    this.idleTimer = setTimeout(check, delayMs).unref();
+  }
+
+  /** Ends the connection with nothing in flight: what is queued is sent, then the socket closes. */
+  private hangUp(): void {
+    this.ending = true;
+    this.socket.pause();
+    setTimeout(() => this.destroy(), GRACEFUL_CLOSE_MS).unref();
+    this.socket.end(() => this.destroy());
   }
 
   /** Corks the socket until the end of this event-loop turn, so replies leave in one writev. */
@@ -221,6 +332,7 @@ export class NbdConnection {
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     exp.connections.add(this);
+    if (this.server.idleTimeoutMs > 0) this.armIdleTimer(this.server.idleTimeoutMs);
     const meta = this.core.meta;
     logEvent('info', 'nbd-client-connected', {
       connection: this.id,

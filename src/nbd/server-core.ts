@@ -85,6 +85,19 @@ export interface NbdCoreServer {
   /** Set when the server requires TLS. */
   readonly tls?: unknown;
   readonly maxConnections: number;
+  /** Whether the connection may use this export (per-export client limits); a reason when not. */
+  admit?(conn: never, exp: NbdExport): string | undefined;
+  /** Whether the export is advertised with NBD_FLAG_CAN_MULTI_CONN (default: unless max-connections is 1). */
+  multiConn?(exp: NbdExport): boolean;
+}
+
+/** What the host's daemon-wide accounting needs to see (the buffer budget, docs/design/limits.md). */
+export interface NbdCoreHooks {
+  /** Bytes this connection now holds more of (a request's payload or reply, a write being received). */
+  charge(bytes: number): void;
+  release(bytes: number): void;
+  /** Beyond the core's own caps: whether no more requests may be taken now. */
+  mustPause(): boolean;
 }
 
 export type NbdAction =
@@ -100,9 +113,10 @@ export type NbdAction =
   /**
    * End the connection once what was sent is flushed. reason: 'abort'
    * (NBD_OPT_ABORT), 'disconnect' (NBD_CMD_DISC or a graceful close, every
-   * reply sent), 'protocol-error' (message says what was wrong).
+   * reply sent), 'refused' (EXPORT_NAME over the export's client limit: it
+   * has no error reply), 'protocol-error' (message says what was wrong).
    */
-  | { type: 'end'; reason: 'abort' | 'disconnect' | 'protocol-error'; message?: string };
+  | { type: 'end'; reason: 'abort' | 'disconnect' | 'refused' | 'protocol-error'; message?: string };
 
 /** How a request ended, handed back to complete(). */
 export type NbdOutcome =
@@ -136,7 +150,7 @@ export class NbdServerCore {
   private _metaBaseOnly = false;
   private _inFlight = 0;
   private _answerable = 0;
-  private inFlightBytes = 0;
+  private inFlightBytes_ = 0;
   private readonly requestCounts: number[] = P.CMD_NAMES.map(() => 0);
   private readonly requestBytes: number[] = P.CMD_NAMES.map(() => 0);
   private paused = false;
@@ -145,6 +159,8 @@ export class NbdServerCore {
   /** A WRITE whose payload is still arriving. */
   private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; filled: number } | undefined;
   private skipRemaining = 0;
+  /** Bytes of a WRITE being received, charged to the budget until its payload is in. */
+  private _pendingCharged = 0;
   private out: NbdAction[] = [];
 
   constructor(
@@ -153,6 +169,9 @@ export class NbdServerCore {
     readonly id: number = 0,
     /** Bytes written to the transport but not yet sent (the socket's writableLength). */
     private readonly unsentBytes: () => number = () => 0,
+    private readonly hooks?: NbdCoreHooks,
+    /** What server.admit() is told the client is (the host connection). */
+    private readonly owner?: unknown,
   ) {}
 
   /** The greeting, sent first. */
@@ -184,6 +203,30 @@ export class NbdServerCore {
   }
   get inFlight(): number {
     return this._inFlight;
+  }
+  /** Payload and reply bytes of the requests in flight. */
+  get inFlightBytes(): number {
+    return this.inFlightBytes_;
+  }
+  /** Bytes of a WRITE payload being received. */
+  get pendingCharged(): number {
+    return this._pendingCharged;
+  }
+  /** Paused by backpressure (the caps or the budget). */
+  get isPaused(): boolean {
+    return this.paused;
+  }
+  /** Request headers received in transmission, of known commands. */
+  get requestsReceived(): number {
+    return this.requestCounts.reduce((a, b) => a + b, 0);
+  }
+
+  /** The connection is gone: the bytes of a half-received WRITE are given back (returned, for the host's accounting). */
+  releasePending(): number {
+    const n = this._pendingCharged;
+    this._pendingCharged = 0;
+    if (n) this.hooks?.release(n);
+    return n;
   }
   get tlsActive(): boolean {
     return this._tlsActive;
@@ -322,7 +365,8 @@ export class NbdServerCore {
         break;
     }
     this._inFlight--;
-    this.inFlightBytes -= req.bytes;
+    this.inFlightBytes_ -= req.bytes;
+    this.hooks?.release(req.bytes);
     if (this.paused) this.maybeResume();
     if (this.disconnectRequested) this.maybeFinishDisconnect();
     return this.flush();
@@ -410,6 +454,8 @@ export class NbdServerCore {
           p.filled += this.queue.copyInto(p.buf, p.filled, p.buf.length - p.filled);
           if (p.filled < p.buf.length) return;
           this.pending = undefined;
+          this.hooks?.release(this._pendingCharged);
+          this._pendingCharged = 0;
           this.state = State.RequestHeader;
           this.doWrite(p.cookieHi, p.cookieLo, p.flags, p.offset, p.buf);
           break;
@@ -428,7 +474,8 @@ export class NbdServerCore {
 
   /** Too much in flight, or the client is not reading its replies. */
   private overloaded(): boolean {
-    return this._inFlight >= MAX_IN_FLIGHT || this.inFlightBytes >= MAX_IN_FLIGHT_BYTES || this.unsentBytes() >= MAX_UNSENT_BYTES;
+    if (this._inFlight >= MAX_IN_FLIGHT || this.inFlightBytes_ >= MAX_IN_FLIGHT_BYTES || this.unsentBytes() >= MAX_UNSENT_BYTES) return true;
+    return this.hooks?.mustPause() ?? false;
   }
 
   private maybeResume(): void {
@@ -545,6 +592,12 @@ export class NbdServerCore {
     const name = data.toString('utf8');
     const exp = this.server.findExport(name);
     if (!exp) throw new Error(`client asked for unknown export '${name}' with NBD_OPT_EXPORT_NAME`);
+    // EXPORT_NAME has no error reply: a client over the export's limit can only be hung up on.
+    if (this.server.admit?.(this.owner as never, exp) !== undefined) {
+      this.state = State.Ending;
+      this.out.push({ type: 'end', reason: 'refused' });
+      return;
+    }
     const b = Buffer.alloc(this.noZeroes ? 10 : 134);
     b.writeBigUInt64BE(BigInt(exp.node.size), 0);
     b.writeUInt16BE(this.transmissionFlags(exp), 8);
@@ -567,6 +620,8 @@ export class NbdServerCore {
     for (let i = 0; i < count; i++) requests.add(data.readUInt16BE(6 + nameLength + 2 * i));
     const exp = this.server.findExport(name);
     if (!exp) return this.optionError(option, P.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+    const refused = this.server.admit?.(this.owner as never, exp);
+    if (refused !== undefined) return this.optionError(option, P.NBD_REP_ERR_POLICY, refused);
 
     if (requests.has(P.NBD_INFO_NAME)) {
       const n = Buffer.from(exp.name);
@@ -668,7 +723,7 @@ export class NbdServerCore {
     else f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
     if (this._structured) f |= P.NBD_FLAG_SEND_DF;
     // Every connection shares one node, so a flush on any of them covers writes done on all.
-    if (this.server.maxConnections !== 1) f |= P.NBD_FLAG_CAN_MULTI_CONN;
+    if (this.server.multiConn ? this.server.multiConn(exp) : this.server.maxConnections !== 1) f |= P.NBD_FLAG_CAN_MULTI_CONN;
     return f;
   }
 
@@ -717,6 +772,8 @@ export class NbdServerCore {
         return;
       }
       const buf = Buffer.allocUnsafe(length);
+      this._pendingCharged = length;
+      this.hooks?.charge(length);
       this.pending = { cookieHi, cookieLo, flags, offset, buf, filled: 0 };
       this.state = State.WritePayload;
       return;
@@ -781,7 +838,8 @@ export class NbdServerCore {
 
   private request(req: NbdRequest): void {
     this._inFlight++;
-    this.inFlightBytes += req.bytes;
+    this.inFlightBytes_ += req.bytes;
+    this.hooks?.charge(req.bytes);
     this.out.push({ type: 'request', req });
   }
 

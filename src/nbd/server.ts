@@ -18,6 +18,7 @@ import type { ObjectRegistry } from '../objects/registry.js';
 import type { TlsCreds } from '../objects/tls-creds.js';
 import { NbdConnection } from './connection.js';
 import { checkSocketDirectory, takeListenFds, unixSocketPathOfFd } from '../systemd.js';
+import { BufferBudget, DEFAULT_BUFFER_LIMIT } from './limits.js';
 import type { ExportedBitmap } from './meta.js';
 import { NBD_MAX_STRING, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP } from './protocol.js';
 
@@ -29,8 +30,12 @@ export type SocketAddress =
 
 export interface NbdServerOptions {
   addr: SocketAddress;
-  /** 0 = unlimited (QEMU's default for nbd-server-start). */
+  /** Clients at once across every listener; 0 = unlimited (QEMU's default for nbd-server-start). */
   'max-connections'?: number;
+  /** Seconds a client in transmission may stay idle before it is disconnected; 0 = never (vdisk's addition). */
+  'x-idle-timeout'?: number;
+  /** Bytes all clients together may make the server buffer (write payloads, unsent replies); 0 = no limit. */
+  'x-buffer-limit'?: number;
   /** Seconds a client may take to finish the handshake (vdisk's addition). */
   'handshake-timeout'?: number;
   /** Id of server-endpoint TLS credentials: clients must NBD_OPT_STARTTLS first. */
@@ -93,6 +98,8 @@ export const NBD_SERVER_OPTIONS: Type = struct('NbdServerOptions', {
   '*tls-authz': str,
   '*max-connections': int('uint32'),
   '*handshake-timeout': int('uint32'),
+  '*x-idle-timeout': int('uint32'),
+  '*x-buffer-limit': int('size'),
 });
 
 /** Turns a SocketAddressLegacy ({type, data: {...}}) into the flat form. */
@@ -113,11 +120,19 @@ export interface NbdExport {
   allocationDepth: boolean;
   /** Published as qemu:dirty-bitmap:NAME, in the order given (which fixes their context ids). */
   bitmaps: ExportedBitmap[];
+  /** Clients at once on this export (x-max-connections); 0 = only the server's limit. */
+  maxConnections: number;
 }
 
 export class NbdServer {
   readonly maxConnections: number;
   readonly handshakeTimeoutMs: number;
+  /** 0: idle clients stay. */
+  readonly idleTimeoutMs: number;
+  /** Write payloads and unsent replies of every connection together. */
+  readonly budget: BufferBudget;
+  /** Clients turned away at accept because of max-connections (for x-query-nbd-server). */
+  private refusedAtAccept = 0;
   private readonly exports = new Map<string, NbdExport>();
   private readonly connections = new Set<NbdConnection>();
   private readonly listeners: net.Server[] = [];
@@ -136,6 +151,8 @@ export class NbdServer {
   ) {
     this.maxConnections = options['max-connections'] ?? 0;
     this.handshakeTimeoutMs = (options['handshake-timeout'] ?? 10) * 1000;
+    this.idleTimeoutMs = (options['x-idle-timeout'] ?? 0) * 1000;
+    this.budget = new BufferBudget(options['x-buffer-limit'] ?? DEFAULT_BUFFER_LIMIT, () => this.connections.size);
     const credsId = options['tls-creds'];
     const authzId = options['tls-authz'];
     if (credsId === undefined) {
@@ -193,8 +210,8 @@ export class NbdServer {
   }
 
   private async listenOn(addr: SocketAddress, fd?: number): Promise<void> {
+    // max-connections is counted in accept() across all listeners, not by net.Server (per listener).
     const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
-    srv.maxConnections = this.maxConnections > 0 ? this.maxConnections : Infinity;
     const unixPath = addr.type === 'unix' ? unixSocketPath(addr) : '';
     if (addr.type === 'unix' && !addr.abstract) {
       checkSocketDirectory(addr.path, 'nbd-server');
@@ -232,7 +249,14 @@ export class NbdServer {
       endpoint = a && typeof a === 'object' ? `tcp:${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}` : unix ? `unix:${unix}` : `fd:${fd}`;
     }
     this.endpoints.push(endpoint);
-    logEvent('info', 'nbd-server-listening', { address: endpoint, ...(keepAlive ? { keepAlive } : {}), maxConnections: this.maxConnections || 'unlimited', tls: this.tls ? this.tls.creds.id : 'off' });
+    logEvent('info', 'nbd-server-listening', {
+      address: endpoint,
+      ...(keepAlive ? { keepAlive } : {}),
+      maxConnections: this.maxConnections || 'unlimited',
+      ...(this.idleTimeoutMs ? { idleTimeout: this.idleTimeoutMs / 1000 } : {}),
+      bufferLimit: this.budget.limit || 'unlimited',
+      tls: this.tls ? this.tls.creds.id : 'off',
+    });
     const bound = srv.address();
     if (bound && typeof bound === 'object' && !isLoopback(bound.address)) {
       this.exposed.push(endpoint);
@@ -259,8 +283,39 @@ export class NbdServer {
     return undefined;
   }
 
+  /**
+   * A second --nbd-server adds a listener to this server: limits given there
+   * must be the server's (they are totals, not per listener).
+   */
+  checkSameLimits(options: NbdServerOptions): void {
+    const given = options['max-connections'];
+    if (given !== undefined && given !== this.maxConnections) {
+      throw new VdiskError('EINVAL', `max-connections is the NBD server's total over all its addresses: every --nbd-server must give the same value (the server has ${this.maxConnections})`);
+    }
+    const idle = options['x-idle-timeout'];
+    if (idle !== undefined && idle * 1000 !== this.idleTimeoutMs) {
+      throw new VdiskError('EINVAL', `every --nbd-server must give the same x-idle-timeout (the server has ${this.idleTimeoutMs / 1000})`);
+    }
+    const buffer = options['x-buffer-limit'];
+    if (buffer !== undefined && buffer !== this.budget.limit) {
+      throw new VdiskError('EINVAL', `every --nbd-server must give the same x-buffer-limit (the server has ${this.budget.limit})`);
+    }
+  }
+
+  /**
+   * Over max-connections the client is accepted and closed at once (no
+   * greeting): it gets a clean EOF instead of waiting in the backlog as in
+   * QEMU, and the refusal is logged with who it was (docs/design/limits.md).
+   */
   private accept(socket: net.Socket): void {
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    if (this.maxConnections > 0 && this.connections.size >= this.maxConnections) {
+      this.refusedAtAccept++;
+      logEvent('warn', 'nbd-client-refused', { peer, reason: 'the server has max-connections clients', limit: this.maxConnections, connections: this.connections.size });
+      socket.on('error', () => undefined);
+      socket.destroy();
+      return;
+    }
     const conn = new NbdConnection(socket, this, peer);
     this.connections.add(conn);
     logEvent('debug', 'nbd-connection-accepted', { connection: conn.id, peer });
@@ -269,6 +324,46 @@ export class NbdServer {
   connectionClosed(conn: NbdConnection): void {
     this.connections.delete(conn);
     conn.export?.connections.delete(conn);
+    this.budget.leave(conn);
+  }
+
+  /**
+   * Whether a client may select an export (NBD_OPT_GO, NBD_OPT_INFO, which
+   * must answer as GO would, and NBD_OPT_EXPORT_NAME): the refusal message,
+   * or undefined. Logged once per connection, however often it asks.
+   */
+  admit(conn: NbdConnection, exp: NbdExport): string | undefined {
+    if (exp.maxConnections === 0 || exp.connections.size < exp.maxConnections) return undefined;
+    const reason = `export '${exp.name}' has reached its limit of ${exp.maxConnections} client${exp.maxConnections === 1 ? '' : 's'} (x-max-connections)`;
+    if (!this.refusalLogged.has(conn)) {
+      this.refusalLogged.add(conn);
+      logEvent('warn', 'nbd-client-refused', { connection: conn.id, peer: conn.peer, export: exp.name, reason, limit: exp.maxConnections });
+    }
+    return reason;
+  }
+
+  private readonly refusalLogged = new WeakSet<NbdConnection>();
+
+  /** Whether NBD_FLAG_CAN_MULTI_CONN may be advertised: not when only one client can connect. */
+  multiConn(exp: NbdExport): boolean {
+    return this.maxConnections !== 1 && exp.maxConnections !== 1;
+  }
+
+  /** x-query-nbd-server: limits, what is buffered, and each connection. */
+  query(): Record<string, unknown> {
+    return {
+      endpoints: this.endpoints,
+      'max-connections': this.maxConnections,
+      'idle-timeout': this.idleTimeoutMs / 1000,
+      'buffer-limit': this.budget.limit,
+      buffered: this.budget.total,
+      'buffered-peak': this.budget.peak,
+      'budget-waiters': this.budget.waiters,
+      'budget-waits': this.budget.waits,
+      'refused-at-accept': this.refusedAtAccept,
+      exports: [...this.exports.values()].map((e) => ({ name: e.name, clients: e.connections.size, 'max-connections': e.maxConnections })),
+      connections: [...this.connections].map((c) => c.stats()),
+    };
   }
 
   findExport(name: string): NbdExport | undefined {
@@ -383,6 +478,8 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined, graph: B
       '*description': str,
       '*bitmaps': arrayOf(alternate('BlockDirtyBitmapOrStr', [str, BLOCK_DIRTY_BITMAP])),
       '*allocation-depth': bool,
+      // vdisk's extension: a per-export client limit within the server's max-connections.
+      '*x-max-connections': int('uint32'),
     },
     async create(exp: BlockExport, options: Record<string, unknown>): Promise<ExportHandle> {
       // Checks in QEMU's order, so the first problem reported is the one QEMU reports.
@@ -409,6 +506,7 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined, graph: B
         closing: false,
         allocationDepth: (options['allocation-depth'] as boolean | undefined) ?? false,
         bitmaps: bitmaps.map((bitmap) => ({ bitmap, context: QEMU_DIRTY_BITMAP + bitmap.name! })),
+        maxConnections: (options['x-max-connections'] as number | undefined) ?? 0,
       };
       server.addExport(nbdExp);
       // Nothing can fail from here on, and nothing awaited since the checks: the claims cannot collide.

@@ -1,4 +1,5 @@
-/** nbd-server-start (SocketAddressLegacy, as QEMU's QMP takes it), nbd-server-stop, object-add and object-del. */
+/** nbd-server-start (SocketAddressLegacy, as QEMU's QMP takes it), x-query-nbd-server, nbd-server-stop, object-add and object-del. */
+import { VdiskError } from '../../errors.js';
 import { SOCKET_ADDRESS_LEGACY, flattenLegacyAddress } from '../../nbd/server.js';
 import { any, int, str, struct } from '../../qapi/schema.js';
 import type { QmpCommand } from '../server.js';
@@ -6,7 +7,15 @@ import type { QmpCommand } from '../server.js';
 export const NBD_COMMANDS: QmpCommand[] = [
   {
     name: 'nbd-server-start',
-    args: struct('nbd-server-start', { addr: SOCKET_ADDRESS_LEGACY, '*tls-creds': str, '*tls-authz': str, '*max-connections': int('uint32') }),
+    args: struct('nbd-server-start', {
+      addr: SOCKET_ADDRESS_LEGACY,
+      '*tls-creds': str,
+      '*tls-authz': str,
+      '*max-connections': int('uint32'),
+      // vdisk's extensions (docs/design/limits.md).
+      '*x-idle-timeout': int('uint32'),
+      '*x-buffer-limit': int('size'),
+    }),
     run: async (args, { daemon }) => {
       const { addr, ...rest } = args;
       await daemon.nbdServerStart({ addr: flattenLegacyAddress(addr as Record<string, unknown>), ...rest }, 'json');
@@ -28,6 +37,16 @@ export const NBD_COMMANDS: QmpCommand[] = [
     run: (args, { daemon }) => {
       daemon.objectDel(args.id as string);
       return {};
+    },
+  },
+  {
+    // vdisk's: the server's limits, what its clients make it buffer, and each connection.
+    name: 'x-query-nbd-server',
+    args: struct('x-query-nbd-server', {}),
+    run: (_a, { daemon }) => {
+      const server = daemon.nbdServer;
+      if (!server) throw new VdiskError('ENOENT', 'NBD server not running');
+      return server.query();
     },
   },
   {

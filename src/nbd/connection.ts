@@ -227,6 +227,7 @@ export class NbdConnection {
       peer: this.peer,
       export: exp.name,
       structured: this.core.structured,
+      ...(this.core.extended ? { extendedHeaders: true } : {}),
       contexts: meta ? selectedContexts(meta).map((c) => c.name) : [],
       ...(this.core.tlsActive ? { tls: this.tlsIdentity ?? 'on' } : {}),
     });

@@ -339,6 +339,7 @@ export class NbdConnection implements BudgetUser {
       peer: this.peer,
       export: exp.name,
       structured: this.core.structured,
+      ...(this.core.extended ? { extendedHeaders: true } : {}),
       contexts: meta ? selectedContexts(meta).map((c) => c.name) : [],
       ...(this.core.tlsActive ? { tls: this.tlsIdentity ?? 'on' } : {}),
     });

@@ -10,6 +10,9 @@ export const NBD_OPT_REPLY_MAGIC = 0x3e889045565a9n;
 export const NBD_REQUEST_MAGIC = 0x25609513;
 export const NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
 export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+// Extended headers (NBD_OPT_EXTENDED_HEADERS): 32-byte requests and replies with 64-bit lengths.
+export const NBD_EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const NBD_EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
 // Handshake flags (server) and client flags.
 export const NBD_FLAG_FIXED_NEWSTYLE = 1 << 0;
@@ -59,6 +62,7 @@ export const NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR + 6;
 export const NBD_REP_ERR_SHUTDOWN = NBD_REP_FLAG_ERROR + 7;
 export const NBD_REP_ERR_BLOCK_SIZE_REQD = NBD_REP_FLAG_ERROR + 8;
 export const NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR + 9;
+export const NBD_REP_ERR_EXT_HEADER_REQD = NBD_REP_FLAG_ERROR + 10;
 
 // Info types.
 export const NBD_INFO_EXPORT = 0;
@@ -84,6 +88,8 @@ export const NBD_CMD_FLAG_NO_HOLE = 1 << 1;
 export const NBD_CMD_FLAG_DF = 1 << 2;
 export const NBD_CMD_FLAG_REQ_ONE = 1 << 3;
 export const NBD_CMD_FLAG_FAST_ZERO = 1 << 4;
+/** Extended headers: the length field is a payload that follows (WRITE), not an effect length. */
+export const NBD_CMD_FLAG_PAYLOAD_LEN = 1 << 5;
 
 // Structured reply.
 export const NBD_REPLY_FLAG_DONE = 1 << 0;
@@ -91,6 +97,8 @@ export const NBD_REPLY_TYPE_NONE = 0;
 export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
 export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
 export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
+/** Extended headers' block status: 64-bit extent lengths and status, with a descriptor count. */
+export const NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 export const NBD_REPLY_TYPE_ERROR = 2 ** 15 + 1;
 export const NBD_REPLY_TYPE_ERROR_OFFSET = 2 ** 15 + 2;
 

@@ -137,6 +137,8 @@ export class NbdServerCore {
   private noZeroes = false;
   private fixedNewstyle = false;
   private _structured = false;
+  /** NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte requests and replies, 64-bit lengths. */
+  private _extended = false;
   private optionCount = 0;
   private option = 0;
   private optionLength = 0;
@@ -188,6 +190,14 @@ export class NbdServerCore {
   }
   get structured(): boolean {
     return this._structured;
+  }
+  /** Extended headers negotiated (replies are always extended chunks then; structured is true too). */
+  get extended(): boolean {
+    return this._extended;
+  }
+  /** Size of one request header: 28 bytes, or 32 with extended headers. */
+  private get requestHeaderSize(): number {
+    return this._extended ? 32 : 28;
   }
   /** The contexts BLOCK_STATUS answers for; undefined when none was negotiated for this export. */
   get meta(): MetaSelection | undefined {
@@ -257,7 +267,7 @@ export class NbdServerCore {
       case State.OptionSkip:
         return 1;
       case State.RequestHeader:
-        return this.disconnectRequested || this.paused ? 0 : 28;
+        return this.disconnectRequested || this.paused ? 0 : this.requestHeaderSize;
       case State.WritePayload:
         return this.pending!.buf.length - this.pending!.filled;
       case State.WriteSkip:
@@ -303,7 +313,7 @@ export class NbdServerCore {
 
   /** The buffer a READ of req is read into, inside the buffer its reply is sent from (one write, no copy). */
   readBuffer(req: NbdRequest): { reply: Buffer; data: Buffer } {
-    const hdr = this._structured ? 28 : 16;
+    const hdr = this._extended ? 40 : this._structured ? 28 : 16;
     const reply = Buffer.allocUnsafe(hdr + req.length);
     return { reply, data: reply.subarray(hdr) };
   }
@@ -312,11 +322,14 @@ export class NbdServerCore {
   complete(req: NbdRequest, outcome: NbdOutcome): NbdAction[] {
     switch (outcome.kind) {
       case 'ok':
-        this.replySimple(req.cookieHi, req.cookieLo, 0);
+        this.replySimple(req, 0);
         break;
       case 'read': {
         const reply = outcome.reply;
-        if (this._structured) {
+        if (this._extended) {
+          writeExtendedHeader(reply, 0, req, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, reply.length - 32);
+          writeU64(reply, 32, req.offset);
+        } else if (this._structured) {
           writeChunkHeader(reply, req.cookieHi, req.cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, reply.length - 20);
           writeU64(reply, 20, req.offset);
         } else {
@@ -330,16 +343,17 @@ export class NbdServerCore {
         for (let i = 0; i < parts.length; i++) {
           const p = parts[i];
           const flags = i === parts.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
+          const hdr = this.chunkHeaderSize;
           if (p.data === undefined) {
-            const c = Buffer.allocUnsafe(32);
-            writeChunkHeader(c, req.cookieHi, req.cookieLo, flags, P.NBD_REPLY_TYPE_OFFSET_HOLE, 12);
-            writeU64(c, 20, p.offset);
-            c.writeUInt32BE(p.length, 28);
+            const c = Buffer.allocUnsafe(hdr + 12);
+            this.writeChunkHeader(c, req, flags, P.NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+            writeU64(c, hdr, p.offset);
+            c.writeUInt32BE(p.length, hdr + 8);
             this.send(c);
           } else {
-            const c = Buffer.allocUnsafe(28);
-            writeChunkHeader(c, req.cookieHi, req.cookieLo, flags, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + p.data.length);
-            writeU64(c, 20, p.offset);
+            const c = Buffer.allocUnsafe(hdr + 8);
+            this.writeChunkHeader(c, req, flags, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + p.data.length);
+            writeU64(c, hdr, p.offset);
             this.send(c);
             this.send(p.data);
           }
@@ -349,17 +363,20 @@ export class NbdServerCore {
       case 'block-status': {
         const cs = outcome.contexts;
         let total = 0;
-        for (const c of cs) total += 24 + 8 * c.lengths.length;
+        for (const c of cs) total += this._extended ? 40 + 16 * c.lengths.length : 24 + 8 * c.lengths.length;
         const b = Buffer.allocUnsafe(total);
         let at = 0;
         for (let i = 0; i < cs.length; i++) {
-          at = writeBlockStatusChunk(b, at, req.cookieHi, req.cookieLo, i === cs.length - 1, cs[i].id, cs[i].lengths, cs[i].values);
+          const done = i === cs.length - 1;
+          at = this._extended
+            ? writeBlockStatusExtChunk(b, at, req, done, cs[i].id, cs[i].lengths, cs[i].values)
+            : writeBlockStatusChunk(b, at, req.cookieHi, req.cookieLo, done, cs[i].id, cs[i].lengths, cs[i].values);
         }
         this.send(b);
         break;
       }
       case 'error':
-        this.replyError(req.cookieHi, req.cookieLo, outcome.code, outcome.message, req.type, true);
+        this.replyError(req, outcome.code, outcome.message, req.type, true);
         break;
       case 'none':
         break;
@@ -446,8 +463,8 @@ export class NbdServerCore {
             }
             return;
           }
-          if (this.queue.length < 28) return;
-          this.onRequest(this.queue.take(28));
+          if (this.queue.length < this.requestHeaderSize) return;
+          this.onRequest(this.queue.take(this.requestHeaderSize));
           break;
         case State.WritePayload: {
           const p = this.pending!;
@@ -564,7 +581,16 @@ export class NbdServerCore {
         return this.optInfoGo(option, data);
       case P.NBD_OPT_STRUCTURED_REPLY:
         if (data.length !== 0) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+        // The spec's answer to a downgrade: extended headers stay, and the client is told why.
+        if (this._extended) return this.optionError(option, P.NBD_REP_ERR_EXT_HEADER_REQD, 'extended headers are negotiated; structured replies cannot replace them');
         if (this._structured) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'structured replies already negotiated');
+        this._structured = true;
+        return this.optionReply(option, P.NBD_REP_ACK);
+      case P.NBD_OPT_EXTENDED_HEADERS:
+        if (data.length !== 0) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'NBD_OPT_EXTENDED_HEADERS takes no data');
+        if (this._extended) return this.optionError(option, P.NBD_REP_ERR_INVALID, 'extended headers already negotiated');
+        // Extended replies carry everything structured replies do (chunks, holes, errors with text).
+        this._extended = true;
         this._structured = true;
         return this.optionReply(option, P.NBD_REP_ACK);
       case P.NBD_OPT_LIST_META_CONTEXT:
@@ -589,6 +615,8 @@ export class NbdServerCore {
   }
 
   private optExportName(data: Buffer): void {
+    // EXPORT_NAME has no way to say "extended headers" back, and the spec forbids it after them.
+    if (this._extended) throw new Error('NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS');
     const name = data.toString('utf8');
     const exp = this.server.findExport(name);
     if (!exp) throw new Error(`client asked for unknown export '${name}' with NBD_OPT_EXPORT_NAME`);
@@ -741,14 +769,22 @@ export class NbdServerCore {
   // ---- transmission -------------------------------------------------------
 
   private onRequest(h: Buffer): void {
-    if (h.readUInt32BE(0) !== P.NBD_REQUEST_MAGIC) throw new Error('bad request magic');
-    const flags = h.readUInt16BE(4);
+    const magic = h.readUInt32BE(0);
+    if (magic !== (this._extended ? P.NBD_EXTENDED_REQUEST_MAGIC : P.NBD_REQUEST_MAGIC)) {
+      throw new Error(this._extended && magic === P.NBD_REQUEST_MAGIC ? 'compact request after extended headers were negotiated' : 'bad request magic');
+    }
+    let flags = h.readUInt16BE(4);
     const type = h.readUInt16BE(6);
     const cookieHi = h.readUInt32BE(8);
     const cookieLo = h.readUInt32BE(12);
     const offsetHi = h.readUInt32BE(16);
-    const offset = offsetHi * 2 ** 32 + h.readUInt32BE(20);
-    const length = h.readUInt32BE(24);
+    const offsetLo = h.readUInt32BE(20);
+    const offset = offsetHi * 2 ** 32 + offsetLo;
+    // Extended headers: a 64-bit length. Past 2^53 it is only compared with the export's size
+    // (and refused), so the float's lost precision changes nothing.
+    const lengthHi = this._extended ? h.readUInt32BE(24) : 0;
+    const length = this._extended ? lengthHi * 2 ** 32 + h.readUInt32BE(28) : h.readUInt32BE(24);
+    const to: ReplyTo = { cookieHi, cookieLo, offset, offsetHi, offsetLo };
     if (type < this.requestCounts.length) {
       this.requestCounts[type]++;
       this.requestBytes[type] += length;
@@ -756,11 +792,32 @@ export class NbdServerCore {
     // A WRITE counts once its payload is in (or it is refused); DISC has no reply.
     if (type !== P.NBD_CMD_DISC && type !== P.NBD_CMD_WRITE) this._answerable++;
 
+    let hasPayload = type === P.NBD_CMD_WRITE;
+    if (this._extended) {
+      // The flag, not the command, says whether a payload follows; it is framing, not a request flag.
+      hasPayload = (flags & P.NBD_CMD_FLAG_PAYLOAD_LEN) !== 0;
+      flags &= ~P.NBD_CMD_FLAG_PAYLOAD_LEN;
+      if (hasPayload && length > P.NBD_MAX_PAYLOAD) throw new Error(`payload of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit`);
+      if (type === P.NBD_CMD_WRITE && !hasPayload) {
+        this._answerable++;
+        return this.replyError(to, P.NBD_EINVAL, 'NBD_CMD_WRITE needs NBD_CMD_FLAG_PAYLOAD_LEN with extended headers', type);
+      }
+      if (type !== P.NBD_CMD_WRITE && hasPayload) {
+        // No other command takes a payload here (NBD_FLAG_BLOCK_STATUS_PAYLOAD is not offered):
+        // consume it so the stream stays in step, and refuse the command.
+        if (type === P.NBD_CMD_DISC) this._answerable++;
+        this.replyError(to, P.NBD_EINVAL, `${P.CMD_NAMES[type] ?? `command ${type}`} takes no payload`, type);
+        this.skipRemaining = length;
+        this.state = State.WriteSkip;
+        return;
+      }
+    }
+
     if (type === P.NBD_CMD_WRITE) {
       const error = this.validate(type, flags, offsetHi, offset, length);
       if (error) {
         this._answerable++;
-        this.replyError(cookieHi, cookieLo, error.code, error.message, type);
+        this.replyError(to, error.code, error.message, type);
         if (length > P.NBD_MAX_PAYLOAD) throw new Error(`write of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit`);
         this.skipRemaining = length;
         this.state = State.WriteSkip;
@@ -784,7 +841,7 @@ export class NbdServerCore {
       return;
     }
     const error = this.validate(type, flags, offsetHi, offset, length);
-    if (error) return this.replyError(cookieHi, cookieLo, error.code, error.message, type);
+    if (error) return this.replyError(to, error.code, error.message, type);
     // Reads hold their reply buffer while in flight; the others hold nothing of size.
     this.request({ type, flags, cookieHi, cookieLo, offset, length, bytes: type === P.NBD_CMD_READ ? length : 0 });
   }
@@ -843,26 +900,82 @@ export class NbdServerCore {
     this.out.push({ type: 'request', req });
   }
 
-  private replySimple(cookieHi: number, cookieLo: number, error: number): void {
+  /** A reply without data: a simple reply, or with extended headers (which forbid simple replies) a NONE chunk. */
+  private replySimple(to: ReplyTo, error: number): void {
+    if (this._extended) {
+      const b = Buffer.allocUnsafe(32);
+      writeExtendedHeader(b, 0, to, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_NONE, 0);
+      this.send(b);
+      return;
+    }
     const b = Buffer.allocUnsafe(16);
-    writeSimpleHeader(b, cookieHi, cookieLo, error);
+    writeSimpleHeader(b, to.cookieHi, to.cookieLo, error);
     this.send(b);
   }
 
-  /** An error reply: a structured error chunk (with a message) when negotiated, else a simple reply. */
-  private replyError(cookieHi: number, cookieLo: number, code: number, message: string, type: number, logged = false): void {
+  /** An error reply: an error chunk (with a message) when structured or extended, else a simple reply. */
+  private replyError(to: ReplyTo, code: number, message: string, type: number, logged = false): void {
     if (!logged && isLogLevelEnabled('debug')) {
       logEvent('debug', 'nbd-request-refused', { connection: this.id, command: P.CMD_NAMES[type] ?? type, error: message });
     }
-    if (!this._structured) return this.replySimple(cookieHi, cookieLo, code);
+    if (!this._structured) return this.replySimple(to, code);
     const msg = Buffer.from(message.slice(0, 1000));
-    const b = Buffer.allocUnsafe(20 + 6 + msg.length);
-    writeChunkHeader(b, cookieHi, cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_ERROR, 6 + msg.length);
-    b.writeUInt32BE(code, 20);
-    b.writeUInt16BE(msg.length, 24);
-    msg.copy(b, 26);
+    const hdr = this.chunkHeaderSize;
+    const b = Buffer.allocUnsafe(hdr + 6 + msg.length);
+    this.writeChunkHeader(b, to, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_ERROR, 6 + msg.length);
+    b.writeUInt32BE(code, hdr);
+    b.writeUInt16BE(msg.length, hdr + 4);
+    msg.copy(b, hdr + 6);
     this.send(b);
   }
+
+  /** Bytes of a reply chunk's header: 20 (structured) or 32 (extended). */
+  private get chunkHeaderSize(): number {
+    return this._extended ? 32 : 20;
+  }
+
+  private writeChunkHeader(b: Buffer, to: ReplyTo, flags: number, type: number, length: number): void {
+    if (this._extended) writeExtendedHeader(b, 0, to, flags, type, length);
+    else writeChunkHeader(b, to.cookieHi, to.cookieLo, flags, type, length);
+  }
+}
+
+/** Who a reply answers: the request's cookie, and (extended headers echo it) its offset as sent. */
+interface ReplyTo {
+  cookieHi: number;
+  cookieLo: number;
+  offset: number;
+  /** The offset's two halves as received, for a refused request whose offset is past 2^53. */
+  offsetHi?: number;
+  offsetLo?: number;
+}
+
+/** An extended reply header: magic, flags, type, cookie, the request's offset, 64-bit payload length. */
+function writeExtendedHeader(b: Buffer, at: number, to: ReplyTo, flags: number, type: number, length: number): void {
+  b.writeUInt32BE(P.NBD_EXTENDED_REPLY_MAGIC, at);
+  b.writeUInt16BE(flags, at + 4);
+  b.writeUInt16BE(type, at + 6);
+  b.writeUInt32BE(to.cookieHi, at + 8);
+  b.writeUInt32BE(to.cookieLo, at + 12);
+  b.writeUInt32BE(to.offsetHi ?? Math.floor(to.offset / 2 ** 32), at + 16);
+  b.writeUInt32BE(to.offsetLo ?? to.offset >>> 0, at + 20);
+  b.writeUInt32BE(Math.floor(length / 2 ** 32), at + 24);
+  b.writeUInt32BE(length >>> 0, at + 28);
+}
+
+/** Writes one NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk at `at` (64-bit lengths and status); returns where the next one goes. */
+function writeBlockStatusExtChunk(b: Buffer, at: number, to: ReplyTo, done: boolean, id: number, lengths: number[], flags: number[]): number {
+  writeExtendedHeader(b, at, to, done ? P.NBD_REPLY_FLAG_DONE : 0, P.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * lengths.length);
+  b.writeUInt32BE(id, at + 32);
+  b.writeUInt32BE(lengths.length, at + 36);
+  let p = at + 40;
+  for (let i = 0; i < lengths.length; i++) {
+    writeU64(b, p, lengths[i]);
+    b.writeUInt32BE(0, p + 8);
+    b.writeUInt32BE(flags[i] >>> 0, p + 12);
+    p += 16;
+  }
+  return p;
 }
 
 function writeSimpleHeader(b: Buffer, cookieHi: number, cookieLo: number, error: number): void {

@@ -86,11 +86,28 @@ export function request(type: number, flags: number, cookie: number, offset: num
   return payload ? Buffer.concat([h, payload]) : h;
 }
 
-/** The handshake of a well-behaved client choosing `name`, structured replies and base:allocation if asked. */
-export function handshake(name: string, structured: boolean): Buffer {
+/** An extended request (NBD_OPT_EXTENDED_HEADERS): 32 bytes, 64-bit offset and length. */
+export function extRequest(type: number, flags: number, cookie: number, offset: number, length: number, payload?: Buffer): Buffer {
+  const h = Buffer.alloc(32);
+  h.writeUInt32BE(P.NBD_EXTENDED_REQUEST_MAGIC, 0);
+  h.writeUInt16BE(flags & 0xffff, 4);
+  h.writeUInt16BE(type & 0xffff, 6);
+  h.writeUInt32BE(cookie >>> 0, 12);
+  h.writeUInt32BE(Math.floor(offset / 2 ** 32) >>> 0, 16);
+  h.writeUInt32BE(offset >>> 0, 20);
+  h.writeUInt32BE(Math.floor(length / 2 ** 32) >>> 0, 24);
+  h.writeUInt32BE(length >>> 0, 28);
+  return payload ? Buffer.concat([h, payload]) : h;
+}
+
+/**
+ * The handshake of a well-behaved client choosing `name`, structured replies (or extended
+ * headers, which bring them) and base:allocation if asked.
+ */
+export function handshake(name: string, structured: boolean, extended = false): Buffer {
   const parts = [clientFlags()];
-  if (structured) {
-    parts.push(option(P.NBD_OPT_STRUCTURED_REPLY));
+  if (structured || extended) {
+    parts.push(option(extended ? P.NBD_OPT_EXTENDED_HEADERS : P.NBD_OPT_STRUCTURED_REPLY));
     parts.push(option(P.NBD_OPT_SET_META_CONTEXT, metaData(name, ['base:allocation'])));
   }
   parts.push(option(P.NBD_OPT_GO, goData(name, [P.NBD_INFO_BLOCK_SIZE])));
@@ -121,10 +138,31 @@ const requestArb = fc
     return request(r.type, r.flags, r.cookie, r.offset, r.length, payload);
   });
 
+/**
+ * An extended request: 64-bit lengths (past 4 GiB too), PAYLOAD_LEN mostly where it belongs
+ * (WRITE) and sometimes where it does not, or missing from a WRITE.
+ */
+const extRequestArb = fc
+  .record({
+    type: fc.oneof({ arbitrary: fc.constantFrom(0, 1, 1, 3, 4, 5, 6, 7), weight: 6 }, fc.integer({ min: 0, max: 0xffff })),
+    flags: fc.oneof({ arbitrary: fc.constantFrom(0, 0, 1, 2, 4, 8, 16), weight: 6 }, fc.integer({ min: 0, max: 0xffff })),
+    payloadFlag: fc.oneof({ arbitrary: fc.constant('usual'), weight: 6 }, fc.constantFrom('always', 'never')),
+    cookie: fc.integer({ min: 0, max: 0xffffffff }),
+    offset: offsetArb,
+    length: fc.oneof({ arbitrary: lengthArb, weight: 4 }, fc.constantFrom(2 ** 32, 2 ** 33 + 5, 2 ** 53 - 1, 2 ** 60)),
+  })
+  .map((r) => {
+    const withPayload = r.payloadFlag === 'always' || (r.payloadFlag === 'usual' && r.type === P.NBD_CMD_WRITE);
+    const flags = withPayload ? r.flags | P.NBD_CMD_FLAG_PAYLOAD_LEN : r.flags & ~P.NBD_CMD_FLAG_PAYLOAD_LEN;
+    const payload = withPayload ? Buffer.alloc(Math.min(r.length, 9000), 0xa5) : undefined;
+    return extRequest(r.type, flags, r.cookie, r.offset, r.length, payload);
+  });
+
 /** Options as a client might send them, valid and not. */
 const optionArb = fc.oneof(
   fc.constantFrom(
     option(P.NBD_OPT_STRUCTURED_REPLY),
+    option(P.NBD_OPT_EXTENDED_HEADERS),
     option(P.NBD_OPT_LIST),
     option(P.NBD_OPT_STARTTLS),
     option(P.NBD_OPT_SET_META_CONTEXT, metaData('rw', ['base:allocation', 'qemu:allocation-depth'])),
@@ -188,6 +226,10 @@ export const nbdStreamArb: fc.Arbitrary<Buffer> = fc.oneof(
       // Mostly damage only the transmission part, so the handshake usually gets through.
       return edits.length % 3 !== 1 ? Buffer.concat([hs, mutate(body, edits)]) : mutate(Buffer.concat([hs, body]), edits);
     }) },
+  // The same with extended headers: 32-byte requests, and sometimes a compact one among them.
+  { weight: 3, arbitrary: fc
+    .tuple(fc.constantFrom('rw', 'ro', 'al'), fc.array(fc.oneof({ arbitrary: extRequestArb, weight: 9 }, requestArb), { maxLength: 12 }), fc.uint8Array({ maxLength: 40 }), editsArb)
+    .map(([name, reqs, tail, edits]) => Buffer.concat([handshake(name, true, true), mutate(Buffer.concat([...reqs, Buffer.from(tail)]), edits)])) },
 );
 
 /** How the stream is cut into reads, and when requests complete (drawn per step). */
@@ -201,6 +243,8 @@ export interface NbdRunResult {
   sent: Buffer;
   requests: NbdRequest[];
   ended: boolean;
+  /** Extended headers were negotiated. */
+  extended: boolean;
 }
 
 /**
@@ -273,10 +317,12 @@ export function runNbdCore(stream: Buffer, schedule: number[], server: NbdCoreSe
     for (const a of actions.slice(start)) {
       if (a.type !== 'send') continue;
       const magic = a.data.readUInt32BE(0);
-      if (magic === P.NBD_SIMPLE_REPLY_MAGIC || (magic === P.NBD_STRUCTURED_REPLY_MAGIC && a.data.readUInt16BE(4) & P.NBD_REPLY_FLAG_DONE)) finals++;
+      const chunk = magic === P.NBD_STRUCTURED_REPLY_MAGIC || magic === P.NBD_EXTENDED_REPLY_MAGIC;
+      if (magic === P.NBD_SIMPLE_REPLY_MAGIC || (chunk && a.data.readUInt16BE(4) & P.NBD_REPLY_FLAG_DONE)) finals++;
+      if (core.extended && magic !== P.NBD_EXTENDED_REPLY_MAGIC) throw new Error(`a reply with magic 0x${magic.toString(16)} after extended headers were negotiated`);
     }
     if (finals !== headers) throw new Error(`${headers} requests received, ${finals} answered`);
   }
   const sent = Buffer.concat(actions.flatMap((a) => (a.type === 'send' ? [a.data] : [])));
-  return { actions, sent, requests, ended: core.ended };
+  return { actions, sent, requests, ended: core.ended, extended: core.extended };
 }

@@ -785,6 +785,14 @@ export class NbdServerCore {
     const lengthHi = this._extended ? h.readUInt32BE(24) : 0;
     const length = this._extended ? lengthHi * 2 ** 32 + h.readUInt32BE(28) : h.readUInt32BE(24);
     const to: ReplyTo = { cookieHi, cookieLo, offset, offsetHi, offsetLo };
+    let hasPayload = type === P.NBD_CMD_WRITE;
+    if (this._extended) {
+      // The flag, not the command, says whether a payload follows; it is framing, not a request flag.
+      hasPayload = (flags & P.NBD_CMD_FLAG_PAYLOAD_LEN) !== 0;
+      flags &= ~P.NBD_CMD_FLAG_PAYLOAD_LEN;
+      // The spec's hard disconnect, before the request counts as one to answer (it never will be).
+      if (hasPayload && length > P.NBD_MAX_PAYLOAD) throw new Error(`payload of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit`);
+    }
     if (type < this.requestCounts.length) {
       this.requestCounts[type]++;
       this.requestBytes[type] += length;
@@ -792,12 +800,7 @@ export class NbdServerCore {
     // A WRITE counts once its payload is in (or it is refused); DISC has no reply.
     if (type !== P.NBD_CMD_DISC && type !== P.NBD_CMD_WRITE) this._answerable++;
 
-    let hasPayload = type === P.NBD_CMD_WRITE;
     if (this._extended) {
-      // The flag, not the command, says whether a payload follows; it is framing, not a request flag.
-      hasPayload = (flags & P.NBD_CMD_FLAG_PAYLOAD_LEN) !== 0;
-      flags &= ~P.NBD_CMD_FLAG_PAYLOAD_LEN;
-      if (hasPayload && length > P.NBD_MAX_PAYLOAD) throw new Error(`payload of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit`);
       if (type === P.NBD_CMD_WRITE && !hasPayload) {
         this._answerable++;
         return this.replyError(to, P.NBD_EINVAL, 'NBD_CMD_WRITE needs NBD_CMD_FLAG_PAYLOAD_LEN with extended headers', type);

@@ -207,17 +207,20 @@ t.test('oldstyle EXPORT_NAME: size, flags and the 124 zero bytes unless NO_ZEROE
 t.test('property: arbitrary and damaged streams break no rule', async (t) => {
   let requests = 0;
   let writes = 0;
+  let extended = 0;
   fc.assert(
     fc.property(nbdStreamArb, nbdScheduleArb, (stream, schedule) => {
       const r = runNbdCore(stream, schedule);
       requests += r.requests.length;
       writes += r.requests.filter((q) => q.type === P.NBD_CMD_WRITE).length;
+      if (r.extended) extended += r.requests.length;
     }),
     { seed: 1313, numRuns: 4000 },
   );
   // The generators must reach the transmission phase, or the property proves little.
   t.ok(requests > 800, `requests handed out: ${requests}`);
   t.ok(writes > 100, `writes handed out: ${writes}`);
+  t.ok(extended > 200, `requests handed out with extended headers: ${extended}`);
 });
 
 t.test('property: how the bytes are cut does not change what is sent', async (t) => {

@@ -190,6 +190,14 @@ t.test('transmission: 32-byte requests, extended replies that echo the offset', 
 
   // A payload over the maximum: the spec's hard disconnect.
   t.match(core.push(extRequest(P.NBD_CMD_WRITE, P.NBD_CMD_FLAG_PAYLOAD_LEN, 11n, 0n, 2n ** 33n)).at(-1), { type: 'end', reason: 'protocol-error', message: /over the .* byte limit/ });
+
+  // Fuzz finding (test/fuzz/nbd-core.test.ts, seed 1313): a READ with PAYLOAD_LEN and a 4 GiB
+  // payload was counted as a request owed a reply before the disconnect, so the books said one
+  // request went unanswered. The disconnect now comes first.
+  const f = extendedCore();
+  const before = f.answerable;
+  t.match(f.push(extRequest(P.NBD_CMD_READ, P.NBD_CMD_FLAG_PAYLOAD_LEN | 0x100, 0n, 0n, 2n ** 32n)).at(-1), { type: 'end', reason: 'protocol-error' });
+  t.equal(f.answerable, before, 'a request cut off by the disconnect is not owed a reply');
 });
 
 t.test('against the daemon: writes land, a 64-bit TRIM zeroes 6 GiB, block status matches qemu-img map', async (t) => {

@@ -5,6 +5,7 @@
  * read-only node, holding the node, and the BLOCK_EXPORT_DELETED event.
  * Each protocol plugs in an ExportDriver with only its own part.
  */
+import { IoStats } from '../metrics/stats.js';
 import { EventEmitter } from 'node:events';
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
@@ -30,6 +31,12 @@ export interface ExportDriver {
 export class BlockExport implements NodeUser {
   shuttingDown = false;
   handle!: ExportHandle;
+  /**
+   * The requests its clients made, as they made them (the NBD connection or FUSE session counts
+   * them): a hole read without reading the node, a request the server refused itself, and the
+   * node a backup's filter put in its place all count here, once.
+   */
+  readonly stats = new IoStats();
 
   constructor(
     readonly id: string,

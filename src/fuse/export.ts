@@ -61,6 +61,7 @@ export function fuseExportDriver(deleteExport: DeleteExport): ExportDriver {
         // mount(2) needs CAP_SYS_ADMIN, which also allows allow_other: auto means on.
         allowOther: allowOther === 'on' || (allowOther === 'auto' && (process.getuid?.() ?? 0) === 0),
         onLost: () => deleteExport(exp.id),
+        stats: exp.stats,
       });
       await session.mount();
       return {

@@ -18,6 +18,7 @@
  * run on the thread pool, everything else is /dev/fuse traffic. A process
  * touching its own FUSE mount synchronously would wait on itself.
  */
+import { type IoStats, Op as AcctOp } from '../metrics/stats.js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { VdiskError } from '../errors.js';
@@ -54,6 +55,8 @@ export interface FuseSessionOptions {
   allowOther: boolean;
   /** Called when the kernel ends the session by itself (an external umount). */
   onLost: () => void;
+  /** The export's request counters (reads, writes, flushes, zeroing as the kernel asked them). */
+  stats?: IoStats;
 }
 
 /** Sessions mounted by this process, for the exit hook and double-mount checks. */
@@ -245,10 +248,15 @@ export class FuseSession {
   /** Runs one node operation the core asked for and sends the reply it makes of the outcome. */
   private serve(op: FuseOp): void {
     this.inFlight++;
+    const start = performance.now();
     this.run(op).then(
-      (lseekResult) => this.send(this.core.done(op, lseekResult)),
+      (lseekResult) => {
+        this.account(op, start, true);
+        this.send(this.core.done(op, lseekResult));
+      },
       (err) => {
         if (!(err instanceof VdiskError)) logEvent('error', 'fuse-request-failed', { id: this.options.id, error: (err as Error)?.message });
+        this.account(op, start, false);
         this.send(this.core.fail(op, err));
       },
     ).finally(() => {
@@ -258,6 +266,21 @@ export class FuseSession {
         this.idle = undefined;
       }
     });
+  }
+
+  /** The export's counters: reads, writes, flushes and zeroing (fallocate) as the kernel asked them. */
+  private account(op: FuseOp, start: number, ok: boolean): void {
+    const stats = this.options.stats;
+    if (!stats) return;
+    let kind: AcctOp;
+    let bytes = 0;
+    if (op.kind === 'read') [kind, bytes] = [AcctOp.Read, op.length];
+    else if (op.kind === 'write') [kind, bytes] = [AcctOp.Write, op.data.length];
+    else if (op.kind === 'flush') kind = AcctOp.Flush;
+    else if (op.kind === 'fallocate' && op.zero !== undefined) [kind, bytes] = [op.zero.flags & ReqFlags.MAY_UNMAP ? AcctOp.Unmap : AcctOp.Write, op.zero.length];
+    else return;
+    if (ok) stats.done(kind, bytes, start);
+    else stats.fail(kind);
   }
 
   private async run(op: FuseOp): Promise<number | undefined> {

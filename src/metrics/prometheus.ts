@@ -82,12 +82,12 @@ export function prometheusText(daemon: Daemon): string {
   w.family('vdisk_node_write_highest_offset_bytes', 'gauge', 'End of the furthest write to the node since it was opened (QEMU wr_highest_offset).');
   for (const s of nodes) w.sample('vdisk_node_write_highest_offset_bytes', s.labels, s.stats.wrHighestOffset);
 
-  // An export's requests are those of the node it serves (its BlockBackend in QEMU's terms); the
-  // node label says which, since a backup's filter may stand in for it while a job runs.
+  // An export's own counters: its clients' requests as they sent them (the NBD connection or the
+  // FUSE session counts them), one series per export whatever node serves it (a backup's filter).
   const exports = daemon.exports.list();
-  const exps: Subject[] = exports.map((e) => ({ labels: { export: e.id, type: e.type, node: e.node.nodeName }, stats: e.node.stats }));
-  counters(w, 'vdisk_export', "export's node", exps);
-  histogram(w, 'vdisk_export_request_duration_seconds', "export's node", exps);
+  const exps: Subject[] = exports.map((e) => ({ labels: { export: e.id, type: e.type }, stats: e.stats }));
+  counters(w, 'vdisk_export', 'export (requests as its clients sent them)', exps);
+  histogram(w, 'vdisk_export_request_duration_seconds', 'export (requests as its clients sent them)', exps);
   w.family('vdisk_export_clients', 'gauge', 'Clients connected to the export (NBD connections; a FUSE mount counts as one).');
   for (const e of exports) w.sample('vdisk_export_clients', { export: e.id, type: e.type }, e.handle.clientCount());
   w.family('vdisk_export_writable', 'gauge', '1 if the export is writable.');

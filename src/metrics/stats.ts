@@ -77,3 +77,6 @@ export class IoStats {
 export function msToNs(ms: number): number {
   return Math.round(ms * 1e6);
 }
+
+/** The Op an NBD command is accounted as (QEMU's BlockAcctType), or -1 for those QEMU does not count (CACHE, BLOCK_STATUS, DISC). */
+export const NBD_CMD_OP: readonly number[] = [Op.Read, Op.Write, -1, Op.Flush, Op.Unmap, -1, Op.Write, -1];

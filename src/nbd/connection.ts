@@ -22,6 +22,7 @@
  * socket as it did on the plain one. The client is checked once the
  * handshake is done (certificate, then tls-authz), as QEMU does.
  */
+import { NBD_CMD_OP, Op } from '../metrics/stats.js';
 import type { Socket } from 'node:net';
 import tls from 'node:tls';
 import { VdiskError } from '../errors.js';
@@ -103,6 +104,11 @@ export class NbdConnection implements BudgetUser {
       },
       this,
     );
+    this.core.onRefused = (type) => {
+      const op = NBD_CMD_OP[type] ?? -1;
+      const stats = this.core.export?.stats;
+      if (op >= 0 && stats) stats.invalid[op]++;
+    };
     socket.setNoDelay(true);
     // Big socket buffers: a 1 MiB read reply then leaves in one or two writes instead of
     // many wake-ups (measured: 1M reads 1.6 -> 2.6 GB/s on a unix socket). The kernel caps
@@ -389,6 +395,13 @@ export class NbdConnection implements BudgetUser {
   // ---- running requests ---------------------------------------------------
 
   private finish(req: NbdRequest, outcome: NbdOutcome): void {
+    // The export's counters: what the client asked, as it asked it (a hole read counts its length).
+    const op = NBD_CMD_OP[req.type] ?? -1;
+    const stats = this.core.export?.stats;
+    if (op >= 0 && stats) {
+      if (outcome.kind === 'error') stats.fail(op as Op);
+      else if (outcome.kind !== 'none') stats.done(op as Op, op === Op.Flush ? 0 : req.length, req.start);
+    }
     // A sparse read is many chunks: one writev, as when they were one buffer each.
     if (outcome.kind === 'read-parts') this.cork();
     this.run(this.core.complete(req, outcome));
@@ -426,6 +439,7 @@ export class NbdConnection implements BudgetUser {
   }
 
   private execute(req: NbdRequest): void {
+    req.start = performance.now();
     const exp = this.core.export!;
     const node = exp.node;
     const { offset, length, flags } = req;

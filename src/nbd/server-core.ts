@@ -76,6 +76,8 @@ export interface NbdRequest {
   data?: Buffer;
   /** Bytes this request holds while in flight (payload or reply), for the in-flight cap. */
   bytes: number;
+  /** performance.now() when the host started running it (the host sets it; for the export's latency counters). */
+  start: number;
 }
 
 /** What the server the core answers for offers (NbdServer has these). */
@@ -164,6 +166,8 @@ export class NbdServerCore {
   /** Bytes of a WRITE being received, charged to the budget until its payload is in. */
   private _pendingCharged = 0;
   private out: NbdAction[] = [];
+  /** Called for each request the core refuses itself (bad range, read-only, bad flags): the export counts them as invalid. */
+  onRefused: ((type: number) => void) | undefined;
 
   constructor(
     private readonly server: NbdCoreServer,
@@ -803,12 +807,14 @@ export class NbdServerCore {
     if (this._extended) {
       if (type === P.NBD_CMD_WRITE && !hasPayload) {
         this._answerable++;
+        this.onRefused?.(type);
         return this.replyError(to, P.NBD_EINVAL, 'NBD_CMD_WRITE needs NBD_CMD_FLAG_PAYLOAD_LEN with extended headers', type);
       }
       if (type !== P.NBD_CMD_WRITE && hasPayload) {
         // No other command takes a payload here (NBD_FLAG_BLOCK_STATUS_PAYLOAD is not offered):
         // consume it so the stream stays in step, and refuse the command.
         if (type === P.NBD_CMD_DISC) this._answerable++;
+        this.onRefused?.(type);
         this.replyError(to, P.NBD_EINVAL, `${P.CMD_NAMES[type] ?? `command ${type}`} takes no payload`, type);
         this.skipRemaining = length;
         this.state = State.WriteSkip;
@@ -820,6 +826,7 @@ export class NbdServerCore {
       const error = this.validate(type, flags, offsetHi, offset, length);
       if (error) {
         this._answerable++;
+        this.onRefused?.(type);
         this.replyError(to, error.code, error.message, type);
         if (length > P.NBD_MAX_PAYLOAD) throw new Error(`write of ${length} bytes is over the ${P.NBD_MAX_PAYLOAD} byte limit`);
         this.skipRemaining = length;
@@ -844,9 +851,12 @@ export class NbdServerCore {
       return;
     }
     const error = this.validate(type, flags, offsetHi, offset, length);
-    if (error) return this.replyError(to, error.code, error.message, type);
+    if (error) {
+      this.onRefused?.(type);
+      return this.replyError(to, error.code, error.message, type);
+    }
     // Reads hold their reply buffer while in flight; the others hold nothing of size.
-    this.request({ type, flags, cookieHi, cookieLo, offset, length, bytes: type === P.NBD_CMD_READ ? length : 0 });
+    this.request({ type, flags, cookieHi, cookieLo, offset, length, bytes: type === P.NBD_CMD_READ ? length : 0, start: 0 });
   }
 
   private requestDisconnect(): void {
@@ -893,7 +903,7 @@ export class NbdServerCore {
 
   private doWrite(cookieHi: number, cookieLo: number, flags: number, offset: number, buf: Buffer): void {
     this._answerable++;
-    this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, bytes: buf.length });
+    this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, bytes: buf.length, start: 0 });
   }
 
   private request(req: NbdRequest): void {

@@ -3,6 +3,7 @@
  * name, and its connections. One server per daemon, as QEMU's
  * nbd-server-start; exports come and go through the export registry.
  */
+import type { IoStats } from '../metrics/stats.js';
 import fs from 'node:fs';
 import net from 'node:net';
 import { VdiskError } from '../errors.js';
@@ -122,6 +123,8 @@ export interface NbdExport {
   bitmaps: ExportedBitmap[];
   /** Clients at once on this export (x-max-connections); 0 = only the server's limit. */
   maxConnections: number;
+  /** The export's own request counters (BlockExport.stats). */
+  stats: IoStats;
 }
 
 export class NbdServer {
@@ -507,6 +510,7 @@ export function nbdExportDriver(getServer: () => NbdServer | undefined, graph: B
         allocationDepth: (options['allocation-depth'] as boolean | undefined) ?? false,
         bitmaps: bitmaps.map((bitmap) => ({ bitmap, context: QEMU_DIRTY_BITMAP + bitmap.name! })),
         maxConnections: (options['x-max-connections'] as number | undefined) ?? 0,
+        stats: exp.stats,
       };
       server.addExport(nbdExp);
       // Nothing can fail from here on, and nothing awaited since the checks: the claims cannot collide.

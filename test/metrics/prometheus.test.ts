@@ -46,7 +46,9 @@ async function promtool(t: { equal(a: unknown, b: unknown, message: string): unk
 t.test('values are the clients\' work; promtool accepts the text', async (t) => {
   if (!requireTools(t, 'promtool', 'nbdsh')) return;
   const dir = tempDir(t);
-  fs.writeFileSync(path.join(dir, 'd.raw'), Buffer.alloc(16 * MiB));
+  // Sparse: a read of an untouched range is a hole the NBD server answers without reading.
+  fs.writeFileSync(path.join(dir, 'd.raw'), Buffer.alloc(0));
+  fs.truncateSync(path.join(dir, 'd.raw'), 16 * MiB);
   const d = await startDaemon(t, {
     dir,
     args: [
@@ -70,18 +72,28 @@ t.test('values are the clients\' work; promtool accepts the text', async (t) => 
       'for i in range(5): h.pwrite(b"\\x01" * 32768, i * 32768)',
       'for i in range(3): h.pread(512, 0)',
       'h.flush()',
+      // A read of a hole (answered from block status), and a write past the end the server refuses.
+      'h.pread(1048576, 8 * 1048576)',
+      'h.set_strict_mode(0)',
+      'try:\n    h.pwrite(b"\\x02" * 512, 16 * 1048576)\nexcept nbd.Error:\n    pass',
     ].join('\n'),
     d.uri('disk'),
   );
   t.equal(r.code, 0, r.stderr);
   const after = (await get({ port })).body;
   await promtool(t, after);
-  const exp = { export: 'e0', type: 'nbd', node: 'r0' };
+  // The export counts what the client asked, as it asked it; the node what reached it.
+  const exp = { export: 'e0', type: 'nbd' };
   t.equal(sample(after, 'vdisk_export_bytes_total', { ...exp, op: 'write' }), 5 * 32768);
   t.equal(sample(after, 'vdisk_export_operations_total', { ...exp, op: 'write' }), 5);
-  t.equal(sample(after, 'vdisk_export_bytes_total', { ...exp, op: 'read' }), 3 * 512);
+  t.equal(sample(after, 'vdisk_export_bytes_total', { ...exp, op: 'read' }), 3 * 512 + MiB, 'the hole read counts on the export');
+  t.equal(sample(after, 'vdisk_node_bytes_total', { node: 'r0', driver: 'raw', op: 'read' }), 3 * 512, 'but never reached the node');
+  t.equal(sample(after, 'vdisk_export_operations_total', { ...exp, op: 'read' }), 4);
   t.equal(sample(after, 'vdisk_export_operations_total', { ...exp, op: 'flush' }), 1);
   t.equal(sample(after, 'vdisk_export_failed_operations_total', { ...exp, op: 'write' }), 0);
+  t.equal(sample(after, 'vdisk_export_invalid_operations_total', { ...exp, op: 'write' }), 1, 'the write past the end, refused by the server');
+  t.equal(sample(after, 'vdisk_node_invalid_operations_total', { node: 'r0', driver: 'raw', op: 'write' }), 0, 'which the node never saw');
+  t.equal(sample(after, 'vdisk_export_request_duration_seconds_count', { ...exp, op: 'write' }), 5, 'one latency sample per write');
   t.equal(sample(after, 'vdisk_node_bytes_total', { node: 'f0', driver: 'file', op: 'write' }), 5 * 32768, 'the file node below took the same bytes');
   // The histogram counts every successful request once: +Inf bucket = _count = operations.
   const h = { node: 'r0', driver: 'raw', op: 'write' };
@@ -130,4 +142,33 @@ t.test('a unix socket, the config file key, and addresses refused', async (t) =>
     t.not(r.code, 0, `${addr} refused`);
     t.match(r.stderr, msg);
   }
+});
+
+t.test('a FUSE export counts what the kernel asked (dd with O_DIRECT through the mount)', async (t) => {
+  if (!requireTools(t, 'promtool', 'dd')) return;
+  const dir = tempDir(t);
+  const img = path.join(dir, 'f.raw');
+  fs.writeFileSync(img, Buffer.alloc(0));
+  fs.truncateSync(img, 8 * MiB);
+  const mnt = path.join(dir, 'mnt');
+  fs.writeFileSync(mnt, '');
+  const d = await startDaemon(t, {
+    dir,
+    nbdServer: false,
+    args: ['--blockdev', `driver=file,node-name=f0,filename=${img}`, '--export', `type=fuse,id=fx,node-name=f0,mountpoint=${mnt},writable=on`, '--metrics', '127.0.0.1:0'],
+  });
+  const out = await d.waitStdout(/metrics on 127\.0\.0\.1:\d+/);
+  const port = Number(/metrics on 127\.0\.0\.1:(\d+)/.exec(out)![1]);
+  // dd in its own process: the daemon serves the mount, so nothing here touches it synchronously.
+  const w = await run('dd', ['if=/dev/zero', `of=${mnt}`, 'bs=64k', 'count=16', 'oflag=direct', 'conv=notrunc,fsync'], { timeoutMs: 60_000 });
+  t.equal(w.code, 0, w.stderr);
+  const r = await run('dd', [`if=${mnt}`, 'of=/dev/null', 'bs=64k', 'count=8', 'iflag=direct'], { timeoutMs: 60_000 });
+  t.equal(r.code, 0, r.stderr);
+  const text = (await get({ port })).body;
+  await promtool(t, text);
+  const exp = { export: 'fx', type: 'fuse' };
+  t.equal(sample(text, 'vdisk_export_bytes_total', { ...exp, op: 'write' }), MiB, "1 MiB written through the mount, as dd wrote it");
+  t.equal(sample(text, 'vdisk_export_bytes_total', { ...exp, op: 'read' }), MiB / 2, 'half of it read back');
+  t.ok(sample(text, 'vdisk_export_operations_total', { ...exp, op: 'flush' })! >= 1, "dd's fsync reached the export as a flush");
+  t.equal(await d.stop(), 0);
 });

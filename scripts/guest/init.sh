@@ -81,6 +81,8 @@ finish() {
   umount /mnt 2>/dev/null
   sync
   dmesg | grep -E 'I/O error|EXT4-fs (error|warning)|JBD2|blk_update_request|critical' | sed 's/^/VDISK-GUEST: kernel: /'
+  # The NBD driver's own lines (a connection timed out and was given up, ...), for diagnosis.
+  dmesg | grep -E 'nbd[0-9]+: ' | sed 's/^/VDISK-GUEST: nbd-kernel: /'
   say "$@"
   poweroff -f
   sleep 10

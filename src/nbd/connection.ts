@@ -76,10 +76,16 @@ export class NbdConnection implements BudgetUser {
       this.run(this.core.drained());
     },
     error: (err: Error) => {
+      this.closeReason ??= `socket error: ${(err as NodeJS.ErrnoException).code ?? err.message}`;
       if (!this.closedFlag) logEvent('debug', 'nbd-socket-error', { connection: this.id, error: err.message });
+    },
+    end: () => {
+      this.closeReason ??= 'the client closed the connection';
     },
     close: () => this.onClose(),
   };
+  /** Why the connection ended, for its disconnect line: the first cause seen wins. */
+  private closeReason: string | undefined;
 
   constructor(
     socket: Socket,
@@ -119,7 +125,9 @@ export class NbdConnection implements BudgetUser {
     socket.on('drain', this.listeners.drain);
     socket.on('error', this.listeners.error);
     socket.on('close', this.listeners.close);
+    socket.on('end', this.listeners.end);
     this.handshakeTimer = setTimeout(() => {
+      this.closeReason ??= 'handshake timeout';
       logEvent('warn', 'nbd-handshake-timeout', { connection: this.id, peer: this.peer, seconds: server.handshakeTimeoutMs / 1000 });
       this.destroy();
     }, server.handshakeTimeoutMs);
@@ -148,6 +156,7 @@ export class NbdConnection implements BudgetUser {
    */
   gracefulClose(): Promise<void> {
     if (this.closedFlag) return Promise.resolve();
+    this.closeReason ??= 'the server is stopping or the export is removed';
     if (this.core.export === undefined) {
       this.destroy();
     } else {
@@ -159,6 +168,7 @@ export class NbdConnection implements BudgetUser {
 
   /** Closes at once; requests in flight still complete on the node but get no reply. */
   destroy(): void {
+    this.closeReason ??= 'closed by the server';
     this.socket.destroy();
   }
 
@@ -204,6 +214,7 @@ export class NbdConnection implements BudgetUser {
   }
 
   private end(reason: 'abort' | 'disconnect' | 'refused' | 'protocol-error', message?: string): void {
+    this.closeReason ??= reason === 'disconnect' ? 'NBD_CMD_DISC' : reason === 'abort' ? 'NBD_OPT_ABORT' : reason === 'refused' ? 'refused' : `protocol error: ${message}`;
     if (reason === 'refused') return this.hangUp();
     if (reason === 'disconnect') {
       // Close once every reply is flushed; do not wait for the client to close its side.
@@ -240,6 +251,7 @@ export class NbdConnection implements BudgetUser {
       peer: this.peer,
       export: exp?.name,
       inFlight: this.core.inFlight,
+      closedBy: this.closeReason ?? 'unknown',
       ...(exp !== undefined ? this.core.requestSummary() : {}),
     });
     this.server.connectionClosed(this);
@@ -307,6 +319,7 @@ export class NbdConnection implements BudgetUser {
       } else if (quietFor < idleMs) {
         this.idleTimer = setTimeout(check, idleMs - quietFor).unref();
       } else {
+        this.closeReason ??= 'idle timeout';
         logEvent('info', 'nbd-client-idle-timeout', { connection: this.id, peer: this.peer, export: exp()?.name, seconds: idleMs / 1000 });
         this.hangUp();
       }
@@ -374,6 +387,7 @@ export class NbdConnection implements BudgetUser {
       }
     });
     secure.on('close', this.listeners.close);
+    secure.on('end', this.listeners.end);
     secure.on('drain', this.listeners.drain);
     secure.once('secure', () => {
       const check = creds.checkClient(secure, pskIdentity);

@@ -173,7 +173,7 @@ function checkClientRun(t: Test, b: Boot): void {
  * NBD_CMD_DISC with nothing in flight, TRIM requests among them. Returns the
  * bytes TRIM covered.
  */
-function checkServerSide(t: Test, d: DaemonHandle, exportName: string): number {
+function checkServerSide(t: Test, d: DaemonHandle, exportName: string, console = ''): number {
   const connected = logRecords(d, 'nbd-client-connected');
   const gone = logRecords(d, 'nbd-client-disconnected');
   t.equal(connected.length, 2 * CONNECTIONS, `${CONNECTIONS} connections per attach, two attaches`);
@@ -185,7 +185,12 @@ function checkServerSide(t: Test, d: DaemonHandle, exportName: string): number {
   t.ok(
     gone.every((r) => requests(r).disc === 1 && r.inFlight === 0),
     'each with NBD_CMD_DISC and nothing in flight (nbd-client -d is a clean disconnect)',
-    { records: gone },
+    // On failure: why each connection ended (closedBy), the daemon's warnings and the guest's NBD driver lines.
+    {
+      records: gone,
+      warnings: d.stderr().split('\n').filter((l) => /"level":"(warn|error)"/.test(l)),
+      guestNbd: console.split('\n').filter((l) => l.startsWith('VDISK-GUEST: nbd-kernel: ')),
+    },
   );
   t.comment(`requests per connection: ${gone.map((r) => JSON.stringify(r.requests)).join(' ')}`);
   t.ok(sum(gone, requests, 'write') > 0 && sum(gone, requests, 'flush') > 0, 'writes and flushes reached the server');
@@ -262,7 +267,7 @@ t.test('the kernel NBD client on vdisk exports', async (t) => {
     checkClientRun(t, b);
     const trimmed = fstrimBytes(t, b);
     t.equal(await d.stop(), 0, 'the daemon stops cleanly');
-    const trimBytes = checkServerSide(t, d, 'disk0');
+    const trimBytes = checkServerSide(t, d, 'disk0', b.console);
     t.ok(trimBytes >= trimmed, `the TRIM requests (${trimBytes} bytes) cover what fstrim reported (${trimmed} bytes)`);
 
     // fstrim trimmed every free block, among them the deleted 8 MiB file's, and nothing
@@ -314,7 +319,7 @@ t.test('the kernel NBD client on vdisk exports', async (t) => {
     t.same(w.events('BLKVERIFY_MISMATCH'), [], 'no BLKVERIFY_MISMATCH event');
     t.same(logRecords(d, 'blkverify-mismatch'), [], 'no mismatch in the log');
     t.equal(await d.stop(), 0, 'the daemon stops cleanly');
-    checkServerSide(t, d, 'v0');
+    checkServerSide(t, d, 'v0', b.console);
 
     const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', raw, qcow]);
     t.equal(cmp.code, 0, 'qemu-img compare: the reference and the qcow2 image hold the same bytes', { output: cmp.stdout + cmp.stderr });

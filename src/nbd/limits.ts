@@ -60,8 +60,8 @@ export class BufferBudget {
    * than an equal share of the limit may go on into a reserve of half the
    * limit: clients that never read their replies can fill the limit, but the
    * others keep more than one request in flight. Over limit + reserve only
-   * empty connections go on. So the total never passes 1.5 x limit plus one
-   * request per connection.
+   * empty connections go on. So the total never passes 1.5 x limit plus, per
+   * connection, one request and the under-NEARLY_EMPTY bytes it held when let through.
    */
   mustWait(own: number): boolean {
     if (this.limit === 0 || this.total < this.limit || own < NEARLY_EMPTY) return false;

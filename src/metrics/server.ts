@@ -4,9 +4,9 @@
  * anyone who can reach it the names of the nodes and exports, so other
  * addresses are refused (put a reverse proxy in front to publish it).
  */
+import { removeStaleSocket } from '../unix-socket.js';
 import fs from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import type { Daemon } from '../daemon.js';
 import { VdiskError, toVdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
@@ -65,7 +65,7 @@ export class MetricsServer {
     });
     // Scrapers keep connections alive; they must not hold the daemon up at shutdown.
     server.keepAliveTimeout = 5000;
-    if (addr.type === 'unix') await removeStale(addr.path);
+    if (addr.type === 'unix') await removeStaleSocket(addr.path, { busy: `--metrics: socket ${addr.path} is in use by a running process` });
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err) => reject(toVdiskError(err, `--metrics listen on ${describe(addr)}`)));
       if (addr.type === 'unix') server.listen(addr.path, () => resolve());
@@ -89,21 +89,3 @@ function describe(addr: MetricsAddress): string {
   return addr.type === 'unix' ? `unix:${addr.path}` : `${addr.host}:${addr.port}`;
 }
 
-/** A socket file left by a crashed daemon would make listen fail: remove it if nobody answers on it. */
-async function removeStale(path: string): Promise<void> {
-  try {
-    if (!fs.statSync(path).isSocket()) return;
-  } catch {
-    return;
-  }
-  const live = await new Promise<boolean>((resolve) => {
-    const probe = net.connect(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', () => resolve(false));
-  });
-  if (live) throw new VdiskError('EBUSY', `--metrics: socket ${path} is in use by a running process`);
-  fs.rmSync(path, { force: true });
-}

@@ -3,6 +3,7 @@
  * name, and its connections. One server per daemon, as QEMU's
  * nbd-server-start; exports come and go through the export registry.
  */
+import { removeStaleSocket } from '../unix-socket.js';
 import type { IoStats } from '../metrics/stats.js';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -218,7 +219,7 @@ export class NbdServer {
     const unixPath = addr.type === 'unix' ? unixSocketPath(addr) : '';
     if (addr.type === 'unix' && !addr.abstract) {
       checkSocketDirectory(addr.path, 'nbd-server');
-      await removeStaleSocket(addr.path);
+      await removeStaleSocket(addr.path, { busy: `Failed to listen on ${addr.path}: another server is listening there`, notSocket: `Failed to listen on ${addr.path}: a file that is not a socket exists there` });
     }
     // keep-alive=on: the kernel probes an idle client and ends the connection of one that is gone.
     const keepAlive = addr.type === 'inet' && addr['keep-alive'] === true;
@@ -421,26 +422,6 @@ function isLoopback(address: string): boolean {
   return /^127\./.test(address) || /^::ffff:127\./i.test(address) || address === '::1';
 }
 
-/** A unix socket file left by a process that died: remove it if nobody answers on it. */
-async function removeStaleSocket(path: string): Promise<void> {
-  let st: fs.Stats;
-  try {
-    st = fs.lstatSync(path);
-  } catch {
-    return;
-  }
-  if (!st.isSocket()) throw new VdiskError('EEXIST', `Failed to listen on ${path}: a file that is not a socket exists there`);
-  const alive = await new Promise<boolean>((resolve) => {
-    const s = net.connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-  if (alive) throw new VdiskError('EBUSY', `Failed to listen on ${path}: another server is listening there`);
-  fs.rmSync(path, { force: true });
-}
 
 /**
  * The bitmaps option of block-export-add, resolved as QEMU's nbd_export_create

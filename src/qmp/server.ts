@@ -9,6 +9,7 @@
  * argument schema checked before its handler runs, so a bad argument never
  * has a side effect.
  */
+import { removeStaleSocket } from '../unix-socket.js';
 import fs from 'node:fs';
 import net from 'node:net';
 import { VdiskError, toVdiskError } from '../errors.js';
@@ -100,7 +101,7 @@ export class QmpServer {
     const server = net.createServer((socket) => this.accept(socket, options.pretty === true));
     if (addr.type === 'unix') {
       checkSocketDirectory(addr.path, '--qmp');
-      await removeStaleSocket(addr.path);
+      await removeStaleSocket(addr.path, { busy: `QMP socket ${addr.path} is in use by a running process` });
     }
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err) => reject(toVdiskError(err, `QMP listen on ${describe(addr)}`)));
@@ -252,24 +253,3 @@ function describe(addr: QmpAddress, server?: net.Server): string {
   return `tcp:${addr.host}:${port}`;
 }
 
-/**
- * A socket file left by a crashed daemon would make listen fail: remove it if
- * nobody answers on it. One that answers belongs to a live daemon: refuse.
- */
-async function removeStaleSocket(path: string): Promise<void> {
-  try {
-    if (!fs.statSync(path).isSocket()) return;
-  } catch {
-    return;
-  }
-  const live = await new Promise<boolean>((resolve) => {
-    const probe = net.connect(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', () => resolve(false));
-  });
-  if (live) throw new VdiskError('EBUSY', `QMP socket ${path} is in use by a running process`);
-  fs.rmSync(path, { force: true });
-}

@@ -40,7 +40,7 @@ import path from 'node:path';
 import { startDaemon, type DaemonHandle } from '../helpers/daemon.js';
 import { QmpWire } from '../helpers/qmp.js';
 import { guestAssets, installMedia, runGuest, type Boot } from '../helpers/guest.js';
-import { requireTool, run, tempDir } from '../helpers/tools.js';
+import { requireTool, run, tempDir, readAt } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
 const DISK_SIZE = 128 * MiB;
@@ -75,17 +75,6 @@ async function debugfsCat(image: string, offset: number, file: string): Promise<
   child.stdout.on('data', (d: Buffer) => chunks.push(d));
   await new Promise((resolve) => child.on('close', resolve));
   return Buffer.concat(chunks);
-}
-
-function readAt(file: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    fs.readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 function blkverifyArgs(dir: string, raw: string, qcow: string, writable: boolean, mismatchAction?: string): string[] {

@@ -3,7 +3,7 @@
  * limit, make a temp dir that is removed afterwards, and fail (never skip)
  * when a tool is missing, with the command that installs it.
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -141,4 +141,46 @@ export function rng(seed: number): () => number {
     x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
     return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** A child process whose output is collected as it comes; killed at teardown if still running. */
+export interface LoggedProcess {
+  proc: ChildProcess;
+  out(): string;
+  err(): string;
+  exited: Promise<number | null>;
+}
+
+export function spawnLogged(t: { teardown(fn: () => unknown): void }, cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): LoggedProcess {
+  const proc = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  proc.stdout!.setEncoding('utf8').on('data', (d) => (out += d));
+  proc.stderr!.setEncoding('utf8').on('data', (d) => (err += d));
+  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+  t.teardown(() => {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+  });
+  return { proc, out: () => out, err: () => err, exited };
+}
+
+/** Waits until cond() holds, polling; throws naming `what` after timeoutMs. */
+export async function until(what: string, cond: () => boolean, timeoutMs = 20_000, pollMs = 10): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, pollMs));
+  }
+}
+
+/** Bytes of a file at an offset (the image as the kernel's page cache has it). */
+export function readAt(file: string, offset: number, length: number): Buffer {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(length);
+    fs.readSync(fd, b, 0, length, offset);
+    return b;
+  } finally {
+    fs.closeSync(fd);
+  }
 }

@@ -8,25 +8,13 @@
  * against the daemon on a real image that qemu-io and qemu-img then read.
  */
 import t from 'tap';
-import fs from 'node:fs';
 import path from 'node:path';
 import { NbdServerCore, type NbdAction, type NbdRequest } from '../../src/nbd/server-core.js';
 import * as P from '../../src/nbd/protocol.js';
 import { clientFlags, fakeServer, goData, metaData, option, request } from '../../src/fuzz/nbd.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { RawClient } from '../helpers/nbd-raw.js';
-import { patternBuffer, run, sparseFile, tempDir } from '../helpers/tools.js';
-
-function readAt(file: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    fs.readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+import { patternBuffer, run, sparseFile, tempDir, readAt } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;

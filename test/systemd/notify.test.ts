@@ -5,12 +5,11 @@
  * LISTEN_FDNAMES), and journald's JOURNAL_STREAM pointed at the test's pipe.
  */
 import t from 'tap';
-import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { QmpWire } from '../helpers/qmp.js';
-import { VDISK, requireTools, run, sparseFile, tempDir } from '../helpers/tools.js';
+import { VDISK, requireTools, run, sparseFile, tempDir, spawnLogged, until, type LoggedProcess } from '../helpers/tools.js';
 
 if (!requireTools(t, 'socat', 'systemd-socket-activate', 'nbdinfo', 'qemu-img', 'stat')) process.exit(1);
 
@@ -20,36 +19,8 @@ interface TestLike {
   teardown(fn: () => unknown): void;
 }
 
-interface Proc {
-  proc: ChildProcess;
-  out(): string;
-  err(): string;
-  exited: Promise<number | null>;
-}
-
-function spawnLogged(t: TestLike, cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): Proc {
-  const proc = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  proc.stdout!.setEncoding('utf8').on('data', (d) => (out += d));
-  proc.stderr!.setEncoding('utf8').on('data', (d) => (err += d));
-  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  t.teardown(() => {
-    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-  });
-  return { proc, out: () => out, err: () => err, exited };
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
 /** socat receiving sd_notify datagrams on a path or an abstract name ('@name'); prints them back to back. */
-async function notifyReceiver(t: TestLike, address: string): Promise<Proc> {
+async function notifyReceiver(t: TestLike, address: string): Promise<LoggedProcess> {
   const spec = address.startsWith('@') ? `ABSTRACT-RECV:${address.slice(1)}` : `UNIX-RECV:${address},unlink-early`;
   const socat = spawnLogged(t, 'socat', ['-u', spec, 'STDOUT']);
   if (address.startsWith('@')) {
@@ -176,7 +147,7 @@ t.test('socket activation mistakes are clear errors at start', async (t) => {
   const dir = tempDir(t);
   const nbdSock = path.join(dir, 'nbd.sock');
   const qmpSock = path.join(dir, 'qmp.sock');
-  const activate = async (names: [string, string], args: string[]): Promise<Proc> => {
+  const activate = async (names: [string, string], args: string[]): Promise<LoggedProcess> => {
     fs.rmSync(nbdSock, { force: true });
     fs.rmSync(qmpSock, { force: true });
     const act = spawnLogged(t, 'systemd-socket-activate', ['-l', nbdSock, `--fdname=${names[0]}`, '-l', qmpSock, `--fdname=${names[1]}`, process.execPath, VDISK, 'serve', ...args]);

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { QmpWire } from '../helpers/qmp.js';
-import { VDISK, requireTools, run, sparseFile, tempDir } from '../helpers/tools.js';
+import { VDISK, requireTools, run, sparseFile, tempDir, until } from '../helpers/tools.js';
 
 if (!requireTools(t, 'qemu-storage-daemon', 'nbdinfo', 'socat')) process.exit(1);
 
@@ -25,14 +25,6 @@ function alive(pid: number): boolean {
     return true;
   } catch {
     return false;
-  }
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
   }
 }
 

@@ -10,9 +10,8 @@ import t from 'tap';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { type ChildProcess, spawn } from 'node:child_process';
 import { QmpWire } from '../helpers/qmp.js';
-import { ROOT, requireTools, run, tempDir } from '../helpers/tools.js';
+import { ROOT, requireTools, run, tempDir, spawnLogged, until } from '../helpers/tools.js';
 
 if (!requireTools(t, 'systemd-analyze', 'systemd-sysusers', 'systemd-socket-activate', 'setpriv', 'unshare', 'socat', 'qemu-img', 'qemu-io', 'nbdinfo')) process.exit(1);
 
@@ -101,34 +100,6 @@ t.test('systemd-analyze security --offline=true rates the services OK or better'
   }
   t.comment(JSON.stringify(ratings));
 });
-
-interface Proc {
-  proc: ChildProcess;
-  out(): string;
-  err(): string;
-  exited: Promise<number | null>;
-}
-
-function spawnLogged(t: TestLike, cmd: string, args: string[], env: NodeJS.ProcessEnv = {}): Proc {
-  const proc = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  proc.stdout!.setEncoding('utf8').on('data', (d) => (out += d));
-  proc.stderr!.setEncoding('utf8').on('data', (d) => (err += d));
-  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  t.teardown(() => {
-    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-  });
-  return { proc, out: () => out, err: () => err, exited };
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 
 async function freePort(): Promise<number> {
   const s = net.createServer();

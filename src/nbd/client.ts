@@ -26,11 +26,11 @@ import type { DriverDef } from '../block/drivers/index.js';
 import { type Errno, VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import { int, str } from '../qapi/schema.js';
+import { SOCKET_ADDRESS, unixSocketPath } from '../qapi/sockets.js';
 import type { TlsCreds } from '../objects/tls-creds.js';
 import { ByteQueue } from './byte-queue.js';
 import { type ClientEvent, type ClientRequest, NbdClientCore } from './client-core.js';
 import * as P from './protocol.js';
-import { SOCKET_ADDRESS, unixSocketPath } from './server.js';
 
 /** Where the server listens. */
 export type NbdClientAddress = { type: 'unix'; path: string; abstract?: boolean; tight?: boolean } | { type: 'inet'; host: string; port?: string | number };

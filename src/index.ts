@@ -21,7 +21,7 @@ export { Daemon, type QmpEvent } from './daemon.js';
 export { BlockExport, ExportRegistry, type ExportDriver, type ExportHandle } from './export/registry.js';
 export { NbdServer, type NbdServerOptions } from './nbd/server.js';
 export type { SocketAddress } from './qapi/sockets.js';
-export { NBD_DRIVER, NbdClientNode, type NbdClientAddress, type NbdClientOptions, parseNbdUri } from './nbd/client.js';
+export { NBD_DRIVER, NbdClientNode, type NbdClientAddress, type NbdClientOptions, parseNbdUri } from './block/drivers/nbd.js';
 export { type IoCommandOptions, runIoCommand } from './io/index.js';
 export { VdiskError, type Errno } from './errors.js';
 export { setLogLevel, setLogFormat, type LogLevel } from './log.js';

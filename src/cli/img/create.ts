@@ -7,7 +7,7 @@
  * has the backing file's size (opening it, unless -u).
  */
 import { isNbdUri, resolveBackingName } from '../../block/image-name.js';
-import { NbdClientNode } from '../../nbd/client.js';
+import { NbdClientNode } from '../../block/drivers/nbd.js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileNode } from '../../block/drivers/file.js';

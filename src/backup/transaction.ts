@@ -30,7 +30,7 @@ import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { isNbdUri, probeImageFormat, protocolBlockdev } from '../block/image-name.js';
 import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
-import { createImage } from '../cli/img/create.js';
+import { createImageFile } from '../block/create.js';
 import type { Daemon } from '../daemon.js';
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
@@ -337,7 +337,7 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
       backingFormat = source.driverName;
     }
     if (backingFile !== undefined && format !== 'qcow2') backingFile = undefined;
-    await createImage({ format, filename, size: source.size, backingFile, backingFormat }, { openBacking: false });
+    await createImageFile({ format, filename, size: source.size, backingFile, backingFormat });
   } else {
     // An existing target may be an NBD export (nbd://, nbd+unix://), as QEMU's drive-backup allows.
     if (!isNbdUri(filename) && !fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);

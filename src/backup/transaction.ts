@@ -30,11 +30,10 @@ import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { isNbdUri, probeImageFormat, protocolBlockdev } from '../block/image-name.js';
 import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
-import { createImage } from '../cli/img/create.js';
-import type { Daemon } from '../daemon.js';
+import { createImageFile } from '../block/create.js';
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
-import { JobTxn } from '../jobs/job.js';
+import { type JobManager, JobTxn } from '../jobs/job.js';
 import type { BlockdevOnError } from '../jobs/block-job.js';
 import { SparseBitmap } from '../block/sparse-bitmap.js';
 import { BackupJob, type BitmapMode, type SyncMode } from './backup-job.js';
@@ -51,9 +50,19 @@ export interface TransactionAction {
   data: Record<string, unknown>;
 }
 
+/**
+ * What a transaction needs of the daemon that runs it: the graph its actions
+ * name nodes in and the job list its backup jobs join. The Daemon satisfies
+ * it; naming only this keeps the backup layer from importing the daemon.
+ */
+export interface TransactionHost {
+  readonly graph: BlockGraph;
+  readonly jobs: Pick<JobManager, 'add'>;
+}
+
 const JOB_ACTIONS = new Set(['drive-backup', 'blockdev-backup']);
 
-export async function runTransaction(daemon: Daemon, actions: TransactionAction[], completionMode: 'individual' | 'grouped'): Promise<void> {
+export async function runTransaction(host: TransactionHost, actions: TransactionAction[], completionMode: 'individual' | 'grouped'): Promise<void> {
   if (completionMode === 'grouped') {
     const odd = actions.find((a) => !JOB_ACTIONS.has(a.type));
     if (odd) throw new VdiskError('EINVAL', `Action '${odd.type}' does not support transaction property completion-mode = grouped`);
@@ -64,11 +73,11 @@ export async function runTransaction(daemon: Daemon, actions: TransactionAction[
   // creates and opens its target, so without this a guest write could land between two actions.
   const releases: Array<() => void> = [];
   try {
-    for (const node of namedNodes(daemon, actions)) releases.push(await node.quiesce());
+    for (const node of namedNodes(host, actions)) releases.push(await node.quiesce());
     const prepared: Action[] = [];
     try {
       for (const a of actions) {
-        const action = makeAction(daemon, a, txn);
+        const action = makeAction(host, a, txn);
         await action.prepare();
         prepared.push(action);
       }
@@ -83,18 +92,18 @@ export async function runTransaction(daemon: Daemon, actions: TransactionAction[
 }
 
 /** The existing nodes a transaction's actions name (sources, bitmap nodes, merge sources). */
-function namedNodes(daemon: Daemon, actions: TransactionAction[]): BlockNode[] {
+function namedNodes(host: TransactionHost, actions: TransactionAction[]): BlockNode[] {
   const names = new Set<string>();
   for (const a of actions) {
     const d = a.data ?? {};
     for (const key of ['device', 'node']) if (typeof d[key] === 'string') names.add(d[key] as string);
     if (Array.isArray(d.bitmaps)) for (const b of d.bitmaps) if (b && typeof b === 'object' && typeof (b as { node?: unknown }).node === 'string') names.add((b as { node: string }).node);
   }
-  return [...names].map((n) => daemon.graph.get(n)).filter((n): n is BlockNode => n !== undefined);
+  return [...names].map((n) => host.graph.get(n)).filter((n): n is BlockNode => n !== undefined);
 }
 
-function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefined): Action {
-  const g = daemon.graph;
+function makeAction(host: TransactionHost, a: TransactionAction, txn: JobTxn | undefined): Action {
+  const g = host.graph;
   const d = a.data;
   switch (a.type) {
     case 'abort':
@@ -203,7 +212,7 @@ function makeAction(daemon: Daemon, a: TransactionAction, txn: JobTxn | undefine
       let job: BackupJob | undefined;
       return {
         prepare: async () => {
-          job = await prepareBackup(daemon, a.type, d);
+          job = await prepareBackup(host, a.type, d);
           if (txn) txn.add(job);
         },
         commit: () => job!.start(),
@@ -236,8 +245,8 @@ function restore(bitmap: DirtyBitmap, saved: SparseBitmap): void {
  * effects happen before the same errors: drive-backup creates its target
  * first), creates the job (status created) and fixes its point in time.
  */
-async function prepareBackup(daemon: Daemon, kind: string, d: Record<string, unknown>): Promise<BackupJob> {
-  const g = daemon.graph;
+async function prepareBackup(host: TransactionHost, kind: string, d: Record<string, unknown>): Promise<BackupJob> {
+  const g = host.graph;
   const device = d.device as string;
   const source = g.get(device);
   if (!source) throw new VdiskError('ENOENT', `Cannot find device='${device}' nor node-name='${device}'`);
@@ -252,14 +261,14 @@ async function prepareBackup(daemon: Daemon, kind: string, d: Record<string, unk
     target = t;
   }
   try {
-    return setUpBackup(daemon, source, target, ownsTarget, d);
+    return setUpBackup(host, source, target, ownsTarget, d);
   } catch (err) {
     if (ownsTarget) await g.release(target);
     throw err;
   }
 }
 
-function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsTarget: boolean, d: Record<string, unknown>): BackupJob {
+function setUpBackup(host: TransactionHost, source: BlockNode, target: BlockNode, ownsTarget: boolean, d: Record<string, unknown>): BackupJob {
   let sync = d.sync as SyncMode;
   let bitmapMode = d['bitmap-mode'] as BitmapMode | undefined;
   const bitmapName = d.bitmap as string | undefined;
@@ -291,7 +300,7 @@ function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsT
   if (source.size !== target.size) throw new VdiskError('EINVAL', 'Source and target image have different sizes');
   const job = new BackupJob({
     id: (d['job-id'] as string | undefined) ?? (d.device as string),
-    graph: daemon.graph,
+    graph: host.graph,
     source,
     target,
     sync,
@@ -308,7 +317,7 @@ function setUpBackup(daemon: Daemon, source: BlockNode, target: BlockNode, ownsT
     scratchLimit: d['x-scratch-limit'] as number | undefined,
   });
   if ((d.speed as number | undefined) !== undefined && (d.speed as number) < 0) throw new VdiskError('EINVAL', "Parameter 'speed' expects a non-negative value");
-  daemon.jobs.add(job, false);
+  host.jobs.add(job, false);
   try {
     job.setUp();
   } catch (err) {
@@ -337,7 +346,7 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
       backingFormat = source.driverName;
     }
     if (backingFile !== undefined && format !== 'qcow2') backingFile = undefined;
-    await createImage({ format, filename, size: source.size, backingFile, backingFormat }, { openBacking: false });
+    await createImageFile({ format, filename, size: source.size, backingFile, backingFormat });
   } else {
     // An existing target may be an NBD export (nbd://, nbd+unix://), as QEMU's drive-backup allows.
     if (!isNbdUri(filename) && !fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { VdiskError } from '../errors.js';
 import { isQcow2 } from './drivers/qcow2/format.js';
-import { NbdClientNode, isNbdUri, parseNbdUri } from '../nbd/client.js';
+import { NbdClientNode, isNbdUri, parseNbdUri } from './drivers/nbd.js';
 import type { BlockNode } from './node.js';
 
 export { isNbdUri };

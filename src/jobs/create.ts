@@ -5,14 +5,13 @@
  * Drivers: file (a new host file of a size, optionally preallocated), qcow2
  * (formats an existing node, usually a file node), and raw (vdisk's
  * addition: sizes a node for use as a raw image; QEMU has nothing to do
- * there and lacks the branch).
+ * there and lacks the branch). The work itself is src/block/create.ts,
+ * which `vdisk img create` shares; this file is the QAPI side.
  */
-import fs from 'node:fs';
+import { type Preallocation, createHostFile, formatNode } from '../block/create.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { checkCreateOptions, createQcow2 } from '../block/drivers/qcow2/create.js';
 import { VdiskError } from '../errors.js';
-import { Op, native } from '../native.js';
 import { type Type, any, bool, enumOf, int, str, union } from '../qapi/schema.js';
 import { Job } from './job.js';
 
@@ -69,32 +68,18 @@ export class CreateJob extends Job {
 
   protected async run(): Promise<void> {
     const o = this.options;
-    switch (o.driver) {
-      case 'file':
-        await createFile(o.filename as string, o.size as number, (o.preallocation as string | undefined) ?? 'off');
-        break;
-      case 'qcow2': {
-        const file = this.node(o.file as string);
-        const version = o.version === 'v2' ? 2 : 3;
-        const create = {
-          size: o.size as number,
-          clusterSize: o['cluster-size'] as number | undefined,
-          version: version as 2 | 3,
-          refcountBits: o['refcount-bits'] as number | undefined,
-          lazyRefcounts: o['lazy-refcounts'] as boolean | undefined,
-          backingFile: o['backing-file'] as string | undefined,
-          backingFormat: o['backing-fmt'] as string | undefined,
-        };
-        checkCreateOptions(create);
-        await createQcow2(file, create);
-        break;
-      }
-      case 'raw': {
-        const file = this.node(o.file as string);
-        await file.truncate(o.size as number);
-        await file.flush();
-        break;
-      }
+    if (o.driver === 'file') {
+      await createHostFile(o.filename as string, o.size as number, (o.preallocation as Preallocation | undefined) ?? 'off');
+    } else {
+      await formatNode(this.node(o.file as string), o.driver as 'qcow2' | 'raw', {
+        size: o.size as number,
+        clusterSize: o['cluster-size'] as number | undefined,
+        version: o.version === 'v2' ? 2 : 3,
+        refcountBits: o['refcount-bits'] as number | undefined,
+        lazyRefcounts: o['lazy-refcounts'] as boolean | undefined,
+        backingFile: o['backing-file'] as string | undefined,
+        backingFormat: o['backing-fmt'] as string | undefined,
+      });
     }
     this.progressCurrent = 1;
   }
@@ -103,28 +88,5 @@ export class CreateJob extends Job {
     const node = this.graph.find(name);
     if (node.readOnly) throw new VdiskError('EROFS', `node '${name}' is read-only`);
     return node;
-  }
-}
-
-/** Creates (or empties) a host file of a size; falloc/full also reserve its blocks. */
-async function createFile(filename: string, size: number, preallocation: string): Promise<void> {
-  let fd: number;
-  try {
-    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
-  } catch (err) {
-    throw new VdiskError('EIO', `Could not create '${filename}': ${(err as Error).message}`);
-  }
-  try {
-    fs.ftruncateSync(fd, size);
-    if (preallocation === 'falloc' || preallocation === 'full') {
-      const r = preallocation === 'falloc' ? await native.submit(Op.FALLOCATE, fd, null, 0, size, 0, 0) : -1;
-      if (r !== 0) {
-        const zero = Buffer.alloc(Math.min(size, 4 << 20));
-        for (let off = 0; off < size; off += zero.length) fs.writeSync(fd, zero, 0, Math.min(zero.length, size - off), off);
-      }
-    }
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
   }
 }

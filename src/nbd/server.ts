@@ -15,7 +15,8 @@ import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockExport, ExportDriver, ExportHandle } from '../export/registry.js';
 import { lookupBitmap } from '../block/bitmap-ops.js';
 import { BLOCK_DIRTY_BITMAP } from '../qapi/block.js';
-import { type Members, type Type, bool, check, enumOf, int, str, struct, union, arrayOf, alternate } from '../qapi/schema.js';
+import { type Type, bool, check, int, str, struct, arrayOf, alternate } from '../qapi/schema.js';
+import { SOCKET_ADDRESS, type SocketAddress, unixSocketPath } from '../qapi/sockets.js';
 import type { ObjectRegistry } from '../objects/registry.js';
 import type { TlsCreds } from '../objects/tls-creds.js';
 import { NbdConnection } from './connection.js';
@@ -23,12 +24,6 @@ import { checkSocketDirectory, takeListenFds, unixSocketPathOfFd } from '../syst
 import { BufferBudget, DEFAULT_BUFFER_LIMIT } from './limits.js';
 import type { ExportedBitmap } from './meta.js';
 import { NBD_MAX_STRING, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP } from './protocol.js';
-
-/** SocketAddress (flat, as qemu-storage-daemon's --nbd-server takes it). */
-export type SocketAddress =
-  | { type: 'inet'; host: string; port: string | number; 'keep-alive'?: boolean }
-  | { type: 'unix'; path: string; abstract?: boolean; tight?: boolean }
-  | { type: 'fd'; str: string };
 
 export interface NbdServerOptions {
   addr: SocketAddress;
@@ -52,48 +47,6 @@ export interface NbdServerTls {
   authzId: string | undefined;
 }
 
-const INET_MEMBERS: Members = {
-  host: str,
-  port: alternate('port', [str, int('uint16')]),
-  '*numeric': bool,
-  '*to': int('uint16'),
-  '*ipv4': bool,
-  '*ipv6': bool,
-  '*keep-alive': bool,
-};
-const UNIX_MEMBERS: Members = { path: str, '*abstract': bool, '*tight': bool };
-
-/**
- * What to hand to bind(2)/connect(2) for a unix address: the path, or for
- * Linux's abstract namespace (abstract=on) a NUL byte then the name. libuv
- * (Node 20) passes the whole sun_path for an abstract name, the name padded
- * with NULs: that is QEMU's tight=off. QEMU's default, tight=on (the address
- * exactly as long as the name), is a different name to the kernel and cannot
- * be made through node:net, so it is refused rather than bound under a name
- * no tight=on client would find.
- */
-export function unixSocketPath(addr: { path: string; abstract?: boolean; tight?: boolean }): string {
-  if (!addr.abstract) return addr.path;
-  if (addr.tight !== false) {
-    throw new VdiskError('ENOTSUP', 'abstract unix sockets need tight=off in vdisk (the name padded to the whole sun_path; tight=on, QEMU\'s default, is not supported): add tight=off here and on the client');
-  }
-  return `\0${addr.path}`;
-}
-
-/** SocketAddress: flat union on type. */
-export const SOCKET_ADDRESS: Type = union('SocketAddress', { type: enumOf('SocketAddressType', ['inet', 'unix', 'fd']) }, 'type', {
-  inet: INET_MEMBERS,
-  unix: UNIX_MEMBERS,
-  fd: { str: str },
-});
-
-/** SocketAddressLegacy (nbd-server-start over QMP): the members nested under "data". */
-export const SOCKET_ADDRESS_LEGACY: Type = union('SocketAddressLegacy', { type: enumOf('SocketAddressType', ['inet', 'unix', 'fd']) }, 'type', {
-  inet: { data: struct('InetSocketAddress', INET_MEMBERS) },
-  unix: { data: struct('UnixSocketAddress', UNIX_MEMBERS) },
-  fd: { data: struct('String', { str: str }) },
-});
-
 export const NBD_SERVER_OPTIONS: Type = struct('NbdServerOptions', {
   addr: SOCKET_ADDRESS,
   '*tls-creds': str,
@@ -103,11 +56,6 @@ export const NBD_SERVER_OPTIONS: Type = struct('NbdServerOptions', {
   '*x-idle-timeout': int('uint32'),
   '*x-buffer-limit': int('size'),
 });
-
-/** Turns a SocketAddressLegacy ({type, data: {...}}) into the flat form. */
-export function flattenLegacyAddress(addr: Record<string, unknown>): SocketAddress {
-  return { type: addr.type, ...(addr.data as object) } as SocketAddress;
-}
 
 export interface NbdExport {
   name: string;

@@ -18,7 +18,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { NbdClientNode } from '../../src/nbd/client.js';
+import { NbdClientNode } from '../../src/block/drivers/nbd.js';
 import { VdiskError } from '../../src/errors.js';
 import { Status } from '../../src/block/node.js';
 import { startDaemon, waitForSocket } from '../helpers/daemon.js';

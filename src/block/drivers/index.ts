@@ -15,7 +15,7 @@ import { FileNode } from './file.js';
 import { probeImageFormat, protocolBlockdev } from '../image-name.js';
 import { NullNode } from './null-co.js';
 import { RawNode } from './raw.js';
-import { NBD_DRIVER } from '../../nbd/client.js';
+import { NBD_DRIVER } from './nbd.js';
 import type { ObjectRegistry } from '../../objects/registry.js';
 
 /** The options every driver takes (BlockdevOptionsBase), already checked. */

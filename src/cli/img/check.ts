@@ -16,7 +16,7 @@ import { type CheckResult, checkImage } from '../../block/drivers/qcow2/check.js
 import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
 import { isNbdUri, probeImageFormat } from '../../block/image-name.js';
 import type { BlockNode } from '../../block/node.js';
-import { NbdClientNode } from '../../nbd/client.js';
+import { NbdClientNode } from '../../block/drivers/nbd.js';
 import { VdiskError } from '../../errors.js';
 import { parseImgArgs } from './args.js';
 import { checkFormat } from './image.js';

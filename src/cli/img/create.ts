@@ -6,14 +6,9 @@
  * The size may be left out when there is a backing file: the new image then
  * has the backing file's size (opening it, unless -u).
  */
-import { isNbdUri, resolveBackingName } from '../../block/image-name.js';
-import { NbdClientNode } from '../../nbd/client.js';
-import fs from 'node:fs';
-import path from 'node:path';
-import { FileNode } from '../../block/drivers/file.js';
-import { checkCreateOptions, createQcow2 } from '../../block/drivers/qcow2/create.js';
+import { type ImageFileSpec, createImageFile } from '../../block/create.js';
+import { resolveBackingName } from '../../block/image-name.js';
 import { VdiskError } from '../../errors.js';
-import { Op, native } from '../../native.js';
 import { parseSize } from '../../qapi/schema.js';
 import { checkFormat, openImage, parseImageSize } from './image.js';
 import { type Flags, parseImgArgs } from './args.js';
@@ -29,18 +24,8 @@ export const CREATE_USAGE = `Usage: vdisk img create [-q] [-f FMT] [-b BACKING -
   SIZE          bytes, or with a suffix k, M, G, T, P, E
 `;
 
-/** Creation options after -o, -b, -F and SIZE are merged. */
-export interface CreateSpec {
-  format: string;
-  filename: string;
-  size?: number;
-  clusterSize?: number;
-  compat?: '0.10' | '1.1';
-  lazyRefcounts?: boolean;
-  refcountBits?: number;
-  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
-  backingFile?: string;
-  backingFormat?: string;
+/** Creation options after -o, -b, -F and SIZE are merged; the last two are only checked (vdisk supports one value of each). */
+export interface CreateSpec extends ImageFileSpec {
   extendedL2?: boolean;
   compressionType?: string;
 }
@@ -170,9 +155,12 @@ function describe(s: CreateSpec): string {
   return parts.join(' ');
 }
 
-/** Creates the image file. Exported for convert (-O) and the library. */
+/**
+ * Creates the image file (src/block/create.ts); with openBacking, a missing
+ * size is first taken from the backing file, opened as qemu-img opens it.
+ * Exported for convert (-O) and the library.
+ */
 export async function createImage(spec: CreateSpec, options: { openBacking: boolean }): Promise<void> {
-  const at = (msg: string) => new VdiskError('EINVAL', `${spec.filename}: ${msg}`);
   if (spec.backingFile !== undefined && options.openBacking) {
     // The backing file is resolved relative to the new image, as it will be when the image is opened.
     const resolved = resolveBackingName(spec.filename, spec.backingFile);
@@ -180,91 +168,10 @@ export async function createImage(spec: CreateSpec, options: { openBacking: bool
     try {
       backing = await openImage(resolved, { format: spec.backingFormat, readOnly: true, forceShare: true });
     } catch (err) {
-      throw at(`${(err as Error).message}\nCould not open backing image.`);
+      throw new VdiskError('EINVAL', `${spec.filename}: ${(err as Error).message}\nCould not open backing image.`);
     }
     spec.size ??= backing.node.size;
     await backing.close();
   }
-  if (spec.size === undefined) throw at('Image creation needs a size parameter');
-  const qcow2Options = {
-    size: spec.size,
-    clusterSize: spec.clusterSize,
-    version: spec.compat === '0.10' ? (2 as const) : (3 as const),
-    refcountBits: spec.refcountBits,
-    lazyRefcounts: spec.lazyRefcounts,
-    backingFile: spec.backingFile,
-    backingFormat: spec.backingFormat,
-  };
-  // Refuse bad options before the file exists, so a refused create leaves nothing behind.
-  if (spec.format === 'qcow2') {
-    try {
-      checkCreateOptions(qcow2Options);
-    } catch (err) {
-      throw at((err as Error).message);
-    }
-  }
-
-  if (isNbdUri(spec.filename)) return createOnNbd(spec, qcow2Options, at);
-  let fd: number;
-  try {
-    fd = fs.openSync(spec.filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
-  } catch (err) {
-    throw at(`Could not create '${spec.filename}': ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'No such file or directory' : (err as Error).message}`);
-  }
-  fs.closeSync(fd);
-  const file = await FileNode.open({ nodeName: 'create', filename: spec.filename });
-  try {
-    if (spec.format === 'raw') {
-      await file.truncate(0);
-      await file.truncate(spec.size);
-      if (spec.preallocation === 'falloc' || spec.preallocation === 'full') await preallocateRaw(spec.filename, spec.size, spec.preallocation);
-    } else {
-      await createQcow2(file, qcow2Options);
-    }
-    await file.flush();
-  } catch (err) {
-    throw err instanceof VdiskError && !err.message.startsWith(spec.filename) ? at(err.message) : err;
-  } finally {
-    await file.close();
-  }
-}
-
-/**
- * Creating on an NBD export, as QEMU's generic create for a protocol that
- * cannot make files: the export must already be big enough (it cannot
- * grow); raw needs nothing more, qcow2 is laid out inside the export.
- */
-async function createOnNbd(spec: CreateSpec, qcow2Options: Parameters<typeof createQcow2>[1], at: (msg: string) => VdiskError): Promise<void> {
-  let node: NbdClientNode;
-  try {
-    node = await NbdClientNode.fromUri(spec.filename, { nodeName: 'create' });
-  } catch (err) {
-    throw at(`Could not open '${spec.filename}': ${(err as Error).message}`);
-  }
-  try {
-    if (spec.size! > node.size) throw at('Cannot grow NBD nodes');
-    if (spec.format === 'qcow2') await createQcow2(node, { ...qcow2Options, keepFileSize: true });
-    await node.flush();
-  } catch (err) {
-    throw err instanceof VdiskError && !err.message.startsWith(spec.filename) ? at(err.message) : err;
-  } finally {
-    await node.close();
-  }
-}
-
-/** falloc: reserve the blocks (fallocate); full: write zeroes, so the space is really there. */
-async function preallocateRaw(filename: string, size: number, mode: 'falloc' | 'full'): Promise<void> {
-  const fd = fs.openSync(filename, 'r+');
-  try {
-    if (mode === 'falloc') {
-      const r = await native.submit(Op.FALLOCATE, fd, null, 0, size, 0, 0);
-      if (r === 0) return;
-      // A file system without fallocate: fall through to writing zeroes.
-    }
-    const chunk = Buffer.alloc(Math.min(size, 4 * 1024 * 1024));
-    for (let off = 0; off < size; off += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - off), off);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
+  await createImageFile(spec);
 }

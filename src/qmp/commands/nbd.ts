@@ -1,6 +1,6 @@
 /** nbd-server-start (SocketAddressLegacy, as QEMU's QMP takes it), x-query-nbd-server, nbd-server-stop, object-add and object-del. */
 import { VdiskError } from '../../errors.js';
-import { SOCKET_ADDRESS_LEGACY, flattenLegacyAddress } from '../../nbd/server.js';
+import { SOCKET_ADDRESS_LEGACY, flattenLegacyAddress } from '../../qapi/sockets.js';
 import { any, int, str, struct } from '../../qapi/schema.js';
 import type { QmpCommand } from '../server.js';
 

@@ -10,7 +10,7 @@
  * Transmission: every request gets a cookie and many are in flight at once;
  * replies (simple, or structured chunks: data, hole, block status, error)
  * are matched to requests by cookie, in whatever order they come, by
- * NbdClientCore (client-core.ts: the reply parser without the socket).
+ * NbdClientCore (src/nbd/client-core.ts: the reply parser without the socket).
  *
  * The node follows what the server advertises: its size, read-only flag,
  * FUA, flush, trim, write-zeroes and fast-zero support, and its block sizes
@@ -21,16 +21,16 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
-import { BlockNode, type Extent, ReqFlags, Status } from '../block/node.js';
-import type { DriverDef } from '../block/drivers/index.js';
-import { type Errno, VdiskError } from '../errors.js';
-import { logEvent } from '../log.js';
-import { int, str } from '../qapi/schema.js';
-import type { TlsCreds } from '../objects/tls-creds.js';
-import { ByteQueue } from './byte-queue.js';
-import { type ClientEvent, type ClientRequest, NbdClientCore } from './client-core.js';
-import * as P from './protocol.js';
-import { SOCKET_ADDRESS, unixSocketPath } from './server.js';
+import { BlockNode, type Extent, ReqFlags, Status } from '../node.js';
+import type { DriverDef } from './index.js';
+import { type Errno, VdiskError } from '../../errors.js';
+import { logEvent } from '../../log.js';
+import { int, str } from '../../qapi/schema.js';
+import { SOCKET_ADDRESS, unixSocketPath } from '../../qapi/sockets.js';
+import type { TlsCreds } from '../../objects/tls-creds.js';
+import { ByteQueue } from '../../nbd/byte-queue.js';
+import { type ClientEvent, type ClientRequest, NbdClientCore } from '../../nbd/client-core.js';
+import * as P from '../../nbd/protocol.js';
 
 /** Where the server listens. */
 export type NbdClientAddress = { type: 'unix'; path: string; abstract?: boolean; tight?: boolean } | { type: 'inet'; host: string; port?: string | number };

@@ -1,6 +1,6 @@
 /**
  * Exports: a node made visible to the outside under an id, by a protocol
- * (nbd now, fuse later). The shared work is done here once, as QEMU's
+ * (nbd or fuse). The shared work is done here once, as QEMU's
  * block/export/export.c does: id checks, node lookup, writable against a
  * read-only node, holding the node, and the BLOCK_EXPORT_DELETED event.
  * Each protocol plugs in an ExportDriver with only its own part.

@@ -1,5 +1,5 @@
 /**
- * Jobs: long work started by a command (blockdev-create now; backups later)
+ * Jobs: long work started by a command (blockdev-create, backups)
  * with QEMU's state machine, verbs and JOB_STATUS_CHANGE events
  * (qapi/job.json, job.c).
  *

@@ -83,28 +83,6 @@ function join(path: string, key: string): string {
   return path ? `${path}.${key}` : key;
 }
 
-function jsonTypeName(t: Type): string {
-  switch (t.kind) {
-    case 'str':
-    case 'enum':
-      return 'string';
-    case 'int':
-      return 'integer';
-    case 'bool':
-      return 'boolean';
-    case 'number':
-      return 'number';
-    case 'null':
-      return 'null';
-    case 'array':
-      return 'array';
-    case 'alternate':
-      return t.name;
-    default:
-      return 'object';
-  }
-}
-
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }

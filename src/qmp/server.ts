@@ -16,7 +16,7 @@ import { VdiskError, toVdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import type { Type } from '../qapi/schema.js';
 import type { Daemon, QmpEvent } from '../daemon.js';
-import { VERSION } from '../version.js';
+import { QEMU_COMPAT_VERSION, VERSION } from '../version.js';
 import { QmpSessionCore, formatLine, type QmpExecution } from './session-core.js';
 import { checkSocketDirectory, takeListenFds, unixSocketPathOfFd } from '../systemd.js';
 
@@ -35,7 +35,11 @@ export interface QmpCommand {
 }
 
 /** The QEMU version vdisk's QMP presents (the one its commands and replies follow). */
-export const QMP_VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: `vdisk ${VERSION}` };
+export const QMP_VERSION = {
+  // QEMU writes the triple micro first; clients compare the text of replies.
+  qemu: { micro: QEMU_COMPAT_VERSION.micro, minor: QEMU_COMPAT_VERSION.minor, major: QEMU_COMPAT_VERSION.major },
+  package: `vdisk ${VERSION}`,
+};
 
 export type QmpAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number } | { type: 'fd'; str: string };
 

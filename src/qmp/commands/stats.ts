@@ -35,7 +35,6 @@ export const BLOCK_DEVICE_STATS: Type = struct('BlockDeviceStats', {
   timed_stats: arrayOf(TIMED_STATS),
   '*rd_latency_histogram': LATENCY_HISTOGRAM, '*wr_latency_histogram': LATENCY_HISTOGRAM, '*flush_latency_histogram': LATENCY_HISTOGRAM,
 });
-const SPECIFIC_FILE = struct('BlockStatsSpecificFile', { 'discard-nb-ok': i64, 'discard-nb-failed': i64, 'discard-bytes-ok': i64 });
 const STATS_SPECIFIC: Type = union('BlockStatsSpecific', { driver: enumOf('BlockdevDriver', ['file']) }, 'driver', {
   file: { 'discard-nb-ok': i64, 'discard-nb-failed': i64, 'discard-bytes-ok': i64 },
 });

@@ -3,17 +3,19 @@
  * commands): add rules to a live blkdebug node, list them with their
  * counters, remove them, and power a node on again after a power cut.
  */
-import { BlkdebugNode, blkdebugRules } from '../../block/filters/blkdebug.js';
+import { blkdebugRules } from '../../block/filters/blkdebug.js';
+import type { DebugControl } from '../../block/debug-control.js';
 import { INJECT_ERROR, SET_STATE } from '../../block/drivers/index.js';
 import type { Daemon } from '../../daemon.js';
 import { VdiskError } from '../../errors.js';
 import { int, str, struct } from '../../qapi/schema.js';
 import type { QmpCommand } from '../server.js';
 
-function blkdebugNode(daemon: Daemon, name: string): BlkdebugNode {
-  const node = daemon.graph.find(name);
-  if (!(node instanceof BlkdebugNode)) throw new VdiskError('EINVAL', `Node '${name}' is not a blkdebug node`);
-  return node;
+/** The debug control of a node by name (blkdebug is the node that has one). */
+function blkdebugNode(daemon: Daemon, name: string): DebugControl {
+  const control = daemon.graph.find(name)?.debugControl;
+  if (!control) throw new VdiskError('EINVAL', `Node '${name}' is not a blkdebug node`);
+  return control;
 }
 
 const NODE = struct('BlkdebugNode', { node: str });

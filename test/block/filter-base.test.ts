@@ -4,7 +4,8 @@
  * child that records exactly what reaches it (arguments and flags), and on
  * a chain filter -> file -> host file, where the effects must be on disk.
  * Then NBD_CMD_CACHE through a blkdebug node, sent by libnbd (nbdsh), must
- * reach the node under it (it used to stop at blkdebug).
+ * reach the node under it (it used to stop at blkdebug), and what a format
+ * under blkdebug tells about its image shows as QEMU shows it.
  */
 import t from 'tap';
 import fs from 'node:fs';
@@ -15,7 +16,7 @@ import { FilterNode } from '../../src/block/filter.js';
 import { BlockGraph } from '../../src/block/graph.js';
 import { Daemon } from '../../src/daemon.js';
 import { setLogLevel } from '../../src/log.js';
-import { nbdsh, patternBuffer, requireTool, tempDir } from '../helpers/tools.js';
+import { VDISK, nbdsh, patternBuffer, requireTool, requireTools, run, tempDir } from '../helpers/tools.js';
 
 setLogLevel('error');
 
@@ -220,4 +221,25 @@ print('cached')
   t.equal(r.code, 0, r.stderr);
   t.match(r.stdout, /cached/);
   t.same(counter.cached, [[1048576, 65536]], 'the hint reached the node below blkdebug, with its range');
+});
+
+t.test("formatInfo looks through blkdebug: qemu-io's info and qemu-img info say what QEMU's say", async (t) => {
+  requireTools(t, 'qemu-io', 'qemu-img');
+  const dir = tempDir(t);
+  const rawImg = path.join(dir, 'a.img');
+  const qcowImg = path.join(dir, 'a.qcow2');
+  fs.writeFileSync(rawImg, Buffer.alloc(MiB));
+  t.equal((await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcowImg, '1M'])).code, 0);
+  for (const [fmt, img] of [['raw', rawImg], ['qcow2', qcowImg]]) {
+    const name = `blkdebug::${img}`;
+    const ours = await run(process.execPath, [VDISK, 'io', '-f', fmt, '-c', 'info', name]);
+    const theirs = await run('qemu-io', ['-f', fmt, '-c', 'info', name]);
+    t.equal(ours.stdout, theirs.stdout, `${fmt} over blkdebug: qemu-io's info lines`);
+    t.equal(ours.code, theirs.code, `${fmt} over blkdebug: the same exit status`);
+    const oursJson = JSON.parse((await run(process.execPath, [VDISK, 'img', 'info', '--output=json', '-f', fmt, name])).stdout) as Record<string, unknown>;
+    const theirsJson = JSON.parse((await run('qemu-img', ['info', '--output=json', '-f', fmt, name])).stdout) as Record<string, unknown>;
+    // actual-size is left out: QEMU does not ask a host file through blkdebug for it.
+    delete oursJson['actual-size'];
+    t.same(oursJson, theirsJson, `${fmt} over blkdebug: qemu-img info's JSON (cluster-size, dirty-flag, format-specific)`);
+  }
 });

@@ -11,9 +11,15 @@
  * (doRead is required; see src/block/node.ts for the guarantees each gets).
  */
 export { BlockNode, ReqFlags, Status, MAX_OFFSET } from './block/node.js';
-export type { BlockLimits, ChildLink, ChildRole, Extent, NodeOptions, NodeUser } from './block/node.js';
+export type { BackingControl, BlockLimits, ChildLink, ChildRole, Extent, FormatInfo, FormatSpecific, NodeOptions, NodeUser } from './block/node.js';
+export { FilterNode } from './block/filter.js';
+export type { DebugControl } from './block/debug-control.js';
 export { BlockGraph, checkNodeName } from './block/graph.js';
 export type { CommonOptions, DriverDef, OpenContext } from './block/drivers/index.js';
+/** A driver's child option: a node name or inline options, opened with OpenContext.openChild. */
+export { BLOCKDEV_REF, BLOCKDEV_REF_OR_NULL } from './block/drivers/index.js';
+/** Option types for a driver's members (QAPI's names: int('size'), '*name' for optional). */
+export { arrayOf, bool, enumOf, int, str, struct } from './qapi/schema.js';
 export { FileNode, type FileOptions } from './block/drivers/file.js';
 export { RawNode, type RawOptions } from './block/drivers/raw.js';
 export { NullNode, type NullOptions } from './block/drivers/null-co.js';

@@ -19,12 +19,12 @@
  * only (the target is made durable by the job, not by every guest flush).
  */
 import { VdiskError } from '../errors.js';
-import { BlockNode, type ChildLink, type Extent } from '../block/node.js';
+import { FilterNode } from '../block/filter.js';
+import type { BlockNode, ChildLink, ChildRole } from '../block/node.js';
 import type { BlockCopy } from './block-copy.js';
 
-export class CopyBeforeWriteNode extends BlockNode {
+export class CopyBeforeWriteNode extends FilterNode {
   readonly driverName = 'copy-before-write';
-  override readonly filteredRole = 'file' as const;
   private readonly guard: (offset: number, length: number) => Promise<void>;
 
   constructor(
@@ -33,19 +33,12 @@ export class CopyBeforeWriteNode extends BlockNode {
     readonly target: BlockNode,
     private readonly copy: BlockCopy,
   ) {
-    super({ nodeName, readOnly: source.readOnly });
-    this.length = source.size;
-    this.limits = { ...source.limits };
-    // FUA goes down with the write; the source honours it.
-    this.nativeFua = true;
-    this.children.push({ role: 'file', node: source }, { role: 'target', node: target });
+    // Reads, block status, cache and the source's FUA go through the filter base unchanged.
+    super({ nodeName }, 'file', source);
+    this.children.push({ role: 'target', node: target });
     // QEMU lists the block-copy bitmap on the filter node.
     this.dirtyBitmaps.push(copy.toCopy);
     this.guard = (offset, length) => this.copy.copyRange(offset, length);
-  }
-
-  override get filename(): string {
-    return this.source.filename;
   }
 
   /** Starts guarding the source against writers that do not come through the filter. */
@@ -63,31 +56,34 @@ export class CopyBeforeWriteNode extends BlockNode {
     return this.children.slice(0, 1);
   }
 
-  protected override doRead(offset: number, buf: Buffer): Promise<void> {
-    return this.source.read(offset, buf);
+  /**
+   * The source stays the one the job guards (its beforeWrite hook, its
+   * bitmaps), so the filter is never pointed at another node while it lives.
+   */
+  protected override canReplaceChild(_role: ChildRole): boolean {
+    return false;
   }
+
+  // Every request that changes the source first saves the old data to the target.
 
   protected override async doWrite(offset: number, buf: Buffer, flags: number): Promise<void> {
     await this.copy.copyRange(offset, buf.length);
-    await this.source.write(offset, buf, flags);
+    await super.doWrite(offset, buf, flags);
+  }
+
+  protected override async doWriteCompressed(offset: number, buf: Buffer): Promise<void> {
+    await this.copy.copyRange(offset, buf.length);
+    await super.doWriteCompressed(offset, buf);
   }
 
   protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
     await this.copy.copyRange(offset, length);
-    await this.source.writeZeroes(offset, length, flags);
+    await super.doWriteZeroes(offset, length, flags);
   }
 
   protected override async doDiscard(offset: number, length: number): Promise<void> {
     await this.copy.copyRange(offset, length);
-    await this.source.discard(offset, length);
-  }
-
-  protected override doBlockStatus(offset: number, length: number): Promise<Extent> {
-    return this.source.blockStatus(offset, length);
-  }
-
-  protected override doCache(offset: number, length: number): Promise<void> {
-    return this.source.cache(offset, length);
+    await super.doDiscard(offset, length);
   }
 
   protected override doTruncate(): Promise<void> {

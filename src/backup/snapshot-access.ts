@@ -17,13 +17,13 @@
  * Its one child is the source (role file); the target is its parent, read
  * back for clusters it already holds, which never leads back here.
  */
-import { BlockNode, type ChildLink, type ChildRole, type Extent } from '../block/node.js';
+import { FilterNode } from '../block/filter.js';
+import type { BlockNode, ChildLink, ChildRole, Extent } from '../block/node.js';
 import type { BlockCopy } from './block-copy.js';
 
-export class SnapshotAccessNode extends BlockNode {
+/** A filter in QEMU's sense: lookups and depths look through it to the source. */
+export class SnapshotAccessNode extends FilterNode {
   readonly driverName = 'snapshot-access';
-  // A filter in QEMU's sense (snapshot-access is one): lookups and depths look through it to the source.
-  override readonly filteredRole = 'file' as const;
 
   constructor(
     nodeName: string,
@@ -32,14 +32,14 @@ export class SnapshotAccessNode extends BlockNode {
     /** The backup job, for messages. */
     readonly jobId: string,
   ) {
-    super({ nodeName, readOnly: true });
-    this.length = source.size;
-    this.limits = { ...source.limits, requestAlignment: 1 };
-    this.children.push({ role: 'file' as ChildRole, node: source });
+    super({ nodeName, readOnly: true }, 'file', source);
+    // snapshotRead takes any byte range: it splits it by cluster runs and each child aligns for itself.
+    this.limits.requestAlignment = 1;
   }
 
-  override get filename(): string {
-    return this.source.filename;
+  /** The view belongs to one job's BlockCopy and source: it is never pointed at another node. */
+  protected override canReplaceChild(_role: ChildRole): boolean {
+    return false;
   }
 
   /** Read-only and holding nothing of its own: a flush of the overlay stops here. */
@@ -47,6 +47,7 @@ export class SnapshotAccessNode extends BlockNode {
     return [];
   }
 
+  /** The point in time, not the source as it is now. */
   protected override doRead(offset: number, buf: Buffer): Promise<void> {
     return this.copy.snapshotRead(offset, buf);
   }

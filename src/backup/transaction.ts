@@ -29,7 +29,6 @@ import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { isNbdUri, probeImageFormat, protocolBlockdev } from '../block/image-name.js';
-import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
 import { createImageFile } from '../block/create.js';
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
@@ -338,9 +337,10 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
     // sync=top keeps the source's backing file under the copy; sync=none reads through to the source.
     let backingFile: string | undefined;
     let backingFormat: string | undefined;
-    if (d.sync === 'top' && source instanceof Qcow2Node && source.backing) {
-      backingFile = source.backing.filename;
-      backingFormat = source.backing.driverName;
+    const sourceBacking = source.child('backing');
+    if (d.sync === 'top' && sourceBacking) {
+      backingFile = sourceBacking.filename;
+      backingFormat = sourceBacking.driverName;
     } else if (d.sync === 'none') {
       backingFile = source.filename;
       backingFormat = source.driverName;

@@ -5,12 +5,8 @@
  */
 import fs from 'node:fs';
 import { BITMAP_AUTO, BITMAP_IN_USE } from './drivers/qcow2/bitmaps.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from './drivers/qcow2/format.js';
-import { Qcow2Node } from './drivers/qcow2/qcow2.js';
+import { bitmapInfo } from './drivers/qcow2/info.js';
 import type { BlockNode } from './node.js';
-
-/** Drivers whose QEMU counterpart implements bdrv_get_info (so ImageInfo has dirty-flag). */
-const DRIVERS_WITH_INFO = new Set(['file', 'raw', 'qcow2']);
 
 export interface ImageInfo {
   'backing-image'?: ImageInfo;
@@ -53,79 +49,36 @@ export function imageInfo(node: BlockNode, filename: string = node.filename, bac
   // A node on no host file (null-co) takes no space, as QEMU reports it.
   const hostFile = node.child('file') ?? (node.driverName === 'file' ? node : undefined);
   const actual = hostFile ? allocatedBytes(hostFile.filename) : 0;
-  if (!(node instanceof Qcow2Node)) {
-    const i: Partial<ImageInfo> = { 'virtual-size': node.size, filename, format: node.driverName };
-    if (actual !== undefined) i['actual-size'] = actual;
-    // Only drivers with QEMU's get_info report a dirty flag; raw asks its file, and nbd has none.
-    if (DRIVERS_WITH_INFO.has(node.driverName) && (node.driverName !== 'raw' || DRIVERS_WITH_INFO.has(node.child('file')?.driverName ?? ''))) i['dirty-flag'] = false;
-    const persistent = node.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined);
-    if (persistent.length) {
-      i['x-bitmaps'] = persistent.map((b) => ({
-        ...bitmapInfo({ name: b.name!, granularity: b.granularity, flags: (b.inconsistent ? BITMAP_IN_USE : 0) | (b.enabled ? BITMAP_AUTO : 0) }),
-        'x-state': b.state().state,
-        'x-reason': b.state().reason,
-      }));
-    }
-    return i as ImageInfo;
-  }
-  const h = node.header;
+  // What the driver knows (undefined where QEMU's bdrv_get_info fails: no cluster size, no dirty flag).
+  const fi = node.formatInfo();
+  // The backing file the header names (formats with one: qcow2), not the node linked as backing.
+  const header = node.backingControl;
   const info: Partial<ImageInfo> = {};
   const backingNode = node.child('backing');
-  if (backing && backingNode) info['backing-image'] = imageInfo(backingNode, backingNode.filename, true);
-  if (h.backingFile !== undefined && h.backingFormat !== undefined) info['backing-filename-format'] = h.backingFormat;
+  if (backing && backingNode && header) info['backing-image'] = imageInfo(backingNode, backingNode.filename, true);
+  if (header?.backingFile !== undefined && header.backingFormat !== undefined) info['backing-filename-format'] = header.backingFormat;
   info['virtual-size'] = node.size;
   info.filename = filename;
-  info['cluster-size'] = node.clusterBytes;
-  info.format = 'qcow2';
+  if (fi?.clusterSize) info['cluster-size'] = fi.clusterSize;
+  info.format = node.driverName;
   if (actual !== undefined) info['actual-size'] = actual;
-  let data: Record<string, unknown>;
-  if (h.version === 3) {
-    // Member order is that of QEMU's output (a QDict's hash order), bitmaps only when the image has some.
-    data = {
-      compat: '1.1',
-      'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
-      'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
-    };
-    if (node.storedBitmaps.length) {
-      data.bitmaps = node.storedBitmaps.map((e) => {
-        const i = bitmapInfo(e);
-        // vdisk's own members: what the bitmap is doing and why (qemu-img prints the rest).
-        const live = node.dirtyBitmaps.find((b) => b.name === e.name);
-        if (live) {
-          const st = live.state();
-          i['x-state'] = st.state;
-          i['x-reason'] = st.reason;
-        }
-        return i;
-      });
-    }
-    Object.assign(data, {
-      'refcount-bits': 2 ** h.refcountOrder,
-      corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
-      'extended-l2': (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n,
-    });
-  } else {
-    data = { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
+  if (fi?.specific) info['format-specific'] = fi.specific;
+  if (header?.backingFile !== undefined) {
+    const name = header.backingFile;
+    info['full-backing-filename'] = name.startsWith('json:') ? name : pathCombine(filename, name);
+    info['backing-filename'] = name;
   }
-  info['format-specific'] = { type: 'qcow2', data };
-  if (h.backingFile !== undefined) {
-    info['full-backing-filename'] = h.backingFile.startsWith('json:') ? h.backingFile : pathCombine(filename, h.backingFile);
-    info['backing-filename'] = h.backingFile;
+  if (fi) info['dirty-flag'] = fi.dirty;
+  // A raw image's sidecar bitmaps; a format that keeps bitmaps lists them in its format-specific data.
+  const persistent = node.dirtyBitmaps.filter((b) => b.persistent && b.name !== undefined);
+  if (persistent.length && !fi?.specific) {
+    info['x-bitmaps'] = persistent.map((b) => ({
+      ...bitmapInfo({ name: b.name!, granularity: b.granularity, flags: (b.inconsistent ? BITMAP_IN_USE : 0) | (b.enabled ? BITMAP_AUTO : 0) }),
+      'x-state': b.state().state,
+      'x-reason': b.state().reason,
+    }));
   }
-  info['dirty-flag'] = (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
   return info as ImageInfo;
-}
-
-/**
- * Qcow2BitmapInfo of a directory entry: what the image says, not the live
- * bitmap (QEMU's qcow2_get_bitmap_info_list reads the directory, so a bitmap
- * of an image open writable shows in-use, and one added since is not there).
- */
-function bitmapInfo(e: { name: string; granularity: number; flags: number }): Record<string, unknown> {
-  const flags: string[] = [];
-  if (e.flags & BITMAP_IN_USE) flags.push('in-use');
-  if (e.flags & BITMAP_AUTO) flags.push('auto');
-  return { flags, name: e.name, granularity: e.granularity };
 }
 
 /**

@@ -24,6 +24,7 @@
  */
 import { VdiskError, invalid, toVdiskError } from '../errors.js';
 import type { BitmapDriverHooks, DirtyBitmap } from './dirty-bitmap.js';
+import type { DebugControl } from './debug-control.js';
 import { IoStats, Op } from '../metrics/stats.js';
 
 /** Request flags, a bitmask so no object is allocated per request. */
@@ -88,6 +89,40 @@ export interface NodeUser {
    * move (jobs) leave it out; false means "not now".
    */
   moveTo?(from: BlockNode, to: BlockNode): boolean;
+}
+
+/** ImageInfo's format-specific member: what only this format has (qcow2's compat, bitmaps, ...). */
+export interface FormatSpecific {
+  type: string;
+  data: Record<string, unknown>;
+}
+
+/**
+ * What a driver tells about its image, QEMU's bdrv_get_info plus
+ * bdrv_get_specific_info: qemu-img info, query-named-block-nodes and
+ * qemu-io's info print it.
+ */
+export interface FormatInfo {
+  /** The format's allocation unit; 0 when it has none (then no cluster-size is shown). */
+  clusterSize: number;
+  /** Where the format would keep VM state (qemu-io's info prints it). */
+  vmStateOffset: number;
+  /** The image says it was not closed cleanly (ImageInfo's dirty-flag). */
+  dirty: boolean;
+  specific?: FormatSpecific;
+}
+
+/** A format whose header names a backing file (qcow2): read it, and change it for rebase. */
+export interface BackingControl {
+  /** The backing file name as the header records it (relative names stay relative). */
+  readonly backingFile: string | undefined;
+  /** The backing format the header records, if any. */
+  readonly backingFormat: string | undefined;
+  /**
+   * Records another backing file name and format in the header, or none.
+   * Only the header changes: the caller has made the content right.
+   */
+  setBackingFile(name: string | undefined, format: string | undefined): Promise<void>;
 }
 
 /** Largest offset or length vdisk accepts: JavaScript numbers are exact below 2^53. */
@@ -191,6 +226,25 @@ export abstract class BlockNode {
    * keeps its persistent bitmaps (a sidecar beside it, tied to its identity).
    */
   get hostFile(): { path: string; identity(): { dev: bigint; ino: bigint; mtimeNs: bigint } } | undefined {
+    return undefined;
+  }
+
+  /**
+   * What the driver knows about its image (cluster size, dirty flag,
+   * format-specific data), or undefined when its QEMU counterpart reports
+   * nothing (bdrv_get_info fails there). Formats and the file driver answer.
+   */
+  formatInfo(): FormatInfo | undefined {
+    return undefined;
+  }
+
+  /** Set by formats whose header names a backing file (qcow2); undefined for the rest. */
+  get backingControl(): BackingControl | undefined {
+    return undefined;
+  }
+
+  /** Set by nodes that can be debugged at run time (blkdebug): breakpoints and rules. */
+  get debugControl(): DebugControl | undefined {
     return undefined;
   }
 

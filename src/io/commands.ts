@@ -18,9 +18,8 @@
  * refused; `help` lists only these commands.
  */
 import fs from 'node:fs';
-import { Qcow2Node } from '../block/drivers/qcow2/qcow2.js';
-import { BlkdebugNode } from '../block/filters/blkdebug.js';
-import { formatSpecificText, imageInfo } from '../block/info.js';
+import type { DebugControl } from '../block/debug-control.js';
+import { formatSpecificText } from '../block/info.js';
 import { type BlockNode, ReqFlags, Status } from '../block/node.js';
 import { type Errno, VdiskError, strerror } from '../errors.js';
 import { cvtstr, dumpBuffer, printReport } from './format.js';
@@ -546,21 +545,6 @@ const lengthCmd: CommandDef = {
  */
 const PROTOCOL_NAMES: Record<string, string> = { file: 'file', nbd: 'nbd+unix', 'null-co': 'null-co' };
 
-/** bdrv_get_info: cluster size and VM state offset, or undefined where QEMU's driver has none. */
-function driverInfo(node: BlockNode): { clusterSize: number; vmStateOffset: number } | undefined {
-  if (node instanceof Qcow2Node) {
-    const cs = node.clusterBytes;
-    const perL1 = cs * node.l2EntriesPerTable;
-    return { clusterSize: cs, vmStateOffset: Math.ceil(node.size / perL1) * perL1 };
-  }
-  if (node.driverName === 'file') return { clusterSize: 0, vmStateOffset: 0 };
-  if (node.driverName === 'raw') {
-    const file = node.child('file');
-    return file ? driverInfo(file) : undefined;
-  }
-  return undefined;
-}
-
 const infoCmd: CommandDef = {
   name: 'info',
   altname: 'i',
@@ -572,11 +556,11 @@ const infoCmd: CommandDef = {
     ctx.out(`format name: ${node.driverName}\n`);
     const protocol = PROTOCOL_NAMES[node.driverName];
     if (protocol !== undefined) ctx.out(`format name: ${protocol}\n`);
-    const di = driverInfo(node);
-    if (!di) return false;
-    ctx.out(`cluster size: ${cvtstr(di.clusterSize)}\nvm state offset: ${cvtstr(di.vmStateOffset)}\n`);
-    const spec = node instanceof Qcow2Node ? imageInfo(node)['format-specific'] : undefined;
-    if (spec) ctx.out(`Format specific information:\n${formatSpecificText(spec.data)}`);
+    // bdrv_get_info: nodes whose QEMU driver has none stop after the format names.
+    const fi = node.formatInfo();
+    if (!fi) return false;
+    ctx.out(`cluster size: ${cvtstr(fi.clusterSize)}\nvm state offset: ${cvtstr(fi.vmStateOffset)}\n`);
+    if (fi.specific) ctx.out(`Format specific information:\n${formatSpecificText(fi.specific.data)}`);
     return true;
   },
 };
@@ -702,16 +686,16 @@ function helpOneline(name: string, c: CommandDef): string {
   return `${name} ${c.args !== undefined ? c.args + ' ' : ''}-- ${c.oneline}\n`;
 }
 
-/** The blkdebug node at or below a node (qemu-io's breakpoint commands go down the file chain, as bdrv_debug_breakpoint). */
-function blkdebugBelow(node: BlockNode): BlkdebugNode | undefined {
+/** The debug control at or below a node (qemu-io's breakpoint commands go down the file chain, as bdrv_debug_breakpoint). */
+function blkdebugBelow(node: BlockNode): DebugControl | undefined {
   for (let n: BlockNode | undefined = node; n; n = n.child('file') ?? n.child('image')) {
-    if (n instanceof BlkdebugNode) return n;
+    if (n.debugControl) return n.debugControl;
   }
   return undefined;
 }
 
 /** qemu-io's breakpoint commands, which fail with strerror text when no blkdebug node is below. */
-function breakpointCmd(name: string, argmin: number, args: string, oneline: string, act: (b: BlkdebugNode, argv: string[], ctx: Context) => Promise<void> | void, failure: (argv: string[]) => string): CommandDef {
+function breakpointCmd(name: string, argmin: number, args: string, oneline: string, act: (b: DebugControl, argv: string[], ctx: Context) => Promise<void> | void, failure: (argv: string[]) => string): CommandDef {
   return {
     name,
     argmin,

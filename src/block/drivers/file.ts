@@ -38,7 +38,7 @@ import {
   SEEK_HOLE,
   native,
 } from '../../native.js';
-import { BlockNode, type Extent, ReqFlags, Status } from '../node.js';
+import { BlockNode, type Extent, type FormatInfo, ReqFlags, Status } from '../node.js';
 
 export interface FileOptions {
   nodeName: string;
@@ -114,6 +114,11 @@ export class FileNode extends BlockNode {
 
   override get filename(): string {
     return this.path;
+  }
+
+  /** A host file has no clusters and no dirty state, but answers (QEMU's file-posix has get_info). */
+  override formatInfo(): FormatInfo {
+    return { clusterSize: 0, vmStateOffset: 0, dirty: false };
   }
 
   override get hostFile(): { path: string; identity(): { dev: bigint; ino: bigint; mtimeNs: bigint } } | undefined {

@@ -11,7 +11,7 @@ import { VdiskError } from '../../errors.js';
 import { logEvent } from '../../log.js';
 import { BitmapSidecar, type ImageIdentity } from '../bitmap-sidecar.js';
 import { PersistentBitmaps } from '../persistent-bitmaps.js';
-import { BlockNode, type ChildRole, type Extent } from '../node.js';
+import { BlockNode, type ChildRole, type Extent, type FormatInfo } from '../node.js';
 
 export interface RawOptions {
   nodeName: string;
@@ -56,6 +56,11 @@ export class RawNode extends BlockNode {
     this.limits = { ...options.file.limits };
     // FUA passes through: the child honours it (natively or by its own flush).
     this.nativeFua = true;
+  }
+
+  /** Whatever the file says, format-specific data included (QEMU's raw asks its file for both). */
+  override formatInfo(): FormatInfo | undefined {
+    return this.file.formatInfo();
   }
 
   protected override canReplaceChild(): boolean {

@@ -13,7 +13,9 @@
  * deleted.
  */
 import { VdiskError, errnoError } from '../../errors.js';
-import { BlockNode, type ChildRole, type Extent } from '../node.js';
+import type { BlkdebugIoType, BlkdebugRule, DebugControl, InjectAction, InjectErrorRule } from '../debug-control.js';
+import { FilterNode } from '../filter.js';
+import type { BlockNode, Extent } from '../node.js';
 
 export const BLKDEBUG_EVENTS = [
   'l1_update', 'l1_grow_alloc_table', 'l1_grow_write_table', 'l1_grow_activate_table', 'l2_load', 'l2_update',
@@ -26,49 +28,11 @@ export const BLKDEBUG_EVENTS = [
   'pwritev', 'pwritev_zero', 'pwritev_done', 'empty_image_prepare', 'l1_shrink_write_table',
   'l1_shrink_free_l2_clusters', 'cor_write', 'cluster_alloc_space', 'none',
 ] as const;
-export const BLKDEBUG_IO_TYPES = ['read', 'write', 'write-zeroes', 'discard', 'flush', 'block-status'] as const;
-export type BlkdebugIoType = (typeof BLKDEBUG_IO_TYPES)[number];
+export { BLKDEBUG_IO_TYPES } from '../debug-control.js';
+export type { BlkdebugIoType, BlkdebugRule, InjectAction, InjectErrorRule, SetStateRule } from '../debug-control.js';
 
 /** Without iotype, a rule matches every request type except block-status (as QEMU). */
 const DEFAULT_IO_TYPES: BlkdebugIoType[] = ['read', 'write', 'write-zeroes', 'discard', 'flush'];
-
-/**
- * What an active inject rule does to a matching request. QEMU only fails
- * it ('error'); vdisk can also hold it back ('delay'), cut the client's
- * connection without a reply ('drop-connection', NBD clients), or lose every
- * write since the last flush and then fail everything until the node is
- * powered on again ('power-cut': what a crash of the host would do).
- */
-export type InjectAction = 'error' | 'delay' | 'drop-connection' | 'power-cut';
-
-export interface InjectErrorRule {
-  kind: 'inject-error';
-  id: number;
-  action: InjectAction;
-  delayMs: number;
-  event: string;
-  state: number;
-  iotypes: BlkdebugIoType[];
-  errno: number;
-  sector: number;
-  once: boolean;
-  immediately: boolean;
-  /** Times an event activated it. */
-  hits: number;
-  /** Requests it acted on. */
-  injected: number;
-}
-
-export interface SetStateRule {
-  kind: 'set-state';
-  id: number;
-  event: string;
-  state: number;
-  newState: number;
-  hits: number;
-}
-
-export type BlkdebugRule = InjectErrorRule | SetStateRule;
 
 export interface BlkdebugOptions {
   nodeName: string;
@@ -79,14 +43,17 @@ export interface BlkdebugOptions {
   rules: BlkdebugRule[];
 }
 
-export class BlkdebugNode extends BlockNode {
+/**
+ * Every request is first held by a breakpoint or failed by an active rule,
+ * then handed to the image by the filter base; what the image does with it
+ * (the events it announces to its own file) is unchanged by blkdebug.
+ */
+export class BlkdebugNode extends FilterNode implements DebugControl {
   readonly driverName = 'blkdebug';
-  override readonly filteredRole = 'image' as const;
   state = 1;
   /** Rules newest first, as QEMU keeps them. */
   readonly rules: BlkdebugRule[];
   private active: InjectErrorRule[] = [];
-  private image: BlockNode;
   private nextRuleId = 1;
   /** Breakpoints: an event that suspends the request announced after it, under a tag. */
   private breakpoints: Array<{ event: string; tag: string }> = [];
@@ -100,13 +67,12 @@ export class BlkdebugNode extends BlockNode {
   private journal: Array<{ offset: number; data: Buffer }> = [];
 
   constructor(o: BlkdebugOptions) {
-    super({ nodeName: o.nodeName, readOnly: o.readOnly || o.image.readOnly });
-    this.image = o.image;
-    this.children.push({ role: 'image', node: o.image });
-    this.length = o.image.size;
-    // A filter between a format and its file grows as the file does (qcow2 allocates past the end).
+    super({ nodeName: o.nodeName, readOnly: o.readOnly }, 'image', o.image);
+    // Between a format and its file, blkdebug grows as the file does (qcow2 allocates past the end).
     this.growable = o.image.isGrowable;
-    this.limits = { ...o.image.limits };
+    // A FUA write reaches the rules as a write then a flush: iotype=flush rules fire on it and the
+    // power-cut journal counts it durable, as blkdebug always has treated it.
+    this.nativeFua = false;
     if (o.align) {
       if (!Number.isInteger(Math.log2(o.align))) throw new VdiskError('EINVAL', 'Cannot meet constraints with align');
       this.limits.requestAlignment = Math.max(this.limits.requestAlignment, o.align);
@@ -120,16 +86,8 @@ export class BlkdebugNode extends BlockNode {
     this.debugEvent('none');
   }
 
-  override get filename(): string {
-    return this.image.filename;
-  }
-
-  protected override canReplaceChild(): boolean {
-    return true;
-  }
-
-  protected override childReplaced(_role: ChildRole, node: BlockNode): void {
-    this.image = node;
+  override get debugControl(): DebugControl {
+    return this;
   }
 
   /** An event announced by the parent: rules for it fire in the state as it was before. */
@@ -243,9 +201,9 @@ export class BlkdebugNode extends BlockNode {
 
   /** Every write since the last flush is undone, then the node is dead until powerOn(). */
   private async powerCut(): Promise<void> {
-    for (const j of this.journal.reverse()) await this.image.write(j.offset, j.data);
+    for (const j of this.journal.reverse()) await this.filtered.write(j.offset, j.data);
     this.journal = [];
-    await this.image.flush();
+    await this.filtered.flush();
     this.poweredOff = true;
   }
 
@@ -260,10 +218,10 @@ export class BlkdebugNode extends BlockNode {
   /** Keeps the old contents of a range about to change, for a power cut. */
   private async remember(offset: number, length: number): Promise<void> {
     if (!this.journaling) return;
-    const end = Math.min(offset + length, this.image.size);
+    const end = Math.min(offset + length, this.filtered.size);
     if (end <= offset) return;
     const data = Buffer.alloc(end - offset);
-    await this.image.read(offset, data);
+    await this.filtered.read(offset, data);
     this.journal.push({ offset, data });
   }
 
@@ -271,49 +229,60 @@ export class BlkdebugNode extends BlockNode {
     if (this.poweredOff) throw new VdiskError('EIO', `blkdebug node '${this.nodeName}' has lost power`);
   }
 
-  protected override async doRead(offset: number, buf: Buffer): Promise<void> {
+  /** Breakpoints and active rules act on a request before the filter base hands it on. */
+  private async admit(type: BlkdebugIoType, offset: number, length: number): Promise<void> {
     this.alive();
-    await this.check('read', offset, buf.length);
-    await this.image.read(offset, buf);
+    await this.check(type, offset, length);
+  }
+
+  protected override async doRead(offset: number, buf: Buffer): Promise<void> {
+    await this.admit('read', offset, buf.length);
+    await super.doRead(offset, buf);
   }
 
   protected override async doWrite(offset: number, buf: Buffer, flags: number): Promise<void> {
-    this.alive();
-    await this.check('write', offset, buf.length);
+    await this.admit('write', offset, buf.length);
     await this.remember(offset, buf.length);
-    await this.image.write(offset, buf, flags);
+    await super.doWrite(offset, buf, flags);
+  }
+
+  /** A compressed write is a write to the rules and the power-cut journal. */
+  protected override async doWriteCompressed(offset: number, buf: Buffer): Promise<void> {
+    await this.admit('write', offset, buf.length);
+    await this.remember(offset, buf.length);
+    await super.doWriteCompressed(offset, buf);
   }
 
   protected override async doWriteZeroes(offset: number, length: number, flags: number): Promise<void> {
-    this.alive();
-    await this.check('write-zeroes', offset, length);
+    await this.admit('write-zeroes', offset, length);
     await this.remember(offset, length);
-    await this.image.writeZeroes(offset, length, flags);
+    await super.doWriteZeroes(offset, length, flags);
   }
 
   protected override async doDiscard(offset: number, length: number): Promise<void> {
-    this.alive();
-    await this.check('discard', offset, length);
+    await this.admit('discard', offset, length);
     await this.remember(offset, length);
-    await this.image.discard(offset, length);
+    await super.doDiscard(offset, length);
   }
 
   protected override async doFlush(): Promise<void> {
-    this.alive();
-    await this.check('flush', 0, 0);
+    await this.admit('flush', 0, 0);
     // What is flushed is durable: a later power cut keeps it. (The image is flushed after this.)
     this.journal = [];
   }
 
   protected override async doBlockStatus(offset: number, length: number): Promise<Extent> {
-    this.alive();
-    await this.check('block-status', offset, length);
-    return this.image.blockStatus(offset, length);
+    await this.admit('block-status', offset, length);
+    return super.doBlockStatus(offset, length);
   }
 
-  protected override async doTruncate(size: number): Promise<void> {
-    await this.image.truncate(size);
-    this.length = this.image.size;
+  /**
+   * A prefetch hint reaches the image. No rule type matches it (QEMU's
+   * BlkdebugIOType has none for it), but a node without power does nothing.
+   */
+  protected override async doCache(offset: number, length: number): Promise<void> {
+    this.alive();
+    await super.doCache(offset, length);
   }
 }
 

@@ -16,7 +16,8 @@
 import { createHash } from 'node:crypto';
 import { VdiskError, errnoNumber, toVdiskError } from '../../errors.js';
 import { logEvent } from '../../log.js';
-import { BlockNode, type ChildRole, type Extent } from '../node.js';
+import { FilterNode } from '../filter.js';
+import type { BlockNode, ChildRole, Extent } from '../node.js';
 
 export type MismatchAction = 'abort' | 'eio' | 'log';
 
@@ -40,11 +41,15 @@ export interface BlkverifyOptions {
   onMismatch?: (data: Record<string, unknown>) => void;
 }
 
-export class BlkverifyNode extends BlockNode {
+/**
+ * The reference (raw) is the filtered child, as in QEMU. Every request that
+ * reads or changes content goes to both children, so those hooks are
+ * blkverify's own; the filter base keeps the links, swaps the reference
+ * when asked and answers formatInfo from it (QEMU's get_info does the same).
+ */
+export class BlkverifyNode extends FilterNode {
   readonly driverName = 'blkverify';
-  override readonly filteredRole = 'raw' as const;
   private test: BlockNode;
-  private raw: BlockNode;
   readonly mismatchAction: MismatchAction;
   private readonly onMismatch: (data: Record<string, unknown>) => void;
   private readonly trail: TrailEntry[] = [];
@@ -52,14 +57,16 @@ export class BlkverifyNode extends BlockNode {
   mismatches = 0;
 
   constructor(o: BlkverifyOptions) {
-    super({ nodeName: o.nodeName, readOnly: o.readOnly || o.test.readOnly || o.raw.readOnly });
+    super({ nodeName: o.nodeName, readOnly: o.readOnly || o.test.readOnly }, 'raw', o.raw);
     this.test = o.test;
-    this.raw = o.raw;
     this.mismatchAction = o.mismatchAction;
     this.onMismatch = o.onMismatch ?? (() => undefined);
     // The reference is the primary child, as in QEMU; the length is the test image's.
-    this.children.push({ role: 'raw', node: o.raw }, { role: 'test', node: o.test });
+    this.children.push({ role: 'test', node: o.test });
     this.length = o.test.size;
+    // A FUA write goes to both children without FUA, then both are flushed (QEMU's blkverify
+    // does not take FUA either, so the block layer flushes after the write).
+    this.nativeFua = false;
     this.limits = {
       requestAlignment: Math.max(o.test.limits.requestAlignment, o.raw.limits.requestAlignment),
       maxTransfer: Math.min(o.test.limits.maxTransfer, o.raw.limits.maxTransfer),
@@ -67,17 +74,28 @@ export class BlkverifyNode extends BlockNode {
     };
   }
 
+  /** The reference, the filter base's filtered child. */
+  private get raw(): BlockNode {
+    return this.filtered;
+  }
+
   override get filename(): string {
     return `blkverify:${this.raw.filename}:${this.test.filename}`;
   }
 
+  /** Both children can be swapped while open, the test image too. */
   protected override canReplaceChild(): boolean {
     return true;
   }
 
   protected override childReplaced(role: ChildRole, node: BlockNode): void {
-    if (role === 'raw') this.raw = node;
-    else this.test = node;
+    if (role === 'test') this.test = node;
+    else super.childReplaced(role, node);
+  }
+
+  /** Compressed writes are the test image's; the reference keeps plain data (its content is what counts). */
+  override get compressionClusterSize(): number {
+    return this.test.compressionClusterSize;
   }
 
   private remember(op: string, offset: number, length: number): void {
@@ -188,12 +206,18 @@ export class BlkverifyNode extends BlockNode {
     }
   }
 
-  protected override async doFlush(): Promise<void> {
-    // Children are flushed by the request path after this.
+  protected override doWriteCompressed(offset: number, buf: Buffer): Promise<void> {
+    return this.mirrored('write', offset, buf.length, (n) => (n === this.test ? n.writeCompressed(offset, buf) : n.write(offset, buf)));
   }
 
+  /** Block status is the test image's: that is the image under test, the reference only checks it. */
   protected override doBlockStatus(offset: number, length: number): Promise<Extent> {
     return this.test.blockStatus(offset, length);
+  }
+
+  /** A prefetch hint for both children: every read goes to both. */
+  protected override async doCache(offset: number, length: number): Promise<void> {
+    await Promise.all([this.test.cache(offset, length), this.raw.cache(offset, length)]);
   }
 
   protected override async doTruncate(size: number): Promise<void> {

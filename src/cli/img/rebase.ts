@@ -12,7 +12,6 @@
  */
 import { resolveBackingName } from '../../block/image-name.js';
 import path from 'node:path';
-import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
 import type { BlockNode } from '../../block/node.js';
 import { VdiskError } from '../../errors.js';
 import { parseImgArgs } from './args.js';
@@ -45,7 +44,8 @@ export async function rebaseCommand(argv: string[]): Promise<number> {
   const img = await openImage(filename, { format: flags.f as string | undefined, noBacking: unsafe });
   let newBacking: OpenedImage | undefined;
   try {
-    if (!(img.node instanceof Qcow2Node)) throw new VdiskError('ENOTSUP', `Image format '${img.format}' has no backing file to change`);
+    const header = img.node.backingControl;
+    if (!header) throw new VdiskError('ENOTSUP', `Image format '${img.format}' has no backing file to change`);
     if (!unsafe) {
       if (newName !== undefined) {
         // Relative names are relative to the image, as they will be when it is opened.
@@ -56,7 +56,7 @@ export async function rebaseCommand(argv: string[]): Promise<number> {
       await keepContent(img.node, newBacking?.node, progress);
       progress.finish();
     }
-    await img.node.setBackingFile(newName, newName === undefined ? undefined : newFormat);
+    await header.setBackingFile(newName, newName === undefined ? undefined : newFormat);
   } finally {
     if (newBacking) await newBacking.close();
     await img.close();
@@ -65,7 +65,7 @@ export async function rebaseCommand(argv: string[]): Promise<number> {
 }
 
 /** Copies into `top` every range it does not allocate where the old and new backing content differ. */
-async function keepContent(top: Qcow2Node, newBacking: BlockNode | undefined, progress: Progress): Promise<void> {
+async function keepContent(top: BlockNode, newBacking: BlockNode | undefined, progress: Progress): Promise<void> {
   const size = top.size;
   const oldBuf = Buffer.alloc(CHUNK);
   const newBuf = Buffer.alloc(CHUNK);

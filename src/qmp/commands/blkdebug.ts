@@ -3,17 +3,19 @@
  * commands): add rules to a live blkdebug node, list them with their
  * counters, remove them, and power a node on again after a power cut.
  */
-import { BlkdebugNode, blkdebugRules } from '../../block/filters/blkdebug.js';
+import { blkdebugRules } from '../../block/filters/blkdebug.js';
+import type { DebugControl } from '../../block/debug-control.js';
 import { INJECT_ERROR, SET_STATE } from '../../block/drivers/index.js';
 import type { Daemon } from '../../daemon.js';
 import { VdiskError } from '../../errors.js';
 import { int, str, struct } from '../../qapi/schema.js';
 import type { QmpCommand } from '../server.js';
 
-function blkdebugNode(daemon: Daemon, name: string): BlkdebugNode {
-  const node = daemon.graph.find(name);
-  if (!(node instanceof BlkdebugNode)) throw new VdiskError('EINVAL', `Node '${name}' is not a blkdebug node`);
-  return node;
+/** The debug control of a node by name (blkdebug is the node that has one). */
+function debugControlOf(daemon: Daemon, name: string): DebugControl {
+  const control = daemon.graph.find(name)?.debugControl;
+  if (!control) throw new VdiskError('EINVAL', `Node '${name}' is not a blkdebug node`);
+  return control;
 }
 
 const NODE = struct('BlkdebugNode', { node: str });
@@ -23,7 +25,7 @@ export const BLKDEBUG_COMMANDS: QmpCommand[] = [
     name: 'x-blkdebug-add-rule',
     args: struct('x-blkdebug-add-rule', { node: str, '*inject-error': INJECT_ERROR, '*set-state': SET_STATE }),
     run: (a, { daemon }) => {
-      const node = blkdebugNode(daemon, a.node as string);
+      const node = debugControlOf(daemon, a.node as string);
       const inject = a['inject-error'] as Record<string, unknown> | undefined;
       const set = a['set-state'] as Record<string, unknown> | undefined;
       if ((inject === undefined) === (set === undefined)) throw new VdiskError('EINVAL', "Need exactly one of 'inject-error' and 'set-state'");
@@ -35,7 +37,7 @@ export const BLKDEBUG_COMMANDS: QmpCommand[] = [
     name: 'x-blkdebug-query',
     args: NODE,
     run: (a, { daemon }) => {
-      const node = blkdebugNode(daemon, a.node as string);
+      const node = debugControlOf(daemon, a.node as string);
       return {
         state: node.state,
         'powered-off': node.poweredOff,
@@ -50,11 +52,11 @@ export const BLKDEBUG_COMMANDS: QmpCommand[] = [
   {
     name: 'x-blkdebug-remove-rule',
     args: struct('x-blkdebug-remove-rule', { node: str, id: int('int') }),
-    run: (a, { daemon }) => (blkdebugNode(daemon, a.node as string).removeRule(a.id as number), {}),
+    run: (a, { daemon }) => (debugControlOf(daemon, a.node as string).removeRule(a.id as number), {}),
   },
   {
     name: 'x-blkdebug-power-on',
     args: NODE,
-    run: (a, { daemon }) => (blkdebugNode(daemon, a.node as string).powerOn(), {}),
+    run: (a, { daemon }) => (debugControlOf(daemon, a.node as string).powerOn(), {}),
   },
 ];

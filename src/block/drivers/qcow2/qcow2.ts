@@ -33,7 +33,7 @@ import { promisify } from 'node:util';
 import zlib from 'node:zlib';
 import { VdiskError } from '../../../errors.js';
 import { logEvent } from '../../../log.js';
-import { BlockNode, type ChildRole, type Extent, ReqFlags, Status } from '../../node.js';
+import { type BackingControl, BlockNode, type ChildRole, type Extent, type FormatInfo, ReqFlags, Status } from '../../node.js';
 import type { DirtyBitmap } from '../../dirty-bitmap.js';
 import {
   AUTOCLEAR_BITMAPS,
@@ -54,6 +54,7 @@ import { Refcounts } from './refcounts.js';
 import { resolveBackingName } from '../../image-name.js';
 import { type BitmapLayout, type StoreOptions, type StoredBitmap, bitmapChunkBytes, checkCanStore, loadBitmaps, storeBitmaps, writeBitmapChunks } from './bitmaps.js';
 import { PersistentBitmaps, type StoreEntry } from '../../persistent-bitmaps.js';
+import { qcow2FormatInfo } from './info.js';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 const deflateRaw = promisify(zlib.deflateRaw);
@@ -180,6 +181,25 @@ export class Qcow2Node extends BlockNode {
 
   get clusterBytes(): number {
     return this.clusterSize;
+  }
+
+  override formatInfo(): FormatInfo {
+    return qcow2FormatInfo(this);
+  }
+
+  /** The header's backing file name and format; rebase changes them. */
+  override get backingControl(): BackingControl {
+    const header = (): Qcow2Header => this.header;
+    return {
+      // Read when asked, so a holder of this object sees what setBackingFile recorded.
+      get backingFile() {
+        return header().backingFile;
+      },
+      get backingFormat() {
+        return header().backingFormat;
+      },
+      setBackingFile: (name, format) => this.setBackingFile(name, format),
+    };
   }
 
   /** The bitmap directory as QEMU would read it from the image now, in its order (qemu-img info lists it). */

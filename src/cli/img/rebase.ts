@@ -11,7 +11,6 @@
  * the file was moved or renamed.
  */
 import { resolveBackingName } from '../../block/image-name.js';
-import path from 'node:path';
 import type { BlockNode } from '../../block/node.js';
 import { VdiskError } from '../../errors.js';
 import { parseImgArgs } from './args.js';

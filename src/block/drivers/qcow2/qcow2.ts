@@ -47,7 +47,6 @@ import {
   encodeEntry,
   l1Offset,
   parseHeader,
-  readU64,
   serializeHeader,
 } from './format.js';
 import { Refcounts } from './refcounts.js';
@@ -1269,9 +1268,6 @@ export class Qcow2Node extends BlockNode {
 function needsNewCluster(e: DecodedL2): boolean {
   return !(e.kind === EntryKind.Normal && e.copied);
 }
-
-/** Bitmap directory entry flag: the bitmap may be inconsistent (docs/interop/qcow2.txt). */
-const BITMAP_IN_USE = 1;
 
 const UNALLOCATED: DecodedL2 = { kind: EntryKind.Unallocated, offset: 0, copied: false, compressedLength: 0 };
 

@@ -131,6 +131,8 @@ osd max object namespace len = 64
 
 [client]
 keyring = $dir/keyring
+# Clients (rbd, qemu-img, vdisk) need no admin socket; each would fight for client.admin.asok.
+admin socket =
 EOF
 
   # Keys: the monitors' own, and client.admin with every capability (tests run as it).

@@ -24,8 +24,8 @@ packages=(g++ make python3)
 # scripts/build-install-media.sh fetches what the OS-install guest installs).
 # ceph-mon, ceph-osd and ceph-common run the throwaway cluster of the RBD tests
 # (scripts/ceph-cluster.sh), librbd-dev and librados-dev build the RBD addon, radosgw serves
-# the object-store tests.
-test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd prometheus ceph-mon ceph-osd ceph-common librbd-dev librados-dev radosgw)
+# the object-store tests. qemu-block-extra is QEMU's rbd driver (qemu-img rbd:pool/image).
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd prometheus ceph-mon ceph-osd ceph-common librbd-dev librados-dev radosgw qemu-block-extra)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
   run) ;;

@@ -15,14 +15,13 @@ export interface CephCluster {
   env: NodeJS.ProcessEnv;
   /** Runs `rbd -c conf ...`; its result. */
   rbd(args: string[], input?: string | Buffer): ReturnType<typeof run>;
-  /** Runs `rbd` and fails the test unless it succeeds; its stdout. */
+  /** Runs `rbd`; its stdout, or an error with its stderr (which fails the test that awaits it). */
   rbdOk(args: string[]): Promise<string>;
 }
 
 interface TestLike {
   fail(message: string): void;
   teardown(fn: () => unknown): void;
-  equal(a: unknown, b: unknown, message?: string): unknown;
 }
 
 const SCRIPT = path.join(ROOT, 'scripts', 'ceph-cluster.sh');
@@ -54,8 +53,9 @@ export async function startCeph(t: TestLike): Promise<CephCluster> {
     env,
     rbd,
     async rbdOk(args) {
+      // Thrown rather than asserted on `t`: the cluster is the file's, the failure the subtest's.
       const r = await rbd(args);
-      t.equal(r.code, 0, `rbd ${args.join(' ')}${r.code ? `: ${r.stderr}` : ''}`);
+      if (r.code !== 0) throw new Error(`rbd ${args.join(' ')} exited with ${r.code ?? r.signal}: ${r.stderr}`);
       return r.stdout;
     },
   };

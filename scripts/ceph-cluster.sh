@@ -63,9 +63,13 @@ stop_cluster() {
   stop_daemons 'mon.*'
 }
 
-# A TCP port nobody listens on now (the kernel picks it; the monitor binds it a moment later).
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# Two TCP ports nobody listens on now (the kernel picks them; the monitor binds them a moment later).
+free_ports() {
+  python3 -c '
+import socket
+a, b = socket.socket(), socket.socket()
+a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0))
+print(a.getsockname()[1], b.getsockname()[1])'
 }
 
 start_cluster() {
@@ -75,17 +79,18 @@ start_cluster() {
   mkdir -p "$dir/run" "$dir/log" "$dir/mon/a" "$dir/osd/0"
   # Any step failing stops what was started, so a failed start leaves no daemon behind.
   trap 'echo "$0: start failed; logs in $dir/log" >&2; stop_cluster' ERR
-  local fsid port conf
+  local fsid port port_v1 conf
   fsid=$(cat /proc/sys/kernel/random/uuid)
-  port=$(free_port)
+  # The monitor speaks both protocols: msgr2 for Ceph's tools, and msgr1 on its own port for a
+  # client given a bare host:port (QEMU's and vdisk's `server` option), which means msgr1.
+  read -r port port_v1 < <(free_ports)
   conf="$dir/ceph.conf"
   cat >"$conf" <<EOF
 [global]
 fsid = $fsid
-mon host = v2:127.0.0.1:$port
+mon host = [v2:127.0.0.1:$port,v1:127.0.0.1:$port_v1]
 mon initial members = a
 public network = 127.0.0.0/8
-ms bind msgr1 = false
 ms bind ipv6 = false
 auth cluster required = cephx
 auth service required = cephx
@@ -140,7 +145,7 @@ EOF
   ceph-authtool --create-keyring "$dir/keyring" --gen-key -n client.admin \
     --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
   ceph-authtool "$dir/mon.keyring" --import-keyring "$dir/keyring" >/dev/null
-  monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$dir/monmap" >/dev/null
+  monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port,v1:127.0.0.1:$port_v1]" "$dir/monmap" >/dev/null
   ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.keyring"
   ceph-mon -c "$conf" -i a
   local c=(ceph -c "$conf" --connect-timeout 10)

@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode="${1:-run}"
-# g++/make/python3 build the native addon (node-gyp).
+# g++/make/python3 build the native addon (node-gyp). The RBD addon (native/rbd.c) is built
+# only where librbd's headers are (librbd-dev, installed by --test): the daemon runs without it
+# and loads it only when a node with driver=rbd is opened.
 packages=(g++ make python3)
 # The tests' peers: nobody here wrote them.
 # gnutls-bin's certtool and psktool make the TLS tests' certificates and keys.
@@ -20,7 +22,10 @@ packages=(g++ make python3)
 # busybox-static and cpio go into the initramfs of the guest that test/guest boots
 # (scripts/build-guest.sh, which fetches Debian's kernel package itself;
 # scripts/build-install-media.sh fetches what the OS-install guest installs).
-test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd prometheus)
+# ceph-mon, ceph-osd and ceph-common run the throwaway cluster of the RBD tests
+# (scripts/ceph-cluster.sh), librbd-dev and librados-dev build the RBD addon, radosgw serves
+# the object-store tests. qemu-block-extra is QEMU's rbd driver (qemu-img rbd:pool/image).
+test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd prometheus ceph-mon ceph-osd ceph-common librbd-dev librados-dev radosgw qemu-block-extra)
 bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
 case "$mode" in
   run) ;;
@@ -47,10 +52,12 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
   npm ci --no-audit --no-fund >&2
 fi
 
-# The native addon, when missing or older than its source.
+# The native addons, when missing or older than their source; the RBD one also when librbd's
+# headers have been installed since the last build.
 addon=build/Release/vdisk_native.node
-if [ ! -f "$addon" ] || [ -n "$(find native binding.gyp -newer "$addon" 2>/dev/null | head -1)" ]; then
-  echo "setup: building the native addon" >&2
+if [ ! -f "$addon" ] || [ -n "$(find native binding.gyp -newer "$addon" 2>/dev/null | head -1)" ] ||
+   { [ -f /usr/include/rbd/librbd.h ] && [ ! -f build/Release/vdisk_rbd.node ]; }; then
+  echo "setup: building the native addons" >&2
   npx --no-install node-gyp rebuild >&2
 fi
 

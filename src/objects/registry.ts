@@ -1,7 +1,7 @@
 /**
  * User-creatable objects, as QEMU's --object and object-add/object-del
  * (qapi/qom.json ObjectOptions: a flat union on qom-type, with id): TLS
- * credentials and authorization lists. Objects are looked up by id when
+ * credentials, authorization lists and secrets. Objects are looked up by id when
  * something is configured to use them; a user (the NBD server, an nbd node)
  * holds the object, and an object held by someone cannot be deleted.
  */
@@ -9,18 +9,20 @@ import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
 import { type InputMode, type Type, check, enumOf, str, union } from '../qapi/schema.js';
 import { AUTHZ_LIST_MEMBERS, AUTHZ_SIMPLE_MEMBERS, type Authz, AuthzList, AuthzSimple } from './authz.js';
+import { SECRET_MEMBERS, Secret } from './secret.js';
 import { TLS_CREDS_PSK_MEMBERS, TLS_CREDS_X509_MEMBERS, type TlsCreds, type TlsEndpoint, TlsCredsPsk, TlsCredsX509 } from './tls-creds.js';
 
-export type UserObject = TlsCreds | Authz;
+export type UserObject = TlsCreds | Authz | Secret;
 
 /** ObjectOptions, the object types vdisk has. */
 export const OBJECT_OPTIONS: Type = union(
   'ObjectOptions',
-  { 'qom-type': enumOf('ObjectType', ['authz-list', 'authz-simple', 'tls-creds-psk', 'tls-creds-x509']), id: str },
+  { 'qom-type': enumOf('ObjectType', ['authz-list', 'authz-simple', 'secret', 'tls-creds-psk', 'tls-creds-x509']), id: str },
   'qom-type',
   {
     'authz-list': AUTHZ_LIST_MEMBERS,
     'authz-simple': AUTHZ_SIMPLE_MEMBERS,
+    secret: SECRET_MEMBERS,
     'tls-creds-psk': TLS_CREDS_PSK_MEMBERS,
     'tls-creds-x509': TLS_CREDS_X509_MEMBERS,
   },
@@ -47,6 +49,9 @@ export class ObjectRegistry {
         break;
       case 'authz-simple':
         obj = new AuthzSimple(id, o.identity as string);
+        break;
+      case 'secret':
+        obj = new Secret(id, o);
         break;
       default:
         obj = new AuthzList(id, o);
@@ -87,6 +92,14 @@ export class ObjectRegistry {
     const creds = obj as TlsCreds;
     if (creds.endpoint !== endpoint) throw new VdiskError('EINVAL', `Expected TLS credentials for a ${endpoint} endpoint`);
     return creds;
+  }
+
+  /** A secret's value as base64, with QEMU's errors (qcrypto_secret_lookup). */
+  secretBase64(id: string): string {
+    const obj = this.objects.get(id);
+    if (!obj) throw new VdiskError('ENOENT', `No secret with id '${id}'`);
+    if (!(obj instanceof Secret)) throw new VdiskError('EINVAL', `Object with ID '${id}' is not a secret`);
+    return obj.base64();
   }
 
   /** An authorization object by id, or undefined when there is none (checked when a client comes). */

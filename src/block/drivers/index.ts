@@ -16,6 +16,7 @@ import { probeImageFormat, protocolBlockdev } from '../image-name.js';
 import { NullNode } from './null-co.js';
 import { RawNode } from './raw.js';
 import { NBD_DRIVER } from './nbd.js';
+import { RbdNode, type RbdOptions } from './rbd.js';
 import type { ObjectRegistry } from '../../objects/registry.js';
 
 /** The options every driver takes (BlockdevOptionsBase), already checked. */
@@ -197,6 +198,24 @@ export const DRIVERS: DriverDef[] = [
   },
   // QEMU's NBD client driver: a node on an export of any NBD server (vdisk's own client).
   NBD_DRIVER,
+  // Ceph RBD through librbd (BlockdevOptionsRbd); the addon is loaded when one is opened.
+  {
+    name: 'rbd',
+    members: {
+      pool: str,
+      '*namespace': str,
+      image: str,
+      '*conf': str,
+      '*snapshot': str,
+      '*user': str,
+      '*auth-client-required': arrayOf(enumOf('RbdAuthMode', ['cephx', 'none'])),
+      '*key-secret': str,
+      '*server': arrayOf(struct('InetSocketAddressBase', { host: str, port: str })),
+    },
+    async open(o, { common, objects }) {
+      return RbdNode.open(o as unknown as RbdOptions, { nodeName: common.nodeName, readOnly: common.readOnly, direct: common.direct, objects });
+    },
+  },
   {
     name: 'null-co',
     members: { '*size': int('int'), '*latency-ns': int('uint64'), '*read-zeroes': bool },

@@ -1,0 +1,62 @@
+/**
+ * A throwaway single-node Ceph cluster for one test (scripts/ceph-cluster.sh): started in a
+ * temp dir, stopped at teardown, both bounded in time. The cluster has a pool `rbd`; clients
+ * reach it with `-c conf` (or CEPH_CONF), as client.admin, whose key is in `keyring`.
+ */
+import path from 'node:path';
+import { ROOT, requireTools, run, tempDir } from './tools.js';
+
+export interface CephCluster {
+  dir: string;
+  /** The cluster's ceph.conf: it names the monitor and the client.admin keyring. */
+  conf: string;
+  keyring: string;
+  /** Environment for the ceph, rbd and rados tools and qemu-img's rbd driver: CEPH_CONF set. */
+  env: NodeJS.ProcessEnv;
+  /** Runs `rbd -c conf ...`; its result. */
+  rbd(args: string[], input?: string | Buffer): ReturnType<typeof run>;
+  /** Runs `rbd`; its stdout, or an error with its stderr (which fails the test that awaits it). */
+  rbdOk(args: string[]): Promise<string>;
+}
+
+interface TestLike {
+  fail(message: string): void;
+  teardown(fn: () => unknown): void;
+}
+
+const SCRIPT = path.join(ROOT, 'scripts', 'ceph-cluster.sh');
+/** The script waits at most ~30 s for each step itself; this is the outer bound. */
+const START_TIMEOUT_MS = 90_000;
+const STOP_TIMEOUT_MS = 30_000;
+
+/** Starts a cluster for test t (which fails, never skips, if Ceph is not installed). */
+export async function startCeph(t: TestLike): Promise<CephCluster> {
+  if (!requireTools(t, 'ceph-mon', 'ceph-osd', 'ceph', 'rbd', 'monmaptool', 'ceph-authtool')) {
+    throw new Error("Ceph is not installed: run 'bash scripts/setup.sh --test'");
+  }
+  const dir = path.join(tempDir(t, 'vdisk-ceph-'), 'cluster');
+  // Registered before the start, so a start that fails half-way is stopped too (teardowns run
+  // last-registered first: the stop runs before tempDir's removal).
+  t.teardown(async () => {
+    const r = await run('bash', [SCRIPT, 'stop', dir], { timeoutMs: STOP_TIMEOUT_MS });
+    if (r.code !== 0) t.fail(`ceph-cluster.sh stop: ${r.stderr}`);
+  });
+  const started = await run('bash', [SCRIPT, 'start', dir], { timeoutMs: START_TIMEOUT_MS });
+  if (started.code !== 0) throw new Error(`ceph-cluster.sh start failed (${started.code ?? started.signal}): ${started.stderr}`);
+  const conf = started.stdout.trim().split('\n').pop()!;
+  const env = { ...process.env, CEPH_CONF: conf };
+  const rbd = (args: string[], input?: string | Buffer) => run('rbd', ['-c', conf, ...args], { env, input, timeoutMs: 60_000 });
+  return {
+    dir,
+    conf,
+    keyring: path.join(dir, 'keyring'),
+    env,
+    rbd,
+    async rbdOk(args) {
+      // Thrown rather than asserted on `t`: the cluster is the file's, the failure the subtest's.
+      const r = await rbd(args);
+      if (r.code !== 0) throw new Error(`rbd ${args.join(' ')} exited with ${r.code ?? r.signal}: ${r.stderr}`);
+      return r.stdout;
+    },
+  };
+}

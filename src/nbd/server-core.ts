@@ -23,6 +23,7 @@
 import { logEvent, isLogLevelEnabled } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
 import { MAX_EXTENTS, type MetaSelection, selectContexts, selectedContexts } from './meta.js';
+import { payloadPool } from './payload-pool.js';
 import * as P from './protocol.js';
 import type { NbdExport } from './server.js';
 
@@ -74,6 +75,8 @@ export interface NbdRequest {
   length: number;
   /** WRITE: the payload. */
   data?: Buffer;
+  /** WRITE: the pooled buffer data is a view of, given back to the pool when the write succeeds. */
+  pooled?: Buffer;
   /** Bytes this request holds while in flight (payload or reply), for the in-flight cap. */
   bytes: number;
   /** performance.now() when the host started running it (the host sets it; for the export's latency counters). */
@@ -161,7 +164,7 @@ export class NbdServerCore {
   private disconnectRequested = false;
   private ending = false;
   /** A WRITE whose payload is still arriving. */
-  private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; filled: number } | undefined;
+  private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; backing: Buffer | undefined; filled: number } | undefined;
   private skipRemaining = 0;
   /** Bytes of a WRITE being received, charged to the budget until its payload is in. */
   private _pendingCharged = 0;
@@ -288,6 +291,28 @@ export class NbdServerCore {
     return this.flush();
   }
 
+  /**
+   * Where the rest of a WRITE payload goes, when the host may read it
+   * straight from its transport: the payload's buffer and the window still
+   * to fill. Only while every byte received so far has been parsed (the
+   * queue is empty), so bytes read into the window are the next ones.
+   */
+  payloadWindow(): { buf: Buffer; at: number; length: number } | undefined {
+    if (this.state !== State.WritePayload || this.queue.length !== 0) return undefined;
+    const p = this.pending!;
+    return { buf: p.buf, at: p.filled, length: p.buf.length - p.filled };
+  }
+
+  /** The host put n bytes (n <= the window's length) into payloadWindow()'s window. */
+  payloadReceived(n: number): NbdAction[] {
+    if (this.state !== State.WritePayload || n <= 0) return [];
+    const p = this.pending!;
+    if (n > p.buf.length - p.filled) throw new Error(`${n} bytes received into a payload window of ${p.buf.length - p.filled}`);
+    p.filled += n;
+    this.run();
+    return this.flush();
+  }
+
   /** The transport can take more (the socket drained). */
   drained(): NbdAction[] {
     this.maybeResume();
@@ -327,6 +352,11 @@ export class NbdServerCore {
     switch (outcome.kind) {
       case 'ok':
         this.replySimple(req, 0);
+        // The node is done with the payload (a failed write may still have a child copying from it).
+        if (req.pooled !== undefined) {
+          payloadPool.give(req.pooled);
+          req.pooled = undefined;
+        }
         break;
       case 'read': {
         const reply = outcome.reply;
@@ -478,7 +508,7 @@ export class NbdServerCore {
           this.hooks?.release(this._pendingCharged);
           this._pendingCharged = 0;
           this.state = State.RequestHeader;
-          this.doWrite(p.cookieHi, p.cookieLo, p.flags, p.offset, p.buf);
+          this.doWrite(p.cookieHi, p.cookieLo, p.flags, p.offset, p.buf, p.backing);
           break;
         }
         case State.WriteSkip:
@@ -838,10 +868,10 @@ export class NbdServerCore {
         this.doWrite(cookieHi, cookieLo, flags, offset, this.queue.take(length));
         return;
       }
-      const buf = Buffer.allocUnsafe(length);
+      const { data: buf, backing } = payloadPool.take(length);
       this._pendingCharged = length;
       this.hooks?.charge(length);
-      this.pending = { cookieHi, cookieLo, flags, offset, buf, filled: 0 };
+      this.pending = { cookieHi, cookieLo, flags, offset, buf, backing, filled: 0 };
       this.state = State.WritePayload;
       return;
     }
@@ -901,9 +931,9 @@ export class NbdServerCore {
     return undefined;
   }
 
-  private doWrite(cookieHi: number, cookieLo: number, flags: number, offset: number, buf: Buffer): void {
+  private doWrite(cookieHi: number, cookieLo: number, flags: number, offset: number, buf: Buffer, pooled?: Buffer): void {
     this._answerable++;
-    this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, bytes: buf.length, start: 0 });
+    this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, pooled, bytes: buf.length, start: 0 });
   }
 
   private request(req: NbdRequest): void {

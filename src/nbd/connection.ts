@@ -44,7 +44,7 @@ import {
 import * as P from './protocol.js';
 import { HOLE_SCAN_MIN, NbdServerCore, type NbdAction, type NbdOutcome, type NbdRequest } from './server-core.js';
 import type { BudgetUser } from './limits.js';
-import { MIN_POOLED } from './payload-pool.js';
+import { MIN_POOLED, payloadPool } from './payload-pool.js';
 import type { NbdExport, NbdServer } from './server.js';
 
 const SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
@@ -320,7 +320,15 @@ export class NbdConnection implements BudgetUser {
       switch (a.type) {
         case 'send':
           if (!this.closedFlag) {
-            this.socket.write(a.data);
+            // A pooled buffer goes back to the pool once the socket has sent it (not if the write failed).
+            if (a.pooled !== undefined) {
+              const pooled = a.pooled;
+              this.socket.write(a.data, (err) => {
+                if (!err) payloadPool.give(pooled);
+              });
+            } else {
+              this.socket.write(a.data);
+            }
             if (this.core.export !== undefined) this.syncUnsent();
           }
           break;
@@ -649,9 +657,9 @@ export class NbdConnection implements BudgetUser {
    * A structured read that sends zero ranges as hole chunks instead of data.
    * Nothing is sent until every part is read, so an error can still be one clean error reply.
    */
-  private async readSparse(req: NbdRequest): Promise<Array<{ offset: number; length: number; data?: Buffer }>> {
+  private async readSparse(req: NbdRequest): Promise<Array<{ offset: number; length: number; data?: Buffer; pooled?: Buffer }>> {
     const node = this.core.export!.node;
-    const parts: Array<{ offset: number; length: number; data?: Buffer }> = [];
+    const parts: Array<{ offset: number; length: number; data?: Buffer; pooled?: Buffer }> = [];
     let pos = req.offset;
     const end = req.offset + req.length;
     while (pos < end) {
@@ -659,9 +667,10 @@ export class NbdConnection implements BudgetUser {
       if (ext.flags & Status.ZERO) {
         parts.push({ offset: pos, length: ext.length });
       } else {
-        const data = Buffer.allocUnsafe(ext.length);
+        // Pooled (payload-pool.ts); a part read before a failure is left to the GC.
+        const { data, backing } = payloadPool.take(ext.length);
         await node.read(pos, data);
-        parts.push({ offset: pos, length: ext.length, data });
+        parts.push({ offset: pos, length: ext.length, data, pooled: backing });
       }
       pos += ext.length;
     }

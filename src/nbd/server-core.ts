@@ -23,7 +23,7 @@
 import { logEvent, isLogLevelEnabled } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
 import { MAX_EXTENTS, type MetaSelection, selectContexts, selectedContexts } from './meta.js';
-import { payloadPool } from './payload-pool.js';
+import { MIN_POOLED, payloadPool } from './payload-pool.js';
 import * as P from './protocol.js';
 import type { NbdExport } from './server.js';
 
@@ -75,8 +75,14 @@ export interface NbdRequest {
   length: number;
   /** WRITE: the payload. */
   data?: Buffer;
-  /** WRITE: the pooled buffer data is a view of, given back to the pool when the write succeeds. */
+  /**
+   * The pooled buffer (payload-pool.ts) of a WRITE's payload (data is a view
+   * of it), or of a READ's data (readData): given back when the write
+   * succeeded, or when the read's reply has been sent.
+   */
   pooled?: Buffer;
+  /** READ into a pooled buffer: the data, sent after the reply buffer (which then holds only the header). */
+  readData?: Buffer;
   /** Bytes this request holds while in flight (payload or reply), for the in-flight cap. */
   bytes: number;
   /** performance.now() when the host started running it (the host sets it; for the export's latency counters). */
@@ -106,7 +112,7 @@ export interface NbdCoreHooks {
 }
 
 export type NbdAction =
-  | { type: 'send'; data: Buffer }
+  | { type: 'send'; data: Buffer; pooled?: Buffer }
   | { type: 'request'; req: NbdRequest }
   /** The handshake chose this export: transmission starts. */
   | { type: 'transmission'; exp: NbdExport }
@@ -129,7 +135,7 @@ export type NbdOutcome =
   /** A READ into the buffer from readBuffer(): the header is filled in here. */
   | { kind: 'read'; reply: Buffer }
   /** A structured READ in parts: a part without data is a hole. */
-  | { kind: 'read-parts'; parts: Array<{ offset: number; length: number; data?: Buffer }> }
+  | { kind: 'read-parts'; parts: Array<{ offset: number; length: number; data?: Buffer; pooled?: Buffer }> }
   /** BLOCK_STATUS: one chunk per context, in this order. */
   | { kind: 'block-status'; contexts: Array<{ id: number; lengths: number[]; values: number[] }> }
   | { kind: 'error'; code: number; message: string }
@@ -340,9 +346,20 @@ export class NbdServerCore {
     return this.flush();
   }
 
-  /** The buffer a READ of req is read into, inside the buffer its reply is sent from (one write, no copy). */
+  /**
+   * The buffer a READ of req is read into. A small one lies inside the
+   * buffer its reply is sent from (one write, no copy); a large one is
+   * pooled (no fresh allocation, page faults and GC per READ, see
+   * payload-pool.ts) and sent after a reply buffer that holds the header.
+   */
   readBuffer(req: NbdRequest): { reply: Buffer; data: Buffer } {
     const hdr = this._extended ? 40 : this._structured ? 28 : 16;
+    if (req.length >= MIN_POOLED) {
+      const { data, backing } = payloadPool.take(req.length);
+      req.pooled = backing;
+      req.readData = data;
+      return { reply: Buffer.allocUnsafe(hdr), data };
+    }
     const reply = Buffer.allocUnsafe(hdr + req.length);
     return { reply, data: reply.subarray(hdr) };
   }
@@ -361,15 +378,21 @@ export class NbdServerCore {
       case 'read': {
         const reply = outcome.reply;
         if (this._extended) {
-          writeExtendedHeader(reply, 0, req, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, reply.length - 32);
+          writeExtendedHeader(reply, 0, req, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + req.length);
           writeU64(reply, 32, req.offset);
         } else if (this._structured) {
-          writeChunkHeader(reply, req.cookieHi, req.cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, reply.length - 20);
+          writeChunkHeader(reply, req.cookieHi, req.cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + req.length);
           writeU64(reply, 20, req.offset);
         } else {
           writeSimpleHeader(reply, req.cookieHi, req.cookieLo, 0);
         }
         this.send(reply);
+        if (req.readData !== undefined) {
+          // The host gives the pooled buffer back once the socket has sent it.
+          this.send(req.readData, req.pooled);
+          req.readData = undefined;
+          req.pooled = undefined;
+        }
         break;
       }
       case 'read-parts': {
@@ -389,7 +412,7 @@ export class NbdServerCore {
             this.writeChunkHeader(c, req, flags, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + p.data.length);
             writeU64(c, hdr, p.offset);
             this.send(c);
-            this.send(p.data);
+            this.send(p.data, p.pooled);
           }
         }
         break;
@@ -449,8 +472,9 @@ export class NbdServerCore {
     return out;
   }
 
-  private send(data: Buffer): void {
-    this.out.push({ type: 'send', data });
+  /** Queues data to send; pooled: the pool buffer data is a view of, for the host to give back once sent. */
+  private send(data: Buffer, pooled?: Buffer): void {
+    this.out.push(pooled === undefined ? { type: 'send', data } : { type: 'send', data, pooled });
   }
 
   /** Parses what is buffered; a protocol violation ends the connection. */

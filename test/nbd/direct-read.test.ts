@@ -4,7 +4,8 @@
  * large WRITEs only the next header. These tests send what makes those paths
  * switch: payloads cut at odd places and sent in pieces over several
  * wake-ups, large and small WRITEs mixed, a READ right after large WRITEs,
- * a client that vanishes in the middle of a payload. What must hold: every
+ * a client that vanishes in the middle of a payload; and large READs, whose
+ * data goes out of pooled buffers. What must hold: every
  * byte lands where it was written, nothing stays charged to the buffer
  * budget, and the server goes on serving.
  */
@@ -107,6 +108,16 @@ t.test('writes of mixed sizes, cut anywhere, land intact', async (t) => {
   const file = fs.readFileSync(img);
   writes.forEach((w, i) => t.ok(file.subarray(w.offset, w.offset + w.length).equals(pattern(w.length, i + 1)), `bytes of write ${i + 1} (${w.length} at ${w.offset}) are in the file`));
   t.equal((await serverStats(qmp)).buffered, 0, 'nothing stays charged to the buffer budget');
+
+  // Large READs go out of pooled buffers: many at once, each must carry its own range's bytes.
+  const reads = [0, 1, 3, 11, 0, 3, 11, 1].map((mib, i) => ({ offset: mib * MiB, cookie: 300 + i }));
+  for (const r of reads) c.request(NBD_CMD_READ, r.offset, MiB, r.cookie);
+  const expected = new Map(writes.map((w, i) => [w.offset, pattern(w.length, i + 1).subarray(0, MiB)]));
+  for (let i = 0; i < reads.length; i++) {
+    const r = await c.simpleReply();
+    const read = reads.find((x) => x.cookie === r.cookie)!;
+    t.ok((await c.read(MiB)).equals(expected.get(read.offset)!), `READ ${r.cookie} of 1 MiB at ${read.offset} has its bytes`);
+  }
 });
 
 t.test('a client that vanishes in the middle of a payload', async (t) => {

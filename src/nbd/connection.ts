@@ -221,7 +221,7 @@ export class NbdConnection implements BudgetUser {
   // buffer, and nothing is allocated per read but the chunks headers land
   // in. The stream's way (64 KiB reads, each a fresh buffer handed through
   // the stream and then copied into the payload) cost the 1M write bench
-  // about a third of the daemon's CPU in copies, page faults and garbage
+  // about 40% of the daemon's CPU in copies, page faults and garbage
   // collection (docs/design/io-path.md). The net.Socket still does all the
   // writing and closing; it was accepted paused, so it has read nothing.
   // Input goes back to it (toStreamReading) at EOF, when the connection is

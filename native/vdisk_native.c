@@ -16,6 +16,8 @@
  *   pool, so the event loop never waits on a mount), plain read(2)/write(2)
  *   on /dev/fuse, and a uv_poll watcher that calls JavaScript on the event
  *   loop when /dev/fuse has requests.
+ * - For the NBD server: dup(2) of a client socket, which it then reads with
+ *   read(2) under the same uv_poll watcher (straight into WRITE payloads).
  * - sd_notify(3)'s datagram to $NOTIFY_SOCKET (node:net has no datagram unix sockets).
  *
  * Every function returns a negative errno on failure rather than throwing: the
@@ -448,6 +450,19 @@ static napi_value js_read_fd(napi_env env, napi_callback_info info) {
   return make_i64(env, r < 0 ? -errno : (int64_t)r);
 }
 
+/* dupFd(fd) -> new fd | -errno (close-on-exec). The NBD server reads a client
+ * socket through a duplicate watched by its own poll handle: libuv allows one
+ * watcher per descriptor, and the original stays the net.Socket's. */
+static napi_value js_dup_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int64_t fd;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 1 || !get_i64(env, argv[0], &fd)) return make_i64(env, -EINVAL);
+  int r = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
+  return make_i64(env, r < 0 ? -errno : r);
+}
+
 /* writeFd(fd, buf, bufOffset, length) -> bytes | -errno (one write(2)) */
 static napi_value js_write_fd(napi_env env, napi_callback_info info) {
   size_t argc = 4;
@@ -621,6 +636,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"submit", NULL, js_submit, NULL, NULL, NULL, napi_enumerable, NULL},
       {"readFd", NULL, js_read_fd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"writeFd", NULL, js_write_fd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dupFd", NULL, js_dup_fd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"umountSync", NULL, js_umount_sync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"watchFd", NULL, js_watch_fd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"unwatchFd", NULL, js_unwatch_fd, NULL, NULL, NULL, napi_enumerable, NULL},

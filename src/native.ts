@@ -28,6 +28,8 @@ export interface VdiskNative {
   readFd(fd: number, buf: Buffer, bufOffset: number, length: number): number;
   /** One write(2) (FUSE: one whole reply). */
   writeFd(fd: number, buf: Buffer, bufOffset: number, length: number): number;
+  /** fcntl(F_DUPFD_CLOEXEC): a second descriptor for the same open socket or file. */
+  dupFd(fd: number): number;
   /** umount2 on the calling thread: only for a mount whose /dev/fuse descriptor is already closed. */
   umountSync(target: string, flags: number): number;
   /** Calls callback(status) on the event loop whenever fd is readable. */

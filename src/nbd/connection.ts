@@ -24,11 +24,13 @@
  */
 import { NBD_CMD_OP, Op } from '../metrics/stats.js';
 import type { Socket } from 'node:net';
+import fs from 'node:fs';
 import tls from 'node:tls';
+import util from 'node:util';
 import { VdiskError } from '../errors.js';
 import { logEvent, isLogLevelEnabled } from '../log.js';
 import { ReqFlags, Status } from '../block/node.js';
-import { native } from '../native.js';
+import { EAGAIN, native } from '../native.js';
 import {
   META_ID_BASE_ALLOCATION,
   META_ID_ALLOCATION_DEPTH,
@@ -42,9 +44,18 @@ import {
 import * as P from './protocol.js';
 import { HOLE_SCAN_MIN, NbdServerCore, type NbdAction, type NbdOutcome, type NbdRequest } from './server-core.js';
 import type { BudgetUser } from './limits.js';
+import { MIN_POOLED, payloadPool } from './payload-pool.js';
 import type { NbdExport, NbdServer } from './server.js';
 
 const SOCKET_BUFFER_BYTES = 4 * 1024 * 1024;
+/** Direct reading: the chunk size for request headers and small payloads (libuv's read size). */
+const CHUNK_BYTES = 64 * 1024;
+/** Direct reading: a chunk with less room than this is replaced by a new one. */
+const CHUNK_MIN_READ = 16 * 1024;
+/** Direct reading: most reads per wake-up (libuv's stream reads at most 32 per wake-up too). */
+const READS_PER_WAKE = 32;
+/** Payloads from this size on are read straight into their buffers rather than partly copied out of a chunk. */
+const LARGE_PAYLOAD = MIN_POOLED;
 /** How long a closing connection may take to deliver its last replies. */
 const GRACEFUL_CLOSE_MS = 10_000;
 
@@ -62,6 +73,19 @@ export class NbdConnection implements BudgetUser {
   private closeWaiters: Array<() => void> = [];
   /** The socket in use: the accepted one, or the TLS socket over it after STARTTLS. */
   private socket: Socket;
+  /**
+   * Direct reading (see readDirect()): a duplicate of the socket's
+   * descriptor, read by this connection under its own poll watcher; -1 when
+   * the socket's stream reads instead.
+   */
+  private directFd = -1;
+  /** The poll watcher on directFd, while input is taken. */
+  private directWatch: object | undefined;
+  /** Where request headers and small payloads are read: the unused tail of this chunk. */
+  private chunk = Buffer.alloc(0);
+  private chunkUsed = 0;
+  /** The last requests were large WRITEs: read just the next header, so their payloads go straight to their buffers. */
+  private largeWrites = false;
   /** Who the client is by TLS: its certificate's DN or its PSK username (for logs). */
   private tlsIdentity: string | undefined;
   /** Unsent replies charged to the server's buffer budget, as last seen. */
@@ -121,7 +145,14 @@ export class NbdConnection implements BudgetUser {
     // them at net.core.wmem_max / rmem_max.
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (typeof fd === 'number' && fd >= 0) native.setSocketBuffers(fd, SOCKET_BUFFER_BYTES, SOCKET_BUFFER_BYTES);
-    socket.on('data', this.listeners.data);
+    // The server accepts sockets paused (pauseOnConnect), so the stream has read nothing yet.
+    const dup = typeof fd === 'number' && fd >= 0 && socket.readableFlowing === false && socket.readableLength === 0 ? native.dupFd(fd) : -1;
+    if (dup >= 0) {
+      this.directFd = dup;
+      this.watchDirect();
+    } else {
+      this.toStreamReading(true);
+    }
     socket.on('drain', this.listeners.drain);
     socket.on('error', this.listeners.error);
     socket.on('close', this.listeners.close);
@@ -169,6 +200,8 @@ export class NbdConnection implements BudgetUser {
   /** Closes at once; requests in flight still complete on the node but get no reply. */
   destroy(): void {
     this.closeReason ??= 'closed by the server';
+    // The duplicate descriptor too: the client sees the connection end now, not at 'close'.
+    this.endDirect();
     this.socket.destroy();
   }
 
@@ -181,12 +214,121 @@ export class NbdConnection implements BudgetUser {
     this.run(this.core.push(chunk));
   }
 
+  // ---- direct reading -----------------------------------------------------
+  //
+  // A plain (not TLS) connection reads its socket itself instead of through
+  // the net.Socket's stream: a WRITE payload is read straight into its
+  // buffer, and nothing is allocated per read but the chunks headers land
+  // in. The stream's way (64 KiB reads, each a fresh buffer handed through
+  // the stream and then copied into the payload) cost the 1M write bench
+  // about 40% of the daemon's CPU in copies, page faults and garbage
+  // collection (docs/design/io-path.md). The net.Socket still does all the
+  // writing and closing; it was accepted paused, so it has read nothing.
+  // Input goes back to it (toStreamReading) at EOF, when the connection is
+  // ending, and at STARTTLS (the TLS socket reads it); from then on
+  // everything is as it always was.
+
+  /** No more input is taken: the socket's stream, paused, keeps what arrives. */
+  private stopInput(): void {
+    if (this.directFd >= 0) this.toStreamReading(false);
+    else this.socket.pause();
+  }
+
+  /** Starts (or restarts) taking input: the watcher calls readDirect() while the socket is readable. */
+  private watchDirect(): void {
+    if (this.directFd < 0 || this.directWatch !== undefined) return;
+    this.directWatch = native.watchFd(this.directFd, (status) => this.readDirect(status));
+  }
+
+  /** Stops taking input (backpressure): unread bytes wait in the kernel. */
+  private unwatchDirect(): void {
+    if (this.directWatch === undefined) return;
+    native.unwatchFd(this.directWatch);
+    this.directWatch = undefined;
+  }
+
+  /** Ends direct reading for good: the watcher stops and the duplicate descriptor is closed. */
+  private endDirect(): void {
+    if (this.directFd < 0) return;
+    this.unwatchDirect();
+    fs.closeSync(this.directFd);
+    this.directFd = -1;
+  }
+
+  /**
+   * The socket's stream takes over the input (it has read nothing so far, and
+   * every byte read directly was parsed): EOF and whatever follows reach
+   * the connection as 'data' and 'end', as before direct reading existed.
+   */
+  private toStreamReading(resume: boolean): void {
+    this.endDirect();
+    if (this.socket.listeners('data').includes(this.listeners.data)) return;
+    this.socket.on('data', this.listeners.data);
+    if (resume) this.socket.resume();
+  }
+
+  /**
+   * The socket is readable. Reads until the kernel has no more (a short
+   * read), up to READS_PER_WAKE reads so one busy client does not hold the
+   * loop (as libuv's own stream reading does). A WRITE payload's bytes go
+   * straight into its buffer. Otherwise a chunk read takes what fits in the
+   * current chunk, except after large WRITEs: then only the next header
+   * is read, so the payload after it is not copied out of a chunk.
+   */
+  private readDirect(status: number): void {
+    if (this.closedFlag) return this.endDirect();
+    if (status < 0 || this.ending) return this.toStreamReading(!this.ending);
+    if (this.idleTimer !== undefined) this.lastInput = Date.now();
+    this.cork();
+    for (let i = 0; i < READS_PER_WAKE && this.directWatch !== undefined; i++) {
+      const w = this.core.payloadWindow();
+      let n: number;
+      let asked: number;
+      if (w !== undefined) {
+        asked = w.length;
+        n = native.readFd(this.directFd, w.buf, w.at, asked);
+        if (n > 0) this.run(this.core.payloadReceived(n));
+      } else {
+        asked = this.largeWrites ? Math.max(1, this.core.needs - this.core.buffered) : CHUNK_MIN_READ;
+        if (this.chunk.length - this.chunkUsed < asked) {
+          // Parts of the old chunk may still be in use (a payload taken as a view): never reused.
+          this.chunk = Buffer.allocUnsafeSlow(Math.max(CHUNK_BYTES, asked));
+          this.chunkUsed = 0;
+        }
+        if (!this.largeWrites) asked = this.chunk.length - this.chunkUsed;
+        n = native.readFd(this.directFd, this.chunk, this.chunkUsed, asked);
+        if (n > 0) {
+          const bytes = this.chunk.subarray(this.chunkUsed, this.chunkUsed + n);
+          this.chunkUsed += n;
+          this.run(this.core.push(bytes));
+          // Large WRITEs go on while headers keep announcing payloads too big to copy.
+          const next = this.core.payloadWindow();
+          this.largeWrites = next !== undefined && next.length >= LARGE_PAYLOAD;
+        }
+      }
+      if (n === asked) continue;
+      if (n > 0 || n === EAGAIN) return;
+      if (n === 0) return this.toStreamReading(true);
+      // As the stream reports a failed read: the socket is destroyed with the error.
+      const code = util.getSystemErrorName(n);
+      return void this.socket.destroy(Object.assign(new Error(`read ${code}`), { errno: n, code, syscall: 'read' }));
+    }
+  }
+
   private run(actions: NbdAction[]): void {
     for (const a of actions) {
       switch (a.type) {
         case 'send':
           if (!this.closedFlag) {
-            this.socket.write(a.data);
+            // A pooled buffer goes back to the pool once the socket has sent it (not if the write failed).
+            if (a.pooled !== undefined) {
+              const pooled = a.pooled;
+              this.socket.write(a.data, (err) => {
+                if (!err) payloadPool.give(pooled);
+              });
+            } else {
+              this.socket.write(a.data);
+            }
             if (this.core.export !== undefined) this.syncUnsent();
           }
           break;
@@ -200,10 +342,12 @@ export class NbdConnection implements BudgetUser {
           this.startTls();
           break;
         case 'pause':
-          this.socket.pause();
+          if (this.directFd >= 0) this.unwatchDirect();
+          else this.socket.pause();
           break;
         case 'resume':
-          this.socket.resume();
+          if (this.directFd >= 0) this.watchDirect();
+          else this.socket.resume();
           this.cork();
           break;
         case 'end':
@@ -223,6 +367,8 @@ export class NbdConnection implements BudgetUser {
     }
     if (reason === 'abort') {
       this.ending = true;
+      // The rest of the input is read and dropped until the client closes.
+      this.toStreamReading(true);
       this.socket.end();
       return;
     }
@@ -230,7 +376,7 @@ export class NbdConnection implements BudgetUser {
     logEvent('warn', 'nbd-protocol-error', { connection: this.id, peer: this.peer, error: message });
     if (this.closedFlag) return;
     this.ending = true;
-    this.socket.pause();
+    this.stopInput();
     // end() uncorks and flushes; a client that does not read its replies is cut off after a second.
     const timer = setTimeout(() => this.destroy(), 1000);
     timer.unref();
@@ -241,6 +387,7 @@ export class NbdConnection implements BudgetUser {
     if (this.closedFlag) return;
     const exp = this.core.export;
     this.closedFlag = true;
+    this.endDirect();
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.idleTimer);
     // Requests still in flight release their own bytes when they settle (core.complete()).
@@ -331,7 +478,7 @@ export class NbdConnection implements BudgetUser {
   /** Ends the connection with nothing in flight: what is queued is sent, then the socket closes. */
   private hangUp(): void {
     this.ending = true;
-    this.socket.pause();
+    this.stopInput();
     setTimeout(() => this.destroy(), GRACEFUL_CLOSE_MS).unref();
     this.socket.end(() => this.destroy());
   }
@@ -369,6 +516,8 @@ export class NbdConnection implements BudgetUser {
     const creds = this.server.tls!.creds;
     this.tlsHandshaking = true;
     const raw = this.socket;
+    // The TLS socket reads the raw socket from here on (the client sends nothing before the ack).
+    this.endDirect();
     // The acknowledgement must leave before the TLS layer takes the socket over.
     while (raw.writableCorked > 0) raw.uncork();
     raw.removeListener('data', this.listeners.data);
@@ -508,9 +657,9 @@ export class NbdConnection implements BudgetUser {
    * A structured read that sends zero ranges as hole chunks instead of data.
    * Nothing is sent until every part is read, so an error can still be one clean error reply.
    */
-  private async readSparse(req: NbdRequest): Promise<Array<{ offset: number; length: number; data?: Buffer }>> {
+  private async readSparse(req: NbdRequest): Promise<Array<{ offset: number; length: number; data?: Buffer; pooled?: Buffer }>> {
     const node = this.core.export!.node;
-    const parts: Array<{ offset: number; length: number; data?: Buffer }> = [];
+    const parts: Array<{ offset: number; length: number; data?: Buffer; pooled?: Buffer }> = [];
     let pos = req.offset;
     const end = req.offset + req.length;
     while (pos < end) {
@@ -518,9 +667,10 @@ export class NbdConnection implements BudgetUser {
       if (ext.flags & Status.ZERO) {
         parts.push({ offset: pos, length: ext.length });
       } else {
-        const data = Buffer.allocUnsafe(ext.length);
+        // Pooled (payload-pool.ts); a part read before a failure is left to the GC.
+        const { data, backing } = payloadPool.take(ext.length);
         await node.read(pos, data);
-        parts.push({ offset: pos, length: ext.length, data });
+        parts.push({ offset: pos, length: ext.length, data, pooled: backing });
       }
       pos += ext.length;
     }

@@ -23,6 +23,7 @@
 import { logEvent, isLogLevelEnabled } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
 import { MAX_EXTENTS, type MetaSelection, selectContexts, selectedContexts } from './meta.js';
+import { MIN_POOLED, payloadPool } from './payload-pool.js';
 import * as P from './protocol.js';
 import type { NbdExport } from './server.js';
 
@@ -74,6 +75,14 @@ export interface NbdRequest {
   length: number;
   /** WRITE: the payload. */
   data?: Buffer;
+  /**
+   * The pooled buffer (payload-pool.ts) of a WRITE's payload (data is a view
+   * of it), or of a READ's data (readData): given back when the write
+   * succeeded, or when the read's reply has been sent.
+   */
+  pooled?: Buffer;
+  /** READ into a pooled buffer: the data, sent after the reply buffer (which then holds only the header). */
+  readData?: Buffer;
   /** Bytes this request holds while in flight (payload or reply), for the in-flight cap. */
   bytes: number;
   /** performance.now() when the host started running it (the host sets it; for the export's latency counters). */
@@ -103,7 +112,7 @@ export interface NbdCoreHooks {
 }
 
 export type NbdAction =
-  | { type: 'send'; data: Buffer }
+  | { type: 'send'; data: Buffer; pooled?: Buffer }
   | { type: 'request'; req: NbdRequest }
   /** The handshake chose this export: transmission starts. */
   | { type: 'transmission'; exp: NbdExport }
@@ -126,7 +135,7 @@ export type NbdOutcome =
   /** A READ into the buffer from readBuffer(): the header is filled in here. */
   | { kind: 'read'; reply: Buffer }
   /** A structured READ in parts: a part without data is a hole. */
-  | { kind: 'read-parts'; parts: Array<{ offset: number; length: number; data?: Buffer }> }
+  | { kind: 'read-parts'; parts: Array<{ offset: number; length: number; data?: Buffer; pooled?: Buffer }> }
   /** BLOCK_STATUS: one chunk per context, in this order. */
   | { kind: 'block-status'; contexts: Array<{ id: number; lengths: number[]; values: number[] }> }
   | { kind: 'error'; code: number; message: string }
@@ -161,7 +170,7 @@ export class NbdServerCore {
   private disconnectRequested = false;
   private ending = false;
   /** A WRITE whose payload is still arriving. */
-  private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; filled: number } | undefined;
+  private pending: { cookieHi: number; cookieLo: number; flags: number; offset: number; buf: Buffer; backing: Buffer | undefined; filled: number } | undefined;
   private skipRemaining = 0;
   /** Bytes of a WRITE being received, charged to the budget until its payload is in. */
   private _pendingCharged = 0;
@@ -288,6 +297,28 @@ export class NbdServerCore {
     return this.flush();
   }
 
+  /**
+   * Where the rest of a WRITE payload goes, when the host may read it
+   * straight from its transport: the payload's buffer and the window still
+   * to fill. Only while every byte received so far has been parsed (the
+   * queue is empty), so bytes read into the window are the next ones.
+   */
+  payloadWindow(): { buf: Buffer; at: number; length: number } | undefined {
+    if (this.state !== State.WritePayload || this.queue.length !== 0) return undefined;
+    const p = this.pending!;
+    return { buf: p.buf, at: p.filled, length: p.buf.length - p.filled };
+  }
+
+  /** The host put n bytes (n <= the window's length) into payloadWindow()'s window. */
+  payloadReceived(n: number): NbdAction[] {
+    if (this.state !== State.WritePayload || n <= 0) return [];
+    const p = this.pending!;
+    if (n > p.buf.length - p.filled) throw new Error(`${n} bytes received into a payload window of ${p.buf.length - p.filled}`);
+    p.filled += n;
+    this.run();
+    return this.flush();
+  }
+
   /** The transport can take more (the socket drained). */
   drained(): NbdAction[] {
     this.maybeResume();
@@ -315,9 +346,20 @@ export class NbdServerCore {
     return this.flush();
   }
 
-  /** The buffer a READ of req is read into, inside the buffer its reply is sent from (one write, no copy). */
+  /**
+   * The buffer a READ of req is read into. A small one lies inside the
+   * buffer its reply is sent from (one write, no copy); a large one is
+   * pooled (no fresh allocation, page faults and GC per READ, see
+   * payload-pool.ts) and sent after a reply buffer that holds the header.
+   */
   readBuffer(req: NbdRequest): { reply: Buffer; data: Buffer } {
     const hdr = this._extended ? 40 : this._structured ? 28 : 16;
+    if (req.length >= MIN_POOLED) {
+      const { data, backing } = payloadPool.take(req.length);
+      req.pooled = backing;
+      req.readData = data;
+      return { reply: Buffer.allocUnsafe(hdr), data };
+    }
     const reply = Buffer.allocUnsafe(hdr + req.length);
     return { reply, data: reply.subarray(hdr) };
   }
@@ -327,19 +369,30 @@ export class NbdServerCore {
     switch (outcome.kind) {
       case 'ok':
         this.replySimple(req, 0);
+        // The node is done with the payload (a failed write may still have a child copying from it).
+        if (req.pooled !== undefined) {
+          payloadPool.give(req.pooled);
+          req.pooled = undefined;
+        }
         break;
       case 'read': {
         const reply = outcome.reply;
         if (this._extended) {
-          writeExtendedHeader(reply, 0, req, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, reply.length - 32);
+          writeExtendedHeader(reply, 0, req, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + req.length);
           writeU64(reply, 32, req.offset);
         } else if (this._structured) {
-          writeChunkHeader(reply, req.cookieHi, req.cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, reply.length - 20);
+          writeChunkHeader(reply, req.cookieHi, req.cookieLo, P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + req.length);
           writeU64(reply, 20, req.offset);
         } else {
           writeSimpleHeader(reply, req.cookieHi, req.cookieLo, 0);
         }
         this.send(reply);
+        if (req.readData !== undefined) {
+          // The host gives the pooled buffer back once the socket has sent it.
+          this.send(req.readData, req.pooled);
+          req.readData = undefined;
+          req.pooled = undefined;
+        }
         break;
       }
       case 'read-parts': {
@@ -359,7 +412,7 @@ export class NbdServerCore {
             this.writeChunkHeader(c, req, flags, P.NBD_REPLY_TYPE_OFFSET_DATA, 8 + p.data.length);
             writeU64(c, hdr, p.offset);
             this.send(c);
-            this.send(p.data);
+            this.send(p.data, p.pooled);
           }
         }
         break;
@@ -419,8 +472,9 @@ export class NbdServerCore {
     return out;
   }
 
-  private send(data: Buffer): void {
-    this.out.push({ type: 'send', data });
+  /** Queues data to send; pooled: the pool buffer data is a view of, for the host to give back once sent. */
+  private send(data: Buffer, pooled?: Buffer): void {
+    this.out.push(pooled === undefined ? { type: 'send', data } : { type: 'send', data, pooled });
   }
 
   /** Parses what is buffered; a protocol violation ends the connection. */
@@ -478,7 +532,7 @@ export class NbdServerCore {
           this.hooks?.release(this._pendingCharged);
           this._pendingCharged = 0;
           this.state = State.RequestHeader;
-          this.doWrite(p.cookieHi, p.cookieLo, p.flags, p.offset, p.buf);
+          this.doWrite(p.cookieHi, p.cookieLo, p.flags, p.offset, p.buf, p.backing);
           break;
         }
         case State.WriteSkip:
@@ -838,10 +892,10 @@ export class NbdServerCore {
         this.doWrite(cookieHi, cookieLo, flags, offset, this.queue.take(length));
         return;
       }
-      const buf = Buffer.allocUnsafe(length);
+      const { data: buf, backing } = payloadPool.take(length);
       this._pendingCharged = length;
       this.hooks?.charge(length);
-      this.pending = { cookieHi, cookieLo, flags, offset, buf, filled: 0 };
+      this.pending = { cookieHi, cookieLo, flags, offset, buf, backing, filled: 0 };
       this.state = State.WritePayload;
       return;
     }
@@ -901,9 +955,9 @@ export class NbdServerCore {
     return undefined;
   }
 
-  private doWrite(cookieHi: number, cookieLo: number, flags: number, offset: number, buf: Buffer): void {
+  private doWrite(cookieHi: number, cookieLo: number, flags: number, offset: number, buf: Buffer, pooled?: Buffer): void {
     this._answerable++;
-    this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, bytes: buf.length, start: 0 });
+    this.request({ type: P.NBD_CMD_WRITE, flags, cookieHi, cookieLo, offset, length: buf.length, data: buf, pooled, bytes: buf.length, start: 0 });
   }
 
   private request(req: NbdRequest): void {

@@ -163,7 +163,8 @@ export class NbdServer {
 
   private async listenOn(addr: SocketAddress, fd?: number): Promise<void> {
     // max-connections is counted in accept() across all listeners, not by net.Server (per listener).
-    const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
+    // Accepted paused: a connection reads its socket itself (NbdConnection, direct reading).
+    const srv = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     const unixPath = addr.type === 'unix' ? unixSocketPath(addr) : '';
     if (addr.type === 'unix' && !addr.abstract) {
       checkSocketDirectory(addr.path, 'nbd-server');

@@ -211,6 +211,11 @@ export const DRIVERS: DriverDef[] = [
       '*auth-client-required': arrayOf(enumOf('RbdAuthMode', ['cephx', 'none'])),
       '*key-secret': str,
       '*server': arrayOf(struct('InetSocketAddressBase', { host: str, port: str })),
+      // QEMU's hidden option for an rbd: name's extra librados settings (JSON list).
+      '*keyvalue-pairs': str,
+      // vdisk's: break a held exclusive lock (fencing its holder); seconds to wait for the monitors.
+      '*x-break-lock': bool,
+      '*x-connect-timeout': int('int'),
     },
     async open(o, { common, objects }) {
       return RbdNode.open(o as unknown as RbdOptions, { nodeName: common.nodeName, readOnly: common.readOnly, direct: common.direct, objects });

@@ -156,7 +156,8 @@ export class RbdNode extends BlockNode {
     const r = await addon.open(connect, o.pool, o.namespace ?? null, o.image, o.snapshot ?? null, readOnly);
     if (isFailure(r)) {
       if (r.stage === 'rados_connect' && r.errno === -110) {
-        const timeout = o['x-connect-timeout'] ?? DEFAULT_CONNECT_TIMEOUT_S;
+        // The bound in force: an rbd: name's own client_mount_timeout pair comes last and wins.
+        const timeout = connect.settings.filter(([k]) => k === 'client_mount_timeout').pop()![1];
         throw new VdiskError(
           'EIO',
           `Could not open RBD image '${spec}' (rados_connect): ETIMEDOUT: no monitor answered within ${timeout} s (x-connect-timeout); check the monitor addresses (conf, server)`,

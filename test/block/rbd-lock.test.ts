@@ -125,3 +125,20 @@ t.test('a monitor that does not answer fails the open within x-connect-timeout',
   t.not(img.code, 0);
   t.match(img.stderr, /\(rados_connect\): ETIMEDOUT: no monitor answered within 2 s/, `vdisk img fails at rados_connect: ${img.stderr}`);
 });
+
+t.test('x-break-lock=on against a holder that is alive fences it: its writes fail, the new writer’s stand', async (t) => {
+  await ceph.rbdOk(['create', '--size', '8M', 'rbd/tk3']);
+  const a = await daemon(t);
+  await a.w.ok('blockdev-add', rbdNode('a', 'tk3'));
+  await a.w.ok('block-export-add', { type: 'nbd', id: 'a', 'node-name': 'a', name: 'a', writable: true });
+  const b = await daemon(t);
+  await b.w.ok('blockdev-add', rbdNode('b', 'tk3', { 'x-break-lock': true }));
+  await b.w.ok('block-export-add', { type: 'nbd', id: 'b', 'node-name': 'b', name: 'b', writable: true });
+  const wb = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x66 0 64k', '-c', 'flush', b.d.uri('b')]);
+  t.notMatch(wb.stdout, /failed/, 'the new writer writes');
+  // A is blocklisted: librbd refuses its requests (with or without its cache, the flush fails).
+  const wa = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 64k', '-c', 'flush', a.d.uri('a')], { timeoutMs: 60_000 });
+  t.match(wa.stdout + wa.stderr, /failed/, `the fenced writer's write or flush fails: ${wa.stdout.trim()}`);
+  const r = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x66 0 64k', b.d.uri('b')]);
+  t.notMatch(r.stdout, /failed|verification/, 'the new writer’s data stands');
+});

@@ -10,11 +10,12 @@
  * which `vdisk img create` shares; this file is the QAPI side.
  */
 import { type Preallocation, createHostFile, createRbdImage, formatNode } from '../block/create.js';
+import { RBD_OPTIONS_MEMBERS } from '../block/drivers/index.js';
 import type { RbdOptions } from '../block/drivers/rbd.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { VdiskError } from '../errors.js';
-import { type Type, any, bool, enumOf, int, str, union } from '../qapi/schema.js';
+import { type Type, any, bool, enumOf, int, str, struct, union } from '../qapi/schema.js';
 import { Job } from './job.js';
 
 /** BlockdevCreateOptions: a flat union on driver. */
@@ -43,9 +44,8 @@ export const BLOCKDEV_CREATE_OPTIONS: Type = union('BlockdevCreateOptions', { dr
     '*compression-type': enumOf('Qcow2CompressionType', ['zlib', 'zstd']),
   },
   raw: { file: any, size: int('size') },
-  // BlockdevCreateOptionsRbd: location is BlockdevOptionsRbd (checked by the rbd driver's row when
-  // the image is opened; here the members creation uses), cluster-size the object size.
-  rbd: { location: any, size: int('size'), '*cluster-size': int('size'), '*encrypt': any },
+  // BlockdevCreateOptionsRbd: location is BlockdevOptionsRbd (the rbd driver's own members), cluster-size the object size.
+  rbd: { location: struct('BlockdevOptionsRbd', RBD_OPTIONS_MEMBERS), size: int('size'), '*cluster-size': int('size'), '*encrypt': any },
 });
 
 export class CreateJob extends Job {
@@ -72,11 +72,8 @@ export class CreateJob extends Job {
       // librbd's LUKS encryption is formatted by rbd_encryption_format, which vdisk does not do:
       // refused before the image exists rather than made unencrypted.
       if (o.encrypt !== undefined) throw new VdiskError('ENOTSUP', 'Encrypted RBD images are not supported by vdisk (create without encrypt)');
-      const l = o.location as Record<string, unknown> | null;
-      if (typeof l !== 'object' || l === null || Array.isArray(l) || typeof l.pool !== 'string' || typeof l.image !== 'string') {
-        throw new VdiskError('EINVAL', "Parameter 'location' expects BlockdevOptionsRbd (pool, image, ...)");
-      }
-      if (l.snapshot !== undefined) throw new VdiskError('EINVAL', "Can't use snapshot name for image creation");
+      // The schema checked location's members; a snapshot cannot be created, only opened.
+      if ((o.location as RbdOptions).snapshot !== undefined) throw new VdiskError('EINVAL', "Can't use snapshot name for image creation");
     }
     if (o.driver !== 'file' && o.driver !== 'rbd' && typeof o.file !== 'string') throw new VdiskError('EINVAL', "Parameter 'file' expects the node-name of an existing node");
   }

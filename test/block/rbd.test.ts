@@ -245,6 +245,10 @@ t.test('blockdev-create driver=rbd: size and object size as rbd info and qemu-im
   // Refused: encryption at submit; a bad object size and an existing image in the job.
   const enc = await w.cmd('blockdev-create', { 'job-id': 'c4', options: { driver: 'rbd', location: location('bc4'), size: MiB, encrypt: { format: 'luks', 'key-secret': 'k' } } });
   t.match(enc.error?.desc, /Encrypted RBD images are not supported by vdisk/);
+  const typo = await w.cmd('blockdev-create', { 'job-id': 'c7', options: { driver: 'rbd', location: { ...location('bc7'), imgae: 'x' }, size: MiB } });
+  t.same(typo.error?.desc, "Parameter 'options.location.imgae' is unexpected", 'location is checked as BlockdevOptionsRbd');
+  const snap = await w.cmd('blockdev-create', { 'job-id': 'c8', options: { driver: 'rbd', location: { ...location('bc8'), snapshot: 's' }, size: MiB } });
+  t.match(snap.error?.desc, /Can't use snapshot name for image creation/);
   await w.ok('blockdev-create', { 'job-id': 'c5', options: { driver: 'rbd', location: location('bc5'), size: MiB, 'cluster-size': 3 * MiB } });
   t.match((await done('c5')).error, /obj size needs to be power of 2/);
   await w.ok('blockdev-create', { 'job-id': 'c6', options: { driver: 'rbd', location: location('bc1'), size: MiB } });

@@ -184,7 +184,7 @@ fail:
 
 /* ---- blocking work on the libuv pool ----------------------------------------- */
 
-typedef enum { W_OPEN, W_CLOSE, W_CREATE, W_RESIZE, W_DIFF, W_LOCK_ACQUIRE, W_LOCK_RELEASE, W_LOCK_OWNERS } WorkKind;
+typedef enum { W_OPEN, W_CLOSE, W_CREATE, W_RESIZE, W_DIFF, W_LOCK_ACQUIRE, W_LOCK_RELEASE, W_LOCK_OWNERS, W_LOCK_BREAK } WorkKind;
 
 typedef struct {
   WorkKind kind;
@@ -340,6 +340,34 @@ static void execute(napi_env env, void *data) {
     w->ret = rbd_lock_release(img->image);
     w->stage = "rbd_lock_release";
     break;
+  case W_LOCK_BREAK: {
+    /* Breaking a lock that is held: librbd blocklists the holder's client first
+     * (rbd_blocklist_on_break_lock, on by default), so a holder that is only slow, not dead,
+     * cannot write after the break. The owners come back for the caller's log. */
+    rbd_lock_mode_t mode;
+    size_t max = 8;
+    w->owners = calloc(max, sizeof(char *));
+    if (!w->owners) {
+      w->ret = -ENOMEM;
+      break;
+    }
+    w->ret = rbd_lock_get_owners(img->image, &mode, w->owners, &max);
+    w->stage = "rbd_lock_get_owners";
+    if (w->ret == -ENOENT) {
+      /* Nobody holds it (any more): nothing to break. */
+      w->ret = 0;
+      break;
+    }
+    if (w->ret < 0) break;
+    w->n_owners = max;
+    for (size_t i = 0; i < w->n_owners && w->ret >= 0; i++) {
+      w->ret = rbd_lock_break(img->image, RBD_LOCK_MODE_EXCLUSIVE, w->owners[i]);
+      w->stage = "rbd_lock_break";
+      /* ENOENT: the owner let go (or died and was broken by someone else) meanwhile. */
+      if (w->ret == -ENOENT) w->ret = 0;
+    }
+    break;
+  }
   case W_LOCK_OWNERS: {
     rbd_lock_mode_t mode;
     size_t max = 8;
@@ -426,7 +454,8 @@ static void complete(napi_env env, napi_status status, void *data) {
       for (size_t i = 0; i < w->n_extents * 2; i++) napi_set_element(env, result, i, make_i64(env, (int64_t)w->extents[i]));
       break;
     }
-    case W_LOCK_OWNERS: {
+    case W_LOCK_OWNERS:
+    case W_LOCK_BREAK: {
       napi_create_array_with_length(env, w->n_owners, &result);
       for (size_t i = 0; i < w->n_owners; i++) {
         napi_value s;
@@ -528,6 +557,7 @@ static napi_value js_diff(napi_env env, napi_callback_info info) { return image_
 static napi_value js_lock_acquire(napi_env env, napi_callback_info info) { return image_work(env, info, W_LOCK_ACQUIRE, 0, "vdisk_rbd.lockAcquire(handle)"); }
 static napi_value js_lock_release(napi_env env, napi_callback_info info) { return image_work(env, info, W_LOCK_RELEASE, 0, "vdisk_rbd.lockRelease(handle)"); }
 static napi_value js_lock_owners(napi_env env, napi_callback_info info) { return image_work(env, info, W_LOCK_OWNERS, 0, "vdisk_rbd.lockOwners(handle)"); }
+static napi_value js_lock_break(napi_env env, napi_callback_info info) { return image_work(env, info, W_LOCK_BREAK, 0, "vdisk_rbd.lockBreak(handle)"); }
 
 /* ---- asynchronous I/O ---------------------------------------------------------- */
 
@@ -655,6 +685,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"lockAcquire", NULL, js_lock_acquire, NULL, NULL, NULL, napi_default, NULL},
     {"lockRelease", NULL, js_lock_release, NULL, NULL, NULL, napi_default, NULL},
     {"lockOwners", NULL, js_lock_owners, NULL, NULL, NULL, napi_default, NULL},
+    {"lockBreak", NULL, js_lock_break, NULL, NULL, NULL, napi_default, NULL},
     {"aio", NULL, js_aio, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));

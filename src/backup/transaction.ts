@@ -28,7 +28,7 @@ import {
 import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { isNbdUri, probeImageFormat, protocolBlockdev } from '../block/image-name.js';
+import { isProtocolName, probeImageFormat, protocolBlockdev } from '../block/image-name.js';
 import { createImageFile } from '../block/create.js';
 import { VdiskError } from '../errors.js';
 import { logEvent } from '../log.js';
@@ -348,8 +348,8 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
     if (backingFile !== undefined && format !== 'qcow2') backingFile = undefined;
     await createImageFile({ format, filename, size: source.size, backingFile, backingFormat });
   } else {
-    // An existing target may be an NBD export (nbd://, nbd+unix://), as QEMU's drive-backup allows.
-    if (!isNbdUri(filename) && !fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
+    // An existing target may be an NBD export (nbd://, nbd+unix://) or an RBD image (rbd:...), as QEMU's drive-backup allows.
+    if (!isProtocolName(filename) && !fs.existsSync(filename)) throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
     format ??= await probeImageFormat(filename);
   }
   if (format !== 'raw' && format !== 'qcow2') throw new VdiskError('EINVAL', `Unknown driver '${format}'`);
@@ -357,7 +357,7 @@ async function openDriveBackupTarget(g: BlockGraph, source: BlockNode, d: Record
     driver: format,
     discard: 'unmap',
     'detect-zeroes': 'unmap',
-    file: isNbdUri(filename) ? protocolBlockdev(filename) : { driver: 'file', filename: path.resolve(filename) },
+    file: isProtocolName(filename) ? protocolBlockdev(filename) : { driver: 'file', filename: path.resolve(filename) },
   };
   // sync=none and sync=top targets, new or existing, get the source (none) or the source's backing
   // node (top) as their backing, as QEMU's drive-backup does (it opens them with no backing, then

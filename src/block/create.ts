@@ -4,9 +4,11 @@
  * - `vdisk img create` and convert's target (src/cli/img/create.ts parses
  *   qemu-img's -f/-o/-b/-F, opens the backing file for its size, prints the
  *   "Formatting" line) and drive-backup's new target (src/backup) call
- *   createImageFile: an image at a path or on an NBD export;
+ *   createImageFile: an image at a path, on an NBD export or a new RBD image
+ *   (rbd:pool/image);
  * - the blockdev-create job (src/jobs/create.ts takes QAPI options) calls
- *   createHostFile for driver=file and formatNode for qcow2 and raw.
+ *   createHostFile for driver=file, createRbdImage for driver=rbd and
+ *   formatNode for qcow2 and raw.
  *
  * Both lay qcow2 out with createQcow2 and preallocate with preallocate(), so
  * the two paths differ only where QEMU's do: qemu-img creates the file and
@@ -17,6 +19,9 @@ import { VdiskError } from '../errors.js';
 import { Op, native } from '../native.js';
 import { FileNode } from './drivers/file.js';
 import { NbdClientNode } from './drivers/nbd.js';
+import { RbdNode, type RbdOptions, isRbdName, parseRbdFilename, rbdConnect, rbdImageSpec } from './drivers/rbd.js';
+import { isFailure, rbdAddon, rbdError } from './drivers/rbd-native.js';
+import type { ObjectRegistry } from '../objects/registry.js';
 import { type Qcow2CreateOptions, checkCreateOptions, createQcow2 } from './drivers/qcow2/create.js';
 import { isNbdUri } from './image-name.js';
 import type { BlockNode } from './node.js';
@@ -66,6 +71,7 @@ export async function createImageFile(spec: ImageFileSpec): Promise<void> {
   }
 
   if (isNbdUri(spec.filename)) return createOnNbd(spec.filename, spec.format, spec.size, qcow2Options, at);
+  if (isRbdName(spec.filename)) return createOnRbd(spec, qcow2Options, at);
   let fd: number;
   try {
     // No O_TRUNC: the file is emptied only once FileNode has its lock, so an image in use is left alone.
@@ -111,6 +117,53 @@ async function createOnNbd(uri: string, format: string, size: number, qcow2Optio
     throw err instanceof VdiskError && !err.message.startsWith(uri) ? at(err.message) : err;
   } finally {
     await node.close();
+  }
+}
+
+/**
+ * qemu-img create on rbd:pool/image: a new RBD image (an existing one is an error, as in QEMU).
+ * raw gets the whole size and -o cluster_size sets the object size (QEMU's rbd create option);
+ * qcow2 starts from an empty image the layout grows, as QEMU's protocol create with size 0.
+ */
+async function createOnRbd(spec: ImageFileSpec, qcow2Options: Qcow2CreateOptions, at: (msg: string) => VdiskError): Promise<void> {
+  const location = parseRbdFilename(spec.filename);
+  if (location.snapshot !== undefined) throw at("Can't use snapshot name for image creation");
+  const raw = spec.format === 'raw';
+  if (raw && spec.preallocation !== undefined && spec.preallocation !== 'off') throw at(`preallocation=${spec.preallocation} is not supported for RBD images by vdisk`);
+  try {
+    await createRbdImage(location, raw ? spec.size! : 0, raw ? spec.clusterSize : undefined, undefined);
+  } catch (err) {
+    throw at((err as Error).message);
+  }
+  if (raw) return;
+  const node = await RbdNode.open(location, { nodeName: 'create', readOnly: false, direct: false, objects: undefined });
+  try {
+    await createQcow2(node, qcow2Options);
+    await node.flush();
+  } catch (err) {
+    throw err instanceof VdiskError && !err.message.startsWith(spec.filename) ? at(err.message) : err;
+  } finally {
+    await node.close();
+  }
+}
+
+/**
+ * blockdev-create driver=rbd (and img create on rbd:): a new image of `size` bytes. The
+ * cluster size is the object size (librbd's order); left out, librbd's default (4 MiB).
+ */
+export async function createRbdImage(location: RbdOptions, size: number, clusterSize: number | undefined, objects: ObjectRegistry | undefined): Promise<void> {
+  let order = 0;
+  if (clusterSize !== undefined) {
+    order = Math.log2(clusterSize);
+    // QEMU's words; librbd takes objects of 4 KiB to 32 MiB.
+    if (!Number.isInteger(order)) throw new VdiskError('EINVAL', 'obj size needs to be power of 2');
+    if (order < 12) throw new VdiskError('EINVAL', 'obj size too small');
+    if (order > 25) throw new VdiskError('EINVAL', 'obj size too big (at most 32 MiB)');
+  }
+  const r = await rbdAddon().create(rbdConnect(location, false, objects), location.pool, location.namespace ?? null, location.image, size, order);
+  if (isFailure(r)) {
+    if (r.errno === -17) throw new VdiskError('EEXIST', `error rbd create: RBD image '${rbdImageSpec(location)}' already exists`);
+    throw rbdError(r.errno, `error rbd create (${r.stage}) of '${rbdImageSpec(location)}'`);
   }
 }
 

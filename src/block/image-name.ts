@@ -1,6 +1,7 @@
 /**
- * Image names as QEMU's tools take them: a host file path, or an NBD URI
- * (nbd://host[:port]/export, nbd+unix:///export?socket=PATH). Both become a
+ * Image names as QEMU's tools take them: a host file path, an NBD URI
+ * (nbd://host[:port]/export, nbd+unix:///export?socket=PATH), or an RBD
+ * image (rbd:pool[/namespace]/image[@snap][:conf=...:id=...]). Each becomes a
  * protocol blockdev; the format on top is given or probed from the first
  * bytes, which works the same over a file and over NBD.
  */
@@ -9,9 +10,15 @@ import path from 'node:path';
 import { VdiskError } from '../errors.js';
 import { isQcow2 } from './drivers/qcow2/format.js';
 import { NbdClientNode, isNbdUri, parseNbdUri } from './drivers/nbd.js';
+import { RbdNode, isRbdName, parseRbdFilename } from './drivers/rbd.js';
 import type { BlockNode } from './node.js';
 
-export { isNbdUri };
+export { isNbdUri, isRbdName };
+
+/** Whether a name is a protocol's (NBD URI, rbd:) rather than a host path: nothing to look for on disk. */
+export function isProtocolName(name: string): boolean {
+  return isNbdUri(name) || isRbdName(name);
+}
 
 /** The protocol blockdev for an image name: driver=nbd for a URI, driver=file otherwise. */
 export function protocolBlockdev(name: string): Record<string, unknown> {
@@ -19,12 +26,13 @@ export function protocolBlockdev(name: string): Record<string, unknown> {
     const { server, exportName } = parseNbdUri(name);
     return { driver: 'nbd', server, export: exportName };
   }
+  if (isRbdName(name)) return { driver: 'rbd', ...parseRbdFilename(name) };
   return { driver: 'file', filename: name };
 }
 
 /** QEMU's path_combine for a backing name: URIs and absolute paths stay, a relative path is taken from the overlay's directory. */
 export function resolveBackingName(overlay: string, name: string): string {
-  if (name.startsWith('json:') || isNbdUri(name) || path.isAbsolute(name) || isNbdUri(overlay)) return name;
+  if (name.startsWith('json:') || isProtocolName(name) || path.isAbsolute(name) || isProtocolName(overlay)) return name;
   return path.join(path.dirname(overlay), name);
 }
 
@@ -35,8 +43,16 @@ export async function probeNodeFormat(node: BlockNode): Promise<string> {
   return isQcow2(magic) ? 'qcow2' : 'raw';
 }
 
-/** Probes an image's format by name: the file's first bytes, or (for a URI) one short-lived NBD connection's. */
+/** Probes an image's format by name: the file's first bytes, or (for a URI) one short-lived NBD connection's, or a read-only RBD open's. */
 export async function probeImageFormat(name: string): Promise<string> {
+  if (isRbdName(name)) {
+    const image = await RbdNode.open(parseRbdFilename(name), { nodeName: 'probe', readOnly: true, direct: false, objects: undefined });
+    try {
+      return await probeNodeFormat(image);
+    } finally {
+      await image.close();
+    }
+  }
   if (!isNbdUri(name)) return probeFileFormat(name);
   const client = await NbdClientNode.fromUri(name, { nodeName: 'probe', readOnly: true });
   try {

@@ -67,6 +67,24 @@ export const INJECT_ERROR = struct('BlkdebugInjectErrorOptions', {
 });
 export const SET_STATE = struct('BlkdebugSetStateOptions', { event: enumOf('BlkdebugEvent', BLKDEBUG_EVENTS), '*state': int('int'), new_state: int('int') });
 
+/** BlockdevOptionsRbd: the rbd driver's options, and blockdev-create's rbd `location`. */
+export const RBD_OPTIONS_MEMBERS: Members = {
+  pool: str,
+  '*namespace': str,
+  image: str,
+  '*conf': str,
+  '*snapshot': str,
+  '*user': str,
+  '*auth-client-required': arrayOf(enumOf('RbdAuthMode', ['cephx', 'none'])),
+  '*key-secret': str,
+  '*server': arrayOf(struct('InetSocketAddressBase', { host: str, port: str })),
+  // QEMU's hidden option for an rbd: name's extra librados settings (JSON list).
+  '*keyvalue-pairs': str,
+  // vdisk's: break a held exclusive lock (fencing its holder); seconds to wait for the monitors.
+  '*x-break-lock': bool,
+  '*x-connect-timeout': int('int'),
+};
+
 export const DRIVERS: DriverDef[] = [
   {
     name: 'file',
@@ -201,17 +219,7 @@ export const DRIVERS: DriverDef[] = [
   // Ceph RBD through librbd (BlockdevOptionsRbd); the addon is loaded when one is opened.
   {
     name: 'rbd',
-    members: {
-      pool: str,
-      '*namespace': str,
-      image: str,
-      '*conf': str,
-      '*snapshot': str,
-      '*user': str,
-      '*auth-client-required': arrayOf(enumOf('RbdAuthMode', ['cephx', 'none'])),
-      '*key-secret': str,
-      '*server': arrayOf(struct('InetSocketAddressBase', { host: str, port: str })),
-    },
+    members: RBD_OPTIONS_MEMBERS,
     async open(o, { common, objects }) {
       return RbdNode.open(o as unknown as RbdOptions, { nodeName: common.nodeName, readOnly: common.readOnly, direct: common.direct, objects });
     },

@@ -49,6 +49,8 @@ export interface RbdAddon {
   lockRelease(handle: object): Promise<number | RbdFailure>;
   /** The clients holding the exclusive lock ("client.4123 ..."), empty when nobody does. */
   lockOwners(handle: object): Promise<string[] | RbdFailure>;
+  /** Breaks the exclusive lock, blocklisting its holders first; the holders it broke (empty: nobody held it). */
+  lockBreak(handle: object): Promise<string[] | RbdFailure>;
   /** One librbd asynchronous request; resolves to a result >= 0 or -errno. */
   aio(op: number, handle: object, buf: Buffer | null, offset: number, length: number, flags: number): Promise<number>;
 }

@@ -15,6 +15,7 @@ import { FileNode } from '../../block/drivers/file.js';
 import { type CheckResult, checkImage } from '../../block/drivers/qcow2/check.js';
 import { Qcow2Node } from '../../block/drivers/qcow2/qcow2.js';
 import { isNbdUri, probeImageFormat } from '../../block/image-name.js';
+import { RbdNode, isRbdName, parseRbdFilename } from '../../block/drivers/rbd.js';
 import type { BlockNode } from '../../block/node.js';
 import { NbdClientNode } from '../../block/drivers/nbd.js';
 import { VdiskError } from '../../errors.js';
@@ -82,10 +83,12 @@ export async function checkCommand(argv: string[]): Promise<number> {
 
 /** Opens a qcow2 image directly (not through a graph) so the check flag reaches the driver. */
 async function openForCheck(filename: string, readOnly: boolean, forceShare: boolean): Promise<Qcow2Node> {
-  // An NBD export is checked through its URI as qemu-img does: the qcow2 image is the export's bytes.
+  // An NBD export or an RBD image is checked through its name as qemu-img does: the qcow2 image is its bytes.
   const file: BlockNode = isNbdUri(filename)
     ? await NbdClientNode.fromUri(filename, { nodeName: 'check-file', readOnly })
-    : await FileNode.open({ nodeName: 'check-file', filename, readOnly, forceShare });
+    : isRbdName(filename)
+      ? await RbdNode.open(parseRbdFilename(filename), { nodeName: 'check-file', readOnly, direct: false, objects: undefined })
+      : await FileNode.open({ nodeName: 'check-file', filename, readOnly, forceShare });
   try {
     return await Qcow2Node.open({ nodeName: 'check', file, backing: null, readOnly, forCheck: true }, () => {
       throw new VdiskError('EINVAL', 'check does not open backing files');

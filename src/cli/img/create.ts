@@ -7,7 +7,7 @@
  * has the backing file's size (opening it, unless -u).
  */
 import { type ImageFileSpec, createImageFile } from '../../block/create.js';
-import { resolveBackingName } from '../../block/image-name.js';
+import { isRbdName, resolveBackingName } from '../../block/image-name.js';
 import { VdiskError } from '../../errors.js';
 import { parseSize } from '../../qapi/schema.js';
 import { checkFormat, openImage, parseImageSize } from './image.js';
@@ -132,7 +132,9 @@ function parseOptions(lists: string[], format: string, filename: string): Array<
       if (key === 'help' || key === '?') {
         throw new VdiskError('EINVAL', `Supported options for ${format}: ${OPTION_KEYS[format].join(', ')}`);
       }
-      if (!OPTION_KEYS[format].includes(key)) throw new VdiskError('EINVAL', `${filename}: Invalid parameter '${key}'`);
+      // cluster_size on raw is the RBD protocol's own option (the object size), as qemu-img has it.
+      const rbdObjectSize = key === 'cluster_size' && format === 'raw' && isRbdName(filename);
+      if (!OPTION_KEYS[format].includes(key) && !rbdObjectSize) throw new VdiskError('EINVAL', `${filename}: Invalid parameter '${key}'`);
       out.push([key, value]);
     }
   }

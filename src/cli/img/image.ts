@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
-import { isNbdUri, probeFileFormat, probeNodeFormat, protocolBlockdev } from '../../block/image-name.js';
+import { isProtocolName, probeFileFormat, probeNodeFormat, protocolBlockdev } from '../../block/image-name.js';
 import { VdiskError } from '../../errors.js';
 import { parseKeyval } from '../../qapi/keyval.js';
 import { type InputMode, parseSize } from '../../qapi/schema.js';
@@ -112,8 +112,8 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
     const child = (path: string, driver: string) => ({ driver, file: { driver: 'file', filename: path, ...(options.forceShare ? { 'force-share': true } : {}) } });
     blockdev = { driver: 'blkverify', 'node-name': nodeName, 'mismatch-action': 'abort', raw: child(rawPath, 'raw'), test: child(testPath, probeFileFormat(testPath)) };
     if (options.readOnly) blockdev['read-only'] = true;
-  } else if (isNbdUri(filename)) {
-    return openNbdImage(graph, filename, nodeName, options);
+  } else if (isProtocolName(filename)) {
+    return openProtocolImage(graph, filename, nodeName, options);
   } else {
     if (!fs.existsSync(filename)) {
       throw new VdiskError('ENOENT', `Could not open '${filename}': No such file or directory`);
@@ -141,15 +141,18 @@ export async function openImage(filename: string, options: OpenImageOptions = {}
 }
 
 /**
- * An NBD URI as qemu-img opens one: the nbd protocol node, and on it the
- * format given with -f or probed from the export's first bytes (a qcow2
- * image served raw by a server is opened as qcow2, as qemu-img does).
+ * An NBD URI or rbd: name as qemu-img opens one: the protocol node (nbd,
+ * rbd), and on it the format given with -f or probed from the image's first
+ * bytes (a qcow2 image served raw by a server is opened as qcow2, as
+ * qemu-img does).
  */
-async function openNbdImage(graph: BlockGraph, uri: string, nodeName: string, options: OpenImageOptions): Promise<OpenedImage> {
+async function openProtocolImage(graph: BlockGraph, uri: string, nodeName: string, options: OpenImageOptions): Promise<OpenedImage> {
   const readOnly = options.readOnly ?? false;
   const protoOptions: Record<string, unknown> = { ...protocolBlockdev(uri), 'read-only': readOnly };
   if (options.unmap) protoOptions.discard = 'unmap';
-  if (!options.anonymous) protoOptions['node-name'] = `${nodeName}-nbd`;
+  // librbd's cache follows cache.direct (-t none); an NBD node has no cache to set.
+  if (protoOptions.driver === 'rbd' && (options.direct || options.noFlush)) protoOptions.cache = { direct: options.direct ?? false, 'no-flush': options.noFlush ?? false };
+  if (!options.anonymous) protoOptions['node-name'] = `${nodeName}-${protoOptions.driver as string}`;
   let proto: BlockNode;
   try {
     proto = options.anonymous ? await graph.addImplicit(protoOptions) : await graph.add(protoOptions);

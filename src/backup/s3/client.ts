@@ -111,6 +111,16 @@ export class S3Client {
     await this.request('DELETE', key, {}, {}, undefined, `DELETE ${key}`);
   }
 
+  /** Creates the bucket (PUT bucket); an existing bucket of the same owner is not an error (S3's us-east-1 rule). */
+  async createBucket(): Promise<void> {
+    try {
+      await this.request('PUT', undefined, {}, {}, undefined, 'create the bucket');
+    } catch (err) {
+      if (err instanceof S3Error && err.s3Code === 'BucketAlreadyOwnedByYou') return;
+      throw err;
+    }
+  }
+
   /**
    * Checks that the credentials are accepted and the bucket is there (a
    * ListObjectsV2 of at most one key: HEAD bucket answers errors without a

@@ -209,6 +209,9 @@ export async function startS3Backup(host: S3BackupHost, a: S3BackupArgs): Promis
     const id = backupId(created, a.sync);
     const target = new S3ChunkTarget(client, prefix, source.size, chunkSize, id, parent?.manifest.chunks ?? []);
     const context: S3JobContext = { client, prefix, target, id, created, sync: a.sync, node: source.nodeName, bitmap: a.bitmap, parent };
+    // In the graph for the job's lifetime: the copy-before-write filter's children must be (the job releases it).
+    host.graph.insertImplicit(target);
+    let made = false;
     // One instant: no write reaches the node between fixing the copy bitmap and starting the job.
     const release = await source.quiesce();
     try {
@@ -216,7 +219,7 @@ export async function startS3Backup(host: S3BackupHost, a: S3BackupArgs): Promis
         host,
         source,
         target,
-        false,
+        true,
         {
           'job-id': a['job-id'] ?? a.device,
           device: a.device,
@@ -228,11 +231,18 @@ export async function startS3Backup(host: S3BackupHost, a: S3BackupArgs): Promis
           'auto-finalize': a['auto-finalize'],
           'auto-dismiss': a['auto-dismiss'],
         },
-        (o) => new S3BackupJob(o, context),
+        (o) => {
+          made = true;
+          return new S3BackupJob(o, context);
+        },
       ) as S3BackupJob;
       job.start();
       logEvent('info', 's3-backup-started', { id: job.id, node: source.nodeName, sync: a.sync, bitmap: a.bitmap, location: `${client.location}/${prefix}`, backup: id, parent: parent?.key });
       return job;
+    } catch (err) {
+      // A job once made releases the target when it goes; refused before that, it is ours to release.
+      if (!made) await host.graph.release(target);
+      throw err;
     } finally {
       release();
     }

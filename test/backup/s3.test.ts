@@ -204,6 +204,34 @@ t.test('bad credentials: a clear error, and the bitmap is left as it was', async
   t.notOk(fs.existsSync(path.join(h.dir, 'never.raw')), 'and creates no image');
 });
 
+t.test('credentials revoked while the job runs: the job fails with S3\'s answer, the bitmap keeps its bits', async (t) => {
+  // Ten chunks dirty; at 4 MiB/s the job reads about one chunk a second.
+  await h.writes(drive, Array.from({ length: 10 }, (_, i): [number, string, string] => [0x30 + i, `${i * 4 + 2}M`, '4k']));
+  const before = await bitmapState();
+  const latestBefore = (await getJson<{ manifest: string }>(`${PREFIX}latest.json`)).manifest;
+  const from = h.w.messages.length;
+  await h.w.ok('x-backup-s3', { ...s3Args, 'job-id': 'revoked', device: 'd0', sync: 'incremental', bitmap: 'b0', speed: 4 * MiB });
+  const suspend = await run('radosgw-admin', ['-c', ceph.conf, 'user', 'suspend', '--uid=vdisk-test'], { env: ceph.env });
+  t.equal(suspend.code, 0, `radosgw-admin user suspend: ${suspend.stderr}`);
+  t.teardown(() => run('radosgw-admin', ['-c', ceph.conf, 'user', 'enable', '--uid=vdisk-test'], { env: ceph.env }));
+  const ev = await h.w.waitFor((m) => m.event === 'BLOCK_JOB_COMPLETED' && m.data?.device === 'revoked', 60_000, from);
+  t.match(ev.data?.error, /^S3 PUT vm1\/disk0\/chunks\/[0-9a-f]{64} at .*: HTTP 403 UserSuspended/, `the job's error says what S3 answered: ${ev.data?.error}`);
+  t.ok((ev.data?.offset as number) < (ev.data?.len as number), 'the job stopped part-way');
+  await h.w.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && m.data?.id === 'revoked' && m.data?.status === 'null', 20_000, from);
+  t.same(await bitmapState(), before, 'the bitmap has the same bits as before the job, and is not busy');
+  const enable = await run('radosgw-admin', ['-c', ceph.conf, 'user', 'enable', '--uid=vdisk-test'], { env: ceph.env });
+  t.equal(enable.code, 0);
+  // Read with the same (suspended until now) user, so only after it is enabled again.
+  t.equal((await getJson<{ manifest: string }>(`${PREFIX}latest.json`)).manifest, latestBefore, 'latest.json still names the last complete backup');
+  // The same incremental again, once the user is back: it succeeds and the chain goes on.
+  const from2 = h.w.messages.length;
+  await h.w.ok('x-backup-s3', { ...s3Args, 'job-id': 'again', device: 'd0', sync: 'incremental', bitmap: 'b0' });
+  t.ok(await h.waitBackup('again', from2), 'the retried incremental completed');
+  const m = await getJson<Manifest>((await getJson<{ manifest: string }>(`${PREFIX}latest.json`)).manifest);
+  t.equal(m.parent?.key, latestBefore, 'its parent is the last complete backup');
+  t.equal(m.stats.readChunks, 11, 'it read the ten chunks and the one written in the previous test');
+});
+
 t.test('restore finds a corrupted object and a missing one', async (t) => {
   const m = await getJson<Manifest>(fullKey);
   const [first, second] = m.chunks;

@@ -49,6 +49,9 @@ export interface S3BackupArgs {
   /** An incremental's parent manifest key; default: the one latest.json names. */
   parent?: string;
   speed?: number;
+  /** As drive-backup's: report (default), ignore or stop; a stopped job retries the chunk when resumed. */
+  'on-source-error'?: string;
+  'on-target-error'?: string;
   'auto-finalize'?: boolean;
   'auto-dismiss'?: boolean;
 }
@@ -228,6 +231,8 @@ export async function startS3Backup(host: S3BackupHost, a: S3BackupArgs): Promis
           // A full backup with a bitmap clears it on success: it starts the chain the next incremental continues.
           'bitmap-mode': a.bitmap !== undefined && a.sync === 'full' ? 'on-success' : undefined,
           speed: a.speed,
+          'on-source-error': a['on-source-error'],
+          'on-target-error': a['on-target-error'],
           'auto-finalize': a['auto-finalize'],
           'auto-dismiss': a['auto-dismiss'],
         },

@@ -76,6 +76,8 @@ const X_BACKUP_S3: Type = struct('x-backup-s3', {
   '*chunk-size': int('uint64'),
   '*parent': str,
   '*speed': int('int'),
+  '*on-source-error': ON_ERROR,
+  '*on-target-error': ON_ERROR,
   '*auto-finalize': bool,
   '*auto-dismiss': bool,
 });

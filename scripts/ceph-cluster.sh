@@ -5,21 +5,25 @@
 #
 #   scripts/ceph-cluster.sh start DIR   prints DIR/ceph.conf once the pool takes I/O
 #   scripts/ceph-cluster.sh stop DIR    stops the daemons started under DIR and waits for them
-#   scripts/ceph-cluster.sh rgw-start DIR
+#   scripts/ceph-cluster.sh rgw-start DIR [--https CERT KEY]
 #                                       adds a radosgw (S3, beast frontend on 127.0.0.1, a free
 #                                       port) and an S3 user to the running cluster under DIR;
-#                                       prints the endpoint URL once it answers. The user's keys
-#                                       are in DIR/rgw/access-key and DIR/rgw/secret-key.
+#                                       prints the endpoint URL once it answers, and with --https
+#                                       a second line, the https endpoint (another free port,
+#                                       serving CERT with KEY). The user's keys are in
+#                                       DIR/rgw/access-key and DIR/rgw/secret-key.
 #
 # Clients use `-c DIR/ceph.conf` (or CEPH_CONF); the conf names DIR/keyring, which holds
 # client.admin. No manager is started: RBD I/O, pool creation and `rbd pool init` are the
 # monitor's and the OSD's work, and a manager would add seconds to every start.
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop|rgw-start DIR" >&2; exit 2; }
-[ $# -eq 2 ] || usage
+usage() { echo "usage: $0 start|stop DIR | rgw-start DIR [--https CERT KEY]" >&2; exit 2; }
+[ $# -eq 2 ] || { [ $# -eq 5 ] && [ "$1" = rgw-start ] && [ "$3" = --https ]; } || usage
 cmd=$1
 dir=$2
+https_cert=${4:-}
+https_key=${5:-}
 
 # Waits up to $1 seconds for the command after it to succeed.
 wait_for() {
@@ -207,15 +211,19 @@ start_rgw() {
   dir=$(cd "$dir" && pwd)
   if [ -e "$dir/rgw" ]; then echo "$0: $dir already has a radosgw" >&2; exit 1; fi
   mkdir -p "$dir/rgw"
-  local conf="$dir/ceph.conf" port access secret
-  read -r port _ < <(free_ports)
+  local conf="$dir/ceph.conf" port ssl_port access secret frontend
+  read -r port ssl_port < <(free_ports)
+  frontend="beast endpoint=127.0.0.1:$port"
+  if [ -n "$https_cert" ]; then
+    frontend+=" ssl_endpoint=127.0.0.1:$ssl_port ssl_certificate=$(realpath "$https_cert") ssl_private_key=$(realpath "$https_key")"
+  fi
   # Appended: [client.rgw.gw] applies to the gateway only (other clients keep [client]'s settings).
   {
     echo
     echo '[client.rgw.gw]'
     echo "keyring = $dir/rgw/keyring"
     echo "rgw data = $dir/rgw"
-    echo "rgw frontends = beast endpoint=127.0.0.1:$port"
+    echo "rgw frontends = $frontend"
   } >>"$conf"
   trap 'echo "$0: rgw-start failed; logs in $dir/log" >&2; stop_daemons "client.rgw.*"' ERR
   ceph -c "$conf" auth get-or-create client.rgw.gw mon 'allow rw' osd 'allow rwx' -o "$dir/rgw/keyring" >/dev/null
@@ -234,6 +242,7 @@ start_rgw() {
   printf '%s\n' "$secret" >"$dir/rgw/secret-key"
   trap - ERR
   echo "http://127.0.0.1:$port"
+  if [ -n "$https_cert" ]; then echo "https://127.0.0.1:$ssl_port"; fi
 }
 
 case "$cmd" in

@@ -16,12 +16,15 @@ import { S3Client } from '../../src/backup/s3/client.js';
 import type { Manifest } from '../../src/backup/s3/manifest.js';
 import { Harness, MiB, WRITES1, WRITES2 } from '../helpers/backup.js';
 import { startCeph, startRgw } from '../helpers/ceph.js';
-import { VDISK, requireTools, run } from '../helpers/tools.js';
+import { makePki } from '../helpers/tls.js';
+import { VDISK, requireTools, run, tempDir } from '../helpers/tools.js';
 
-requireTools(t, 'qemu-img', 'qemu-io', 'sha256sum', 'radosgw', 'radosgw-admin', 'curl');
+requireTools(t, 'qemu-img', 'qemu-io', 'sha256sum', 'radosgw', 'radosgw-admin', 'curl', 'certtool');
 const ceph = await startCeph(t);
-const rgw = await startRgw(ceph);
-t.comment(`radosgw up with an S3 user in ${rgw.startSeconds.toFixed(1)} s at ${rgw.endpoint}`);
+// The gateway also serves https, with a certificate for 127.0.0.1 from a test CA.
+const pki = await makePki(tempDir(t, 'vdisk-s3-pki-'));
+const rgw = await startRgw(ceph, { cert: path.join(pki.server, 'server-cert.pem'), key: path.join(pki.server, 'server-key.pem') });
+t.comment(`radosgw up with an S3 user in ${rgw.startSeconds.toFixed(1)} s at ${rgw.endpoint} and ${rgw.httpsEndpoint}`);
 
 const BUCKET = 'vdisk-backups';
 const PREFIX = 'vm1/disk0/';
@@ -230,6 +233,28 @@ t.test('credentials revoked while the job runs: the job fails with S3\'s answer,
   const m = await getJson<Manifest>((await getJson<{ manifest: string }>(`${PREFIX}latest.json`)).manifest);
   t.equal(m.parent?.key, latestBefore, 'its parent is the last complete backup');
   t.equal(m.stats.readChunks, 11, 'it read the ten chunks and the one written in the previous test');
+});
+
+t.test('https: the endpoint is checked against a tls-creds-x509 CA; an untrusted one is refused', async (t) => {
+  const https = rgw.httpsEndpoint!;
+  const httpsArgs = { ...s3Args, endpoint: https, prefix: 'vm1/https/' };
+  const untrusted = await h.w.cmd('x-backup-s3', { ...httpsArgs, 'job-id': 'tls0', device: 'd0', sync: 'full' });
+  t.match(untrusted.error?.desc, /^S3 list the bucket at https:\/\/127\.0\.0\.1:\d+\/vdisk-backups: .*(self.signed|unable to (get|verify))/i, `without the CA: ${untrusted.error?.desc}`);
+  await h.w.ok('object-add', { 'qom-type': 'tls-creds-x509', id: 'rgw-ca', dir: pki.client, endpoint: 'client' });
+  const expected = await snapshot('https-t.raw');
+  const from = h.w.messages.length;
+  await h.w.ok('x-backup-s3', { ...httpsArgs, 'tls-creds': 'rgw-ca', 'job-id': 'tls1', device: 'd0', sync: 'full' });
+  t.ok(await h.waitBackup('tls1', from), 'a full backup over https completed');
+  const out = path.join(h.dir, 'restored-https.raw');
+  const args = ['--endpoint', https, '--bucket', BUCKET, '--prefix', 'vm1/https/'];
+  const env = { ...process.env, AWS_ACCESS_KEY_ID: rgw.accessKey, AWS_SECRET_ACCESS_KEY: rgw.secretKey };
+  const refused = await run(VDISK, ['img', 'restore-s3', ...args, out], { env });
+  t.equal(refused.code, 1, 'restore without --ca-file refuses the test CA\'s certificate');
+  t.match(refused.stderr, /self.signed|unable to (get|verify)/i);
+  const r = await run(VDISK, ['img', 'restore-s3', ...args, '--ca-file', path.join(pki.client, 'ca-cert.pem'), out], { env, timeoutMs: 120_000 });
+  t.equal(r.code, 0, `restore over https: ${r.stderr}`);
+  const c = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', out, expected]);
+  t.equal(c.code, 0, `restored over https = the disk: ${c.stdout}`);
 });
 
 t.test('restore finds a corrupted object and a missing one', async (t) => {

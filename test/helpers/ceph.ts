@@ -65,6 +65,8 @@ export async function startCeph(t: TestLike): Promise<CephCluster> {
 export interface Radosgw {
   /** http://127.0.0.1:PORT (path-style S3). */
   endpoint: string;
+  /** https://127.0.0.1:PORT, when started with a certificate. */
+  httpsEndpoint: string | undefined;
   accessKey: string;
   secretKey: string;
   /** Seconds `ceph-cluster.sh rgw-start` took (gateway up, pools made, user created). */
@@ -72,16 +74,20 @@ export interface Radosgw {
 }
 
 /**
- * Adds a radosgw and an S3 user to a cluster from startCeph (`ceph-cluster.sh rgw-start`). The
- * cluster's stop (registered by startCeph) stops the gateway too.
+ * Adds a radosgw and an S3 user to a cluster from startCeph (`ceph-cluster.sh rgw-start`), with an
+ * https endpoint too when given a certificate and key. The cluster's stop (registered by startCeph)
+ * stops the gateway too.
  */
-export async function startRgw(cluster: CephCluster): Promise<Radosgw> {
+export async function startRgw(cluster: CephCluster, https?: { cert: string; key: string }): Promise<Radosgw> {
   const began = Date.now();
-  const started = await run('bash', [SCRIPT, 'rgw-start', cluster.dir], { timeoutMs: START_TIMEOUT_MS });
+  const extra = https ? ['--https', https.cert, https.key] : [];
+  const started = await run('bash', [SCRIPT, 'rgw-start', cluster.dir, ...extra], { timeoutMs: START_TIMEOUT_MS });
   if (started.code !== 0) throw new Error(`ceph-cluster.sh rgw-start failed (${started.code ?? started.signal}): ${started.stderr}`);
   const read = (name: string) => fs.readFileSync(path.join(cluster.dir, 'rgw', name), 'utf8').trim();
+  const urls = started.stdout.trim().split('\n').filter((l) => /^https?:\/\//.test(l));
   return {
-    endpoint: started.stdout.trim().split('\n').pop()!,
+    endpoint: urls.find((u) => u.startsWith('http:'))!,
+    httpsEndpoint: urls.find((u) => u.startsWith('https:')),
     accessKey: read('access-key'),
     secretKey: read('secret-key'),
     startSeconds: (Date.now() - began) / 1000,

@@ -14,6 +14,7 @@
  */
 import http from 'node:http';
 import https from 'node:https';
+import type tls from 'node:tls';
 import { type Errno, VdiskError } from '../../errors.js';
 import { type Credentials, encodePath, sha256Hex, signRequest, canonicalQuery } from './sigv4.js';
 
@@ -25,8 +26,10 @@ export interface S3Config {
   credentials: Credentials;
   /** Per-request timeout (no answer, or a stalled body), milliseconds. */
   timeoutMs?: number;
-  /** Extra CA certificates (PEM) for https endpoints with a private CA. */
-  ca?: string;
+  /** CA certificates (PEM) to trust for an https endpoint with a private CA, instead of the system's. */
+  ca?: string | Buffer;
+  /** Or a TLS context made elsewhere (a tls-creds-x509 object's: its CA, and its client certificate if any). */
+  secureContext?: tls.SecureContext;
 }
 
 export class S3Error extends VdiskError {
@@ -72,7 +75,11 @@ export class S3Client {
     this.url = url;
     this.region = config.region ?? 'us-east-1';
     // Keep-alive: a backup makes one request per chunk, and a TCP (and TLS) handshake each would cost more than the request.
-    this.agent = url.protocol === 'https:' ? new https.Agent({ keepAlive: true, maxSockets: 16, ca: config.ca }) : new http.Agent({ keepAlive: true, maxSockets: 16 });
+    // The server's certificate is always checked (chain and name): a backup sent to whoever answers is no backup.
+    this.agent =
+      url.protocol === 'https:'
+        ? new https.Agent({ keepAlive: true, maxSockets: 16, ca: config.ca, secureContext: config.secureContext, rejectUnauthorized: true })
+        : new http.Agent({ keepAlive: true, maxSockets: 16 });
   }
 
   get bucket(): string {
@@ -160,6 +167,8 @@ export class S3Client {
         r = await this.send(method, path, query, signed, body);
       } catch (err) {
         lastError = new S3Error('EIO', `S3 ${what} at ${this.location}: ${(err as Error).message}`, undefined, undefined);
+        // A certificate that is not trusted will not be trusted a second later.
+        if (isCertificateError(err)) throw lastError;
         await pause(attempt);
         continue;
       }
@@ -203,6 +212,12 @@ export class S3Client {
       req.end(body);
     });
   }
+}
+
+/** Node's codes for a TLS peer that failed verification (OpenSSL's names, and the hostname check's). */
+function isCertificateError(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === 'string' && /CERT|SELF_SIGNED|UNABLE_TO_|ERR_TLS_/.test(code);
 }
 
 /** Before attempt n+1: 0.2 s, 0.8 s, 1.8 s. */

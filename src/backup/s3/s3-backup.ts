@@ -15,10 +15,11 @@ import crypto from 'node:crypto';
 import type { BlockNode } from '../../block/node.js';
 import { VdiskError, toVdiskError } from '../../errors.js';
 import { logEvent } from '../../log.js';
+import type { TlsCreds } from '../../objects/tls-creds.js';
 import { BackupJob, type BackupOptions } from '../backup-job.js';
 import { type TransactionHost, setUpBackup } from '../transaction.js';
 import { S3ChunkTarget } from './chunk-target.js';
-import { S3Client, S3Error } from './client.js';
+import { S3Client, type S3Config, S3Error } from './client.js';
 import {
   DEFAULT_CHUNK_SIZE,
   type LatestPointer,
@@ -45,6 +46,8 @@ export interface S3BackupArgs {
   'access-key': string;
   /** Id of a `secret` object holding the secret access key. */
   secret: string;
+  /** Id of a tls-creds-x509 object (endpoint client) whose CA an https endpoint is checked against. */
+  'tls-creds'?: string;
   'chunk-size'?: number;
   /** An incremental's parent manifest key; default: the one latest.json names. */
   parent?: string;
@@ -58,7 +61,7 @@ export interface S3BackupArgs {
 
 /** What starting an S3 backup needs of the daemon: the graph, the job list, and secrets by id. */
 export interface S3BackupHost extends TransactionHost {
-  readonly objects: { secretBase64(id: string): string };
+  readonly objects: { secretBase64(id: string): string; tlsCreds(id: string, endpoint: 'client'): TlsCreds };
 }
 
 export interface ParentManifest {
@@ -192,7 +195,14 @@ export async function startS3Backup(host: S3BackupHost, a: S3BackupArgs): Promis
     b.check({ busy: true, inconsistent: true });
   }
   const prefix = normalisePrefix(a.prefix);
-  const client = new S3Client({ endpoint: a.endpoint, bucket: a.bucket, region: a.region, credentials: { accessKey: a['access-key'], secretKey: secretKey(host, a.secret) } });
+  let secureContext: S3Config['secureContext'];
+  if (a['tls-creds'] !== undefined) {
+    const creds = host.objects.tlsCreds(a['tls-creds'], 'client');
+    if (creds.qomType !== 'tls-creds-x509') throw new VdiskError('EINVAL', `'${a['tls-creds']}' is ${creds.qomType}: an https endpoint needs tls-creds-x509 (its CA)`);
+    if (!a.endpoint.startsWith('https:')) throw new VdiskError('EINVAL', `'tls-creds' is for https endpoints, and ${a.endpoint} is not one`);
+    secureContext = creds.clientOptions(undefined).secureContext;
+  }
+  const client = new S3Client({ endpoint: a.endpoint, bucket: a.bucket, region: a.region, credentials: { accessKey: a['access-key'], secretKey: secretKey(host, a.secret) }, secureContext });
   try {
     // Credentials and bucket first: a wrong key must fail here, before the bitmap is touched.
     await client.checkBucket();

@@ -22,18 +22,19 @@ import { parseImgArgs } from './args.js';
 import { Progress, checkFormat, openImage } from './image.js';
 
 export const RESTORE_S3_USAGE = `Usage: vdisk img restore-s3 [-q] [-p] [-O FMT] --endpoint URL --bucket NAME [--prefix PREFIX]
-         [--region REGION] [--access-key KEY] [--secret-file FILE] [--manifest KEY] OUTPUT
+         [--region REGION] [--access-key KEY] [--secret-file FILE] [--ca-file PEM] [--manifest KEY] OUTPUT
        vdisk img restore-s3 --verify-only ... (no OUTPUT)
 
 Rebuilds OUTPUT (raw or qcow2, new) from the backup whose manifest is KEY (default: the one
 PREFIX/latest.json names), checking each chunk's SHA-256 as it arrives and the whole image
-after it is written. Keys default to AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+after it is written. Keys default to AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. An https
+endpoint is checked against the system's CAs, or against those in --ca-file.
 `;
 
 export async function restoreS3Command(argv: string[]): Promise<number> {
   const { flags, positionals } = parseImgArgs(
     argv,
-    { q: 'bool', p: 'bool', O: 'value', endpoint: 'value', bucket: 'value', prefix: 'value', region: 'value', 'access-key': 'value', 'secret-file': 'value', manifest: 'value', 'verify-only': 'bool' },
+    { q: 'bool', p: 'bool', O: 'value', endpoint: 'value', bucket: 'value', prefix: 'value', region: 'value', 'access-key': 'value', 'secret-file': 'value', 'ca-file': 'value', manifest: 'value', 'verify-only': 'bool' },
     RESTORE_S3_USAGE,
   );
   const verifyOnly = flags['verify-only'] === true;
@@ -54,7 +55,15 @@ export async function restoreS3Command(argv: string[]): Promise<number> {
   const format = (flags.O as string | undefined) ?? 'raw';
   checkFormat(format);
   const prefix = normalisePrefix(flags.prefix as string | undefined);
-  const client = new S3Client({ endpoint: flags.endpoint as string, bucket: flags.bucket as string, region: flags.region as string | undefined, credentials: { accessKey, secretKey } });
+  let ca: Buffer | undefined;
+  if (typeof flags['ca-file'] === 'string') {
+    try {
+      ca = fs.readFileSync(flags['ca-file']);
+    } catch (err) {
+      throw new VdiskError('ENOENT', `cannot read CA certificates from ${flags['ca-file']}: ${(err as Error).message}`);
+    }
+  }
+  const client = new S3Client({ endpoint: flags.endpoint as string, bucket: flags.bucket as string, region: flags.region as string | undefined, credentials: { accessKey, secretKey }, ca });
   const quiet = flags.q === true;
   const progress = new Progress(flags.p === true && !quiet);
   try {

@@ -73,6 +73,8 @@ const X_BACKUP_S3: Type = struct('x-backup-s3', {
   'access-key': str,
   // The id of a `secret` object holding the secret access key (never the key itself in a command log).
   secret: str,
+  // A tls-creds-x509 object (endpoint client): an https endpoint's certificate is checked against its CA.
+  '*tls-creds': str,
   '*chunk-size': int('uint64'),
   '*parent': str,
   '*speed': int('int'),

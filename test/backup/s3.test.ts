@@ -235,6 +235,24 @@ t.test('credentials revoked while the job runs: the job fails with S3\'s answer,
   t.equal(m.stats.readChunks, 11, 'it read the ten chunks and the one written in the previous test');
 });
 
+t.test('a cancelled job stores no manifest and gives the bitmap its bits back', async (t) => {
+  await h.writes(drive, [[0x61, '1M', '4k'], [0x62, '9M', '4k'], [0x63, '17M', '4k'], [0x64, '25M', '4k']]);
+  const before = await bitmapState();
+  const latestBefore = (await getJson<{ manifest: string }>(`${PREFIX}latest.json`)).manifest;
+  const manifestsBefore = (await s3.listObjects(`${PREFIX}manifests/`)).map((o) => o.key);
+  t.equal(manifestsBefore.length, 4, 'full, inc, inc2 and the retried one (the revoked job stored none)');
+  const from = h.w.messages.length;
+  // 1 MiB/s: the first chunk goes at once, the next one seconds later.
+  await h.w.ok('x-backup-s3', { ...s3Args, 'job-id': 'cancelled', device: 'd0', sync: 'incremental', bitmap: 'b0', speed: MiB });
+  await h.w.ok('block-job-cancel', { device: 'cancelled' });
+  const ev = await h.w.waitFor((m) => m.event === 'BLOCK_JOB_CANCELLED' && m.data?.device === 'cancelled', 30_000, from);
+  t.ok((ev.data?.offset as number) < (ev.data?.len as number), 'cancelled part-way');
+  await h.w.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && m.data?.id === 'cancelled' && m.data?.status === 'null', 20_000, from);
+  t.same(await bitmapState(), before, 'the bitmap is as before the job');
+  t.equal((await getJson<{ manifest: string }>(`${PREFIX}latest.json`)).manifest, latestBefore, 'latest.json is unchanged');
+  t.same((await s3.listObjects(`${PREFIX}manifests/`)).map((o) => o.key), manifestsBefore, 'no manifest for the cancelled job');
+});
+
 t.test('a raw image whose size is not a multiple of the chunk size, 128 KiB chunks', async (t) => {
   const file = path.join(h.dir, 'odd.raw');
   const size = 5 * MiB + 3 * 4096;

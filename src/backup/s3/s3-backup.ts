@@ -150,8 +150,8 @@ function secretKey(host: S3BackupHost, id: string): string {
 }
 
 /**
- * Reads the manifest `key` (or the one latest.json names) and checks it
- * against the chunk-level SHA-256 of its bytes latest.json recorded.
+ * Reads the manifest `key`, or the one latest.json names (then its bytes
+ * must have the SHA-256 latest.json recorded for them), and checks its shape.
  */
 export async function loadManifest(client: S3Client, prefix: string, key: string | undefined): Promise<ParentManifest> {
   let expected: string | undefined;

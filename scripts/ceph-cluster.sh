@@ -5,16 +5,25 @@
 #
 #   scripts/ceph-cluster.sh start DIR   prints DIR/ceph.conf once the pool takes I/O
 #   scripts/ceph-cluster.sh stop DIR    stops the daemons started under DIR and waits for them
+#   scripts/ceph-cluster.sh rgw-start DIR [--https CERT KEY]
+#                                       adds a radosgw (S3, beast frontend on 127.0.0.1, a free
+#                                       port) and an S3 user to the running cluster under DIR;
+#                                       prints the endpoint URL once it answers, and with --https
+#                                       a second line, the https endpoint (another free port,
+#                                       serving CERT with KEY). The user's keys are in
+#                                       DIR/rgw/access-key and DIR/rgw/secret-key.
 #
 # Clients use `-c DIR/ceph.conf` (or CEPH_CONF); the conf names DIR/keyring, which holds
 # client.admin. No manager is started: RBD I/O, pool creation and `rbd pool init` are the
 # monitor's and the OSD's work, and a manager would add seconds to every start.
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
-[ $# -eq 2 ] || usage
+usage() { echo "usage: $0 start|stop DIR | rgw-start DIR [--https CERT KEY]" >&2; exit 2; }
+[ $# -eq 2 ] || { [ $# -eq 5 ] && [ "$1" = rgw-start ] && [ "$3" = --https ]; } || usage
 cmd=$1
 dir=$2
+https_cert=${4:-}
+https_key=${5:-}
 
 # Waits up to $1 seconds for the command after it to succeed.
 wait_for() {
@@ -34,7 +43,7 @@ stop_daemons() {
   for f in "$dir"/run/$1.pid; do
     pid=$(cat "$f" 2>/dev/null || true)
     # Only a live process still running a Ceph daemon: a stale pid file may name a reused pid.
-    if [ -n "$pid" ] && grep -qs ceph- "/proc/$pid/comm"; then pids+=("$pid"); fi
+    if [ -n "$pid" ] && grep -qsE '^(ceph-|radosgw)' "/proc/$pid/comm"; then pids+=("$pid"); fi
     rm -f "$f"
   done
   shopt -u nullglob
@@ -58,6 +67,9 @@ stop_daemons() {
 # OSDs first: a stopping OSD tells the monitor it is going and waits up to 5 seconds for the
 # answer (osd_mon_shutdown_timeout), so with the monitor already gone every stop took 5 s more.
 stop_cluster() {
+  # The gateway first: it is a client of the OSD, and requests in flight would wait for an OSD
+  # that is gone.
+  stop_daemons 'client.rgw.*'
   stop_daemons 'osd.*'
   stop_daemons 'mgr.*'
   stop_daemons 'mon.*'
@@ -182,8 +194,60 @@ EOF
   echo "$conf"
 }
 
+# A random string of $2 characters from the set $1 (radosgw takes the S3 keys it is given). Bash
+# and coreutils only: a Python start costs about a second on the test machine. 1024 random bytes
+# hold ~140 of the 36 upper-case letters and digits on average, far more than the 40 asked for.
+random_key() {
+  local raw
+  raw=$(head -c 1024 /dev/urandom | LC_ALL=C tr -dc "$1")
+  echo "${raw:0:$2}"
+}
+
+# radosgw on the cluster under DIR (made by `start`). It makes its own pools (.rgw.root,
+# default.rgw.*) on first start with the cluster's one-replica defaults; no manager is needed.
+# Beast listens on 127.0.0.1 only, on a port the kernel picked a moment before.
+start_rgw() {
+  if [ ! -e "$dir/ceph.conf" ]; then echo "$0: no cluster under $dir (run start first)" >&2; exit 1; fi
+  dir=$(cd "$dir" && pwd)
+  if [ -e "$dir/rgw" ]; then echo "$0: $dir already has a radosgw" >&2; exit 1; fi
+  mkdir -p "$dir/rgw"
+  local conf="$dir/ceph.conf" port ssl_port access secret frontend
+  read -r port ssl_port < <(free_ports)
+  frontend="beast endpoint=127.0.0.1:$port"
+  if [ -n "$https_cert" ]; then
+    frontend+=" ssl_endpoint=127.0.0.1:$ssl_port ssl_certificate=$(realpath "$https_cert") ssl_private_key=$(realpath "$https_key")"
+  fi
+  # Appended: [client.rgw.gw] applies to the gateway only (other clients keep [client]'s settings).
+  {
+    echo
+    echo '[client.rgw.gw]'
+    echo "keyring = $dir/rgw/keyring"
+    echo "rgw data = $dir/rgw"
+    echo "rgw frontends = $frontend"
+  } >>"$conf"
+  trap 'echo "$0: rgw-start failed; logs in $dir/log" >&2; stop_daemons "client.rgw.*"' ERR
+  ceph -c "$conf" auth get-or-create client.rgw.gw mon 'allow rw' osd 'allow rwx' -o "$dir/rgw/keyring" >/dev/null
+  # radosgw forks once it has initialised (pools made, zone set up); beast listens soon after.
+  radosgw -c "$conf" -n client.rgw.gw
+  if ! wait_for 30 curl -sf -o /dev/null "http://127.0.0.1:$port/"; then
+    echo "$0: radosgw did not answer on 127.0.0.1:$port; see $dir/log/client.rgw.gw.log" >&2
+    stop_daemons 'client.rgw.*'
+    exit 1
+  fi
+  access=$(random_key A-Z0-9 20)
+  secret=$(random_key A-Za-z0-9 40)
+  radosgw-admin -c "$conf" user create --uid=vdisk-test --display-name='vdisk tests' \
+    --access-key="$access" --secret="$secret" >/dev/null
+  printf '%s\n' "$access" >"$dir/rgw/access-key"
+  printf '%s\n' "$secret" >"$dir/rgw/secret-key"
+  trap - ERR
+  echo "http://127.0.0.1:$port"
+  if [ -n "$https_cert" ]; then echo "https://127.0.0.1:$ssl_port"; fi
+}
+
 case "$cmd" in
   start) start_cluster ;;
+  rgw-start) start_rgw ;;
   stop) [ -d "$dir" ] || exit 0; stop_cluster ;;
   *) usage ;;
 esac

@@ -35,7 +35,7 @@ import { logEvent } from '../log.js';
 import { type JobManager, JobTxn } from '../jobs/job.js';
 import type { BlockdevOnError } from '../jobs/block-job.js';
 import { SparseBitmap } from '../block/sparse-bitmap.js';
-import { BackupJob, type BitmapMode, type SyncMode } from './backup-job.js';
+import { BackupJob, type BackupOptions, type BitmapMode, type SyncMode } from './backup-job.js';
 
 export interface Action {
   prepare(): Promise<void>;
@@ -267,7 +267,20 @@ async function prepareBackup(host: TransactionHost, kind: string, d: Record<stri
   }
 }
 
-function setUpBackup(host: TransactionHost, source: BlockNode, target: BlockNode, ownsTarget: boolean, d: Record<string, unknown>): BackupJob {
+/**
+ * Checks a backup's arguments (drive-backup's, by their QAPI names) and creates
+ * its job with the point in time fixed. `makeJob` builds the job from the
+ * checked options: x-backup-s3 passes a BackupJob subclass that also writes
+ * the manifest.
+ */
+export function setUpBackup(
+  host: TransactionHost,
+  source: BlockNode,
+  target: BlockNode,
+  ownsTarget: boolean,
+  d: Record<string, unknown>,
+  makeJob: (o: BackupOptions) => BackupJob = (o) => new BackupJob(o),
+): BackupJob {
   let sync = d.sync as SyncMode;
   let bitmapMode = d['bitmap-mode'] as BitmapMode | undefined;
   const bitmapName = d.bitmap as string | undefined;
@@ -297,7 +310,7 @@ function setUpBackup(host: TransactionHost, source: BlockNode, target: BlockNode
   if (d.compress && target.compressionClusterSize === 0) throw new VdiskError('ENOTSUP', `Compression is not supported for this drive ${target.nodeName}`);
   if (target.readOnly) throw new VdiskError('EROFS', `target '${target.nodeName}' is read-only`);
   if (source.size !== target.size) throw new VdiskError('EINVAL', 'Source and target image have different sizes');
-  const job = new BackupJob({
+  const job = makeJob({
     id: (d['job-id'] as string | undefined) ?? (d.device as string),
     graph: host.graph,
     source,

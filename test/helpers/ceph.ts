@@ -3,6 +3,7 @@
  * temp dir, stopped at teardown, both bounded in time. The cluster has a pool `rbd`; clients
  * reach it with `-c conf` (or CEPH_CONF), as client.admin, whose key is in `keyring`.
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { ROOT, requireTools, run, tempDir } from './tools.js';
 
@@ -58,5 +59,37 @@ export async function startCeph(t: TestLike): Promise<CephCluster> {
       if (r.code !== 0) throw new Error(`rbd ${args.join(' ')} exited with ${r.code ?? r.signal}: ${r.stderr}`);
       return r.stdout;
     },
+  };
+}
+
+export interface Radosgw {
+  /** http://127.0.0.1:PORT (path-style S3). */
+  endpoint: string;
+  /** https://127.0.0.1:PORT, when started with a certificate. */
+  httpsEndpoint: string | undefined;
+  accessKey: string;
+  secretKey: string;
+  /** Seconds `ceph-cluster.sh rgw-start` took (gateway up, pools made, user created). */
+  startSeconds: number;
+}
+
+/**
+ * Adds a radosgw and an S3 user to a cluster from startCeph (`ceph-cluster.sh rgw-start`), with an
+ * https endpoint too when given a certificate and key. The cluster's stop (registered by startCeph)
+ * stops the gateway too.
+ */
+export async function startRgw(cluster: CephCluster, https?: { cert: string; key: string }): Promise<Radosgw> {
+  const began = Date.now();
+  const extra = https ? ['--https', https.cert, https.key] : [];
+  const started = await run('bash', [SCRIPT, 'rgw-start', cluster.dir, ...extra], { timeoutMs: START_TIMEOUT_MS });
+  if (started.code !== 0) throw new Error(`ceph-cluster.sh rgw-start failed (${started.code ?? started.signal}): ${started.stderr}`);
+  const read = (name: string) => fs.readFileSync(path.join(cluster.dir, 'rgw', name), 'utf8').trim();
+  const urls = started.stdout.trim().split('\n').filter((l) => /^https?:\/\//.test(l));
+  return {
+    endpoint: urls.find((u) => u.startsWith('http:'))!,
+    httpsEndpoint: urls.find((u) => u.startsWith('https:')),
+    accessKey: read('access-key'),
+    secretKey: read('secret-key'),
+    startSeconds: (Date.now() - began) / 1000,
   };
 }

@@ -12,6 +12,7 @@ import { INFO_USAGE, infoCommand } from './info.js';
 import { MAP_USAGE, mapCommand } from './map.js';
 import { REBASE_USAGE, rebaseCommand } from './rebase.js';
 import { RESIZE_USAGE, resizeCommand } from './resize.js';
+import { RESTORE_S3_USAGE, restoreS3Command } from './restore-s3.js';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; usage: string }> = {
   bitmap: { run: bitmapCommand, usage: BITMAP_USAGE },
@@ -23,6 +24,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<number>; usage
   map: { run: mapCommand, usage: MAP_USAGE },
   rebase: { run: rebaseCommand, usage: REBASE_USAGE },
   resize: { run: resizeCommand, usage: RESIZE_USAGE },
+  'restore-s3': { run: restoreS3Command, usage: RESTORE_S3_USAGE },
 };
 
 export const IMG_USAGE = `Usage: vdisk img <command> [options]

@@ -4,6 +4,7 @@ import { VdiskError } from '../../errors.js';
 import { BlockJob } from '../../jobs/block-job.js';
 import { type Members, type Type, any, arrayOf, bool, enumOf, int, str, struct, union } from '../../qapi/schema.js';
 import { type TransactionAction, runTransaction } from '../../backup/transaction.js';
+import { type S3BackupArgs, startS3Backup } from '../../backup/s3/s3-backup.js';
 import type { QmpCommand } from '../server.js';
 import { BLOCK_DIRTY_BITMAP, BLOCK_DIRTY_BITMAP_ADD, BLOCK_DIRTY_BITMAP_MERGE } from './bitmaps.js';
 
@@ -59,7 +60,39 @@ function blockJob(daemon: Daemon, id: string): BlockJob {
 const DEVICE = struct('BlockJobDevice', { device: str });
 const ID = struct('BlockJobId', { id: str });
 
+/** vdisk's backup to an S3 bucket (docs/design/s3-backup.md): a block job like drive-backup's. */
+const X_BACKUP_S3: Type = struct('x-backup-s3', {
+  '*job-id': str,
+  device: str,
+  sync: enumOf('S3BackupSyncMode', ['full', 'incremental']),
+  '*bitmap': str,
+  endpoint: str,
+  bucket: str,
+  '*prefix': str,
+  '*region': str,
+  'access-key': str,
+  // The id of a `secret` object holding the secret access key (never the key itself in a command log).
+  secret: str,
+  // A tls-creds-x509 object (endpoint client): an https endpoint's certificate is checked against its CA.
+  '*tls-creds': str,
+  '*chunk-size': int('uint64'),
+  '*parent': str,
+  '*speed': int('int'),
+  '*on-source-error': ON_ERROR,
+  '*on-target-error': ON_ERROR,
+  '*auto-finalize': bool,
+  '*auto-dismiss': bool,
+});
+
 export const BACKUP_COMMANDS: QmpCommand[] = [
+  {
+    name: 'x-backup-s3',
+    args: X_BACKUP_S3,
+    run: async (args, { daemon }) => {
+      await startS3Backup(daemon, args as unknown as S3BackupArgs);
+      return {};
+    },
+  },
   {
     name: 'drive-backup',
     args: DRIVE_BACKUP,

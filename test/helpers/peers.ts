@@ -4,9 +4,10 @@
  * what clients then see. Both are killed at teardown.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { startDaemon, waitForSocket } from './daemon.js';
+import { startDaemon } from './daemon.js';
 import { QmpWire } from './qmp.js';
 import { tempDir } from './tools.js';
 
@@ -49,19 +50,46 @@ export async function stopQsd(proc: ChildProcess, monitorSocket: string): Promis
   await exited;
 }
 
-/** Starts qemu-storage-daemon with a QMP monitor on dir/qmp.sock (and any extra arguments). */
+/**
+ * Starts qemu-storage-daemon with a QMP monitor on dir/qmp.sock (and any extra arguments).
+ * It waits for the socket file rather than probing it with a connection: QEMU's monitor
+ * serves one client at a time, and a probe that connects and leaves just before the real
+ * client once got that client closed on a loaded CI machine. QEMU listens before its main
+ * loop runs, so a connection made once the file exists waits in the backlog until served.
+ */
 export async function startQsd(t: TestLike, dir: string, extra: string[] = []): Promise<QmpWire> {
   const sock = path.join(dir, 'qmp.sock');
   const proc: ChildProcess = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0', ...extra], {
-    stdio: 'ignore',
+    stdio: ['ignore', 'ignore', 'pipe'],
   });
+  let stderr = '';
+  proc.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  let exit: string | undefined;
+  proc.on('exit', (code, signal) => (exit = `exited (${signal ?? code})`));
   t.teardown(() => {
     proc.kill('SIGKILL');
   });
-  await waitForSocket(sock);
-  const w = await QmpWire.connect(sock);
-  t.teardown(() => w.close());
-  return w;
+  const why = (): string => `qemu-storage-daemon ${exit ?? 'is running'}${stderr ? `; stderr: ${stderr.trim()}` : ''}`;
+  const deadline = Date.now() + 10_000;
+  while (!isSocket(sock)) {
+    if (exit !== undefined || Date.now() > deadline) throw new Error(`no QMP socket at ${sock}: ${why()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  try {
+    const w = await QmpWire.connect(sock);
+    t.teardown(() => w.close());
+    return w;
+  } catch (err) {
+    throw new Error(`QMP to qemu-storage-daemon failed (${(err as Error).message}): ${why()}`);
+  }
+}
+
+function isSocket(p: string): boolean {
+  try {
+    return fs.statSync(p).isSocket();
+  } catch {
+    return false;
+  }
 }
 
 /** Starts `vdisk serve` with QMP on dir/qmp.sock (and any extra arguments). */

@@ -26,7 +26,10 @@ packages=(g++ make python3)
 # (scripts/ceph-cluster.sh), librbd-dev and librados-dev build the RBD addon, radosgw serves
 # the object-store tests. qemu-block-extra is QEMU's rbd driver (qemu-img rbd:pool/image).
 test_packages=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio e2fsprogs fuse3 libfuse2 util-linux mount coreutils busybox-static cpio gnutls-bin socat systemd prometheus ceph-mon ceph-osd ceph-common librbd-dev librados-dev radosgw qemu-block-extra)
-bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux)
+# bench/rbd.mjs: the throwaway cluster (ceph-mon, ceph-osd, ceph-common), the RBD addon's headers
+# (librbd-dev, librados-dev) and QEMU's rbd driver (qemu-block-extra) for qemu-nbd and
+# qemu-storage-daemon (qemu-system-x86 brings the latter).
+bench_packages=(qemu-utils qemu-system-x86 nbdkit fio libnbd-bin util-linux ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra)
 case "$mode" in
   run) ;;
   --test) packages+=("${test_packages[@]}") ;;

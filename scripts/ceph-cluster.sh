@@ -3,7 +3,11 @@
 # objects live in memory (memstore), a pool `rbd` with one replica. Everything (conf, keyring,
 # data, logs, pid files, admin sockets) lives under DIR: no systemd, nothing under /etc/ceph.
 #
-#   scripts/ceph-cluster.sh start DIR   prints DIR/ceph.conf once the pool takes I/O
+#   scripts/ceph-cluster.sh start DIR [--addr IP]
+#                                       prints DIR/ceph.conf once the pool takes I/O. With
+#                                       --addr, the monitor and the OSD listen on IP (an IPv4
+#                                       address of this host) instead of 127.0.0.1, so clients in
+#                                       other network namespaces can reach them.
 #   scripts/ceph-cluster.sh stop DIR    stops the daemons started under DIR and waits for them
 #   scripts/ceph-cluster.sh rgw-start DIR [--https CERT KEY]
 #                                       adds a radosgw (S3, beast frontend on 127.0.0.1, a free
@@ -18,12 +22,20 @@
 # monitor's and the OSD's work, and a manager would add seconds to every start.
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR | rgw-start DIR [--https CERT KEY]" >&2; exit 2; }
-[ $# -eq 2 ] || { [ $# -eq 5 ] && [ "$1" = rgw-start ] && [ "$3" = --https ]; } || usage
+usage() { echo "usage: $0 start DIR [--addr IP] | stop DIR | rgw-start DIR [--https CERT KEY]" >&2; exit 2; }
+[ $# -eq 2 ] || { [ $# -eq 5 ] && [ "$1" = rgw-start ] && [ "$3" = --https ]; } \
+  || { [ $# -eq 4 ] && [ "$1" = start ] && [ "$3" = --addr ]; } || usage
 cmd=$1
 dir=$2
-https_cert=${4:-}
-https_key=${5:-}
+https_cert=
+https_key=
+# The address the cluster's daemons listen on: loopback unless `start ... --addr IP`.
+addr=127.0.0.1
+if [ "$cmd" = rgw-start ]; then https_cert=${4:-}; https_key=${5:-}; fi
+if [ "$cmd" = start ] && [ $# -eq 4 ]; then
+  addr=$4
+  [[ $addr =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "$0: --addr expects an IPv4 address, not '$addr'" >&2; exit 2; }
+fi
 
 # Waits up to $1 seconds for the command after it to succeed.
 wait_for() {
@@ -75,13 +87,14 @@ stop_cluster() {
   stop_daemons 'mon.*'
 }
 
-# Two TCP ports nobody listens on now (the kernel picks them; the monitor binds them a moment later).
+# Two TCP ports nobody listens on now on $addr (the kernel picks them; the monitor binds them a
+# moment later).
 free_ports() {
   python3 -c '
-import socket
+import socket, sys
 a, b = socket.socket(), socket.socket()
-a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0))
-print(a.getsockname()[1], b.getsockname()[1])'
+a.bind((sys.argv[1], 0)); b.bind((sys.argv[1], 0))
+print(a.getsockname()[1], b.getsockname()[1])' "$addr"
 }
 
 start_cluster() {
@@ -96,13 +109,17 @@ start_cluster() {
   # The monitor speaks both protocols: msgr2 for Ceph's tools, and msgr1 on its own port for a
   # client given a bare host:port (QEMU's and vdisk's `server` option), which means msgr1.
   read -r port port_v1 < <(free_ports)
+  # The OSD picks the address it listens on from the public network: loopback's, or exactly
+  # --addr's (a /32, so it never picks another address of this host).
+  local public_network=127.0.0.0/8
+  [ "$addr" = 127.0.0.1 ] || public_network=$addr/32
   conf="$dir/ceph.conf"
   cat >"$conf" <<EOF
 [global]
 fsid = $fsid
-mon host = [v2:127.0.0.1:$port,v1:127.0.0.1:$port_v1]
+mon host = [v2:$addr:$port,v1:$addr:$port_v1]
 mon initial members = a
-public network = 127.0.0.0/8
+public network = $public_network
 ms bind ipv6 = false
 auth cluster required = cephx
 auth service required = cephx
@@ -157,7 +174,7 @@ EOF
   ceph-authtool --create-keyring "$dir/keyring" --gen-key -n client.admin \
     --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
   ceph-authtool "$dir/mon.keyring" --import-keyring "$dir/keyring" >/dev/null
-  monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port,v1:127.0.0.1:$port_v1]" "$dir/monmap" >/dev/null
+  monmaptool --create --fsid "$fsid" --addv a "[v2:$addr:$port,v1:$addr:$port_v1]" "$dir/monmap" >/dev/null
   ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.keyring"
   ceph-mon -c "$conf" -i a
   local c=(ceph -c "$conf" --connect-timeout 10)

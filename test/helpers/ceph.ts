@@ -30,8 +30,16 @@ const SCRIPT = path.join(ROOT, 'scripts', 'ceph-cluster.sh');
 const START_TIMEOUT_MS = 90_000;
 const STOP_TIMEOUT_MS = 30_000;
 
+export interface CephOptions {
+  /**
+   * The IPv4 address the monitor and the OSD listen on (`ceph-cluster.sh start DIR --addr IP`),
+   * for clients in other network namespaces; 127.0.0.1 when left out.
+   */
+  addr?: string;
+}
+
 /** Starts a cluster for test t (which fails, never skips, if Ceph is not installed). */
-export async function startCeph(t: TestLike): Promise<CephCluster> {
+export async function startCeph(t: TestLike, options: CephOptions = {}): Promise<CephCluster> {
   if (!requireTools(t, 'ceph-mon', 'ceph-osd', 'ceph', 'rbd', 'monmaptool', 'ceph-authtool')) {
     throw new Error("Ceph is not installed: run 'bash scripts/setup.sh --test'");
   }
@@ -42,7 +50,8 @@ export async function startCeph(t: TestLike): Promise<CephCluster> {
     const r = await run('bash', [SCRIPT, 'stop', dir], { timeoutMs: STOP_TIMEOUT_MS });
     if (r.code !== 0) t.fail(`ceph-cluster.sh stop: ${r.stderr}`);
   });
-  const started = await run('bash', [SCRIPT, 'start', dir], { timeoutMs: START_TIMEOUT_MS });
+  const addrArgs = options.addr ? ['--addr', options.addr] : [];
+  const started = await run('bash', [SCRIPT, 'start', dir, ...addrArgs], { timeoutMs: START_TIMEOUT_MS });
   if (started.code !== 0) throw new Error(`ceph-cluster.sh start failed (${started.code ?? started.signal}): ${started.stderr}`);
   const conf = started.stdout.trim().split('\n').pop()!;
   const env = { ...process.env, CEPH_CONF: conf };

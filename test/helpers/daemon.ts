@@ -41,6 +41,11 @@ export interface StartOptions {
   cwd?: string;
   /** How long to wait for the socket (ms). */
   timeoutMs?: number;
+  /**
+   * A network namespace to run the daemon in (`ip netns exec NAME`, which execs the daemon, so
+   * proc's pid is the daemon's and a signal reaches it directly).
+   */
+  netns?: string;
 }
 
 export async function startDaemon(t: TestLike, options: StartOptions = {}): Promise<DaemonHandle> {
@@ -48,7 +53,8 @@ export async function startDaemon(t: TestLike, options: StartOptions = {}): Prom
   const socket = path.join(dir, 'nbd.sock');
   const args = ['serve', ...(options.args ?? [])];
   if (options.nbdServer !== false) args.push('--nbd-server', `addr.type=unix,addr.path=${socket}`);
-  const proc = spawn(process.execPath, [VDISK, ...args], {
+  const command = options.netns ? ['ip', 'netns', 'exec', options.netns, process.execPath] : [process.execPath];
+  const proc = spawn(command[0], [...command.slice(1), VDISK, ...args], {
     cwd: options.cwd ?? dir,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],

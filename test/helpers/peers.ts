@@ -70,17 +70,37 @@ export async function startQsd(t: TestLike, dir: string, extra: string[] = []): 
     proc.kill('SIGKILL');
   });
   const why = (): string => `qemu-storage-daemon ${exit ?? 'is running'}${stderr ? `; stderr: ${stderr.trim()}` : ''}`;
-  const deadline = Date.now() + 10_000;
-  while (!isSocket(sock)) {
-    if (exit !== undefined || Date.now() > deadline) throw new Error(`no QMP socket at ${sock}: ${why()}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  await waitForQsdSocket(proc, sock, why);
   try {
     const w = await QmpWire.connect(sock);
     t.teardown(() => w.close());
     return w;
   } catch (err) {
     throw new Error(`QMP to qemu-storage-daemon failed (${(err as Error).message}): ${why()}`);
+  }
+}
+
+/**
+ * Waits for the monitor socket file of a qemu-storage-daemon started with
+ * `--chardev socket,path=SOCK,server=on,wait=off`, without connecting to it
+ * (see startQsd for why a probe connection is harmful). Fails at once if the
+ * daemon exits, with `why()` (its stderr, when the caller collects it).
+ */
+export async function waitForQsdSocket(proc: ChildProcess, sock: string, why: () => string = () => 'qemu-storage-daemon'): Promise<void> {
+  let exited: string | undefined = proc.exitCode !== null || proc.signalCode !== null ? `exited (${proc.signalCode ?? proc.exitCode})` : undefined;
+  const onExit = (code: number | null, signal: string | null): void => {
+    exited = `exited (${signal ?? code})`;
+  };
+  proc.on('exit', onExit);
+  try {
+    const deadline = Date.now() + 10_000;
+    while (!isSocket(sock)) {
+      if (exited !== undefined) throw new Error(`no QMP socket at ${sock}: ${why()} ${exited}`);
+      if (Date.now() > deadline) throw new Error(`no QMP socket at ${sock} within 10 s: ${why()}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  } finally {
+    proc.off('exit', onExit);
   }
 }
 

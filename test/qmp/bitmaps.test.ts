@@ -7,7 +7,8 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { startDaemon, waitForSocket } from '../helpers/daemon.js';
+import { startDaemon } from '../helpers/daemon.js';
+import { waitForQsdSocket } from '../helpers/peers.js';
 import { type QmpMessage, QmpWire } from '../helpers/qmp.js';
 import { requireTool, run, tempDir } from '../helpers/tools.js';
 
@@ -30,7 +31,7 @@ async function peers(t: Parameters<typeof startDaemon>[0]): Promise<Peer[]> {
     if (name === 'qsd') {
       const p = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'], { stdio: 'ignore' });
       t.teardown(() => p.kill('SIGKILL'));
-      await waitForSocket(sock);
+      await waitForQsdSocket(p, sock);
     } else {
       await startDaemon(t, { dir, nbdServer: false, args: ['--qmp', `unix:${sock}`, '--log-level', 'warn'] });
     }

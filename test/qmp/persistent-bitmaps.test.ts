@@ -10,7 +10,8 @@ import t from 'tap';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startDaemon, waitForSocket } from '../helpers/daemon.js';
+import { startDaemon } from '../helpers/daemon.js';
+import { waitForQsdSocket } from '../helpers/peers.js';
 import { QmpWire } from '../helpers/qmp.js';
 import { VDISK, requireTool, run, tempDir } from '../helpers/tools.js';
 
@@ -23,7 +24,7 @@ async function qsd(t: Parameters<typeof startDaemon>[0], dir: string): Promise<{
   const p = spawn('qemu-storage-daemon', ['--chardev', `socket,path=${sock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'], { stdio: 'ignore' });
   const exited = new Promise((r) => p.on('exit', r));
   t.teardown(() => p.kill('SIGKILL'));
-  await waitForSocket(sock);
+  await waitForQsdSocket(p, sock);
   const w = await QmpWire.connect(sock);
   return {
     w,

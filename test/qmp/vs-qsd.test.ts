@@ -10,7 +10,8 @@ import t from 'tap';
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startDaemon, waitForSocket } from '../helpers/daemon.js';
+import { startDaemon } from '../helpers/daemon.js';
+import { waitForQsdSocket } from '../helpers/peers.js';
 import { type QmpMessage, QmpWire } from '../helpers/qmp.js';
 import { patternBuffer, requireTool, run, tempDir } from '../helpers/tools.js';
 
@@ -43,7 +44,7 @@ async function startQsd(t: Parameters<typeof startDaemon>[0], dir: string): Prom
   t.teardown(() => {
     proc.kill('SIGKILL');
   });
-  await waitForSocket(sock);
+  await waitForQsdSocket(proc, sock);
   return QmpWire.connect(sock);
 }
 

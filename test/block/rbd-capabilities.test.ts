@@ -8,8 +8,7 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { type CephCluster, startCeph } from '../helpers/ceph.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { type CephCluster, startCeph, startRbdDaemon } from '../helpers/ceph.js';
 import { QmpWire } from '../helpers/qmp.js';
 import { patternBuffer, requireTools, run, tempDir } from '../helpers/tools.js';
 
@@ -18,14 +17,6 @@ const MiB = 1024 * 1024;
 requireTools(t, 'qemu-img', 'qemu-io', 'dd', 'umount');
 const ceph: CephCluster = await startCeph(t);
 
-async function daemon(t: Tap.Test) {
-  const dir = tempDir(t);
-  const qmpSock = path.join(dir, 'qmp.sock');
-  const d = await startDaemon(t, { dir, args: ['--qmp', `unix:${qmpSock}`, '--log-level', 'warn'], env: { CEPH_CONF: '' } });
-  const w = await QmpWire.connect(qmpSock);
-  t.teardown(() => w.close());
-  return { d, w, dir };
-}
 
 function rbdNode(node: string, image: string, extra: Record<string, unknown> = {}) {
   return { driver: 'rbd', 'node-name': node, pool: 'rbd', image, conf: ceph.conf, ...extra };
@@ -61,7 +52,7 @@ async function jobCompleted(w: QmpWire, id: string, from: number): Promise<void>
 t.test('FUSE export of an rbd node: dd writes (fsync, O_DIRECT) are what rbd export reads', async (t) => {
   const initial = patternBuffer(8 * MiB, 11);
   await importImage(t, 'fu1', initial);
-  const { w, dir } = await daemon(t);
+  const { w, dir } = await startRbdDaemon(t);
   const mnt = path.join(dir, 'disk.fuse');
   fs.writeFileSync(mnt, '');
   t.teardown(async () => {
@@ -92,7 +83,7 @@ t.test('FUSE export of an rbd node: dd writes (fsync, O_DIRECT) are what rbd exp
 
 t.test('blkverify: RBD as the raw reference and a qcow2 file under test, and the other way round', async (t) => {
   const data = patternBuffer(4 * MiB, 21);
-  const { d, w, dir } = await daemon(t);
+  const { d, w, dir } = await startRbdDaemon(t);
 
   // 1. raw = RBD image, test = qcow2 file; the mismatch is planted in the qcow2 at 1 MiB.
   await importImage(t, 'bv1', data);
@@ -143,7 +134,7 @@ t.test('blkverify: RBD as the raw reference and a qcow2 file under test, and the
 
 t.test('blkdebug above rbd: an injected EIO on a read reaches a qemu-io client', async (t) => {
   await importImage(t, 'dbg1', Buffer.alloc(2 * MiB, 0x31));
-  const { d, w } = await daemon(t);
+  const { d, w } = await startRbdDaemon(t);
   await w.ok('blockdev-add', {
     driver: 'raw', 'node-name': 'dbg',
     file: { driver: 'blkdebug', image: rbdNode('dbgr', 'dbg1'), 'inject-error': [{ event: 'read_aio', errno: 5, sector: 2048, once: true }] },
@@ -168,7 +159,7 @@ function ranges(entries: Array<{ start: number; length: number; data: boolean }>
 
 t.test('a dirty bitmap on an rbd node, read over NBD with qemu-img map x-dirty-bitmap', async (t) => {
   await ceph.rbdOk(['create', '--size', '16M', 'rbd/bm1']);
-  const { d, w } = await daemon(t);
+  const { d, w } = await startRbdDaemon(t);
   await w.ok('blockdev-add', rbdNode('bm1', 'bm1'));
   await w.ok('block-dirty-bitmap-add', { node: 'bm1', name: 'b0', granularity: 65536 });
   await w.ok('block-export-add', { type: 'nbd', id: 'bm1', 'node-name': 'bm1', name: 'bm1', writable: true, bitmaps: ['b0'] });
@@ -190,7 +181,7 @@ t.test('full and incremental backups out of an RBD image into qcow2 files', asyn
   const data = patternBuffer(16 * MiB, 31);
   data.fill(0, 4 * MiB, 10 * MiB);
   await importImage(t, 'bk1', data);
-  const { d, w, dir } = await daemon(t);
+  const { d, w, dir } = await startRbdDaemon(t);
   await w.ok('blockdev-add', rbdNode('bk1', 'bk1'));
   await w.ok('block-export-add', { type: 'nbd', id: 'bk1', 'node-name': 'bk1', name: 'bk1', writable: true });
   const full = path.join(dir, 'full.qcow2');
@@ -220,7 +211,7 @@ t.test('full and incremental backups out of an RBD image into qcow2 files', asyn
 });
 
 t.test('backups of a file into RBD: blockdev-backup to an rbd node, drive-backup to an rbd: target', async (t) => {
-  const { w, dir } = await daemon(t);
+  const { w, dir } = await startRbdDaemon(t);
   const src = path.join(dir, 'src.raw');
   const data = patternBuffer(8 * MiB, 41);
   data.fill(0, 2 * MiB, 5 * MiB);

@@ -9,10 +9,8 @@
 import t from 'tap';
 import net from 'node:net';
 import path from 'node:path';
-import { type CephCluster, startCeph } from '../helpers/ceph.js';
-import { startDaemon } from '../helpers/daemon.js';
-import { QmpWire } from '../helpers/qmp.js';
-import { requireTools, run, tempDir } from '../helpers/tools.js';
+import { type CephCluster, startCeph, startRbdDaemon } from '../helpers/ceph.js';
+import { requireTools, run } from '../helpers/tools.js';
 
 requireTools(t, 'qemu-io', 'ceph');
 const ceph: CephCluster = await startCeph(t);
@@ -23,14 +21,6 @@ const WATCH_TIMEOUT_S = 5;
 const tell = await run('ceph', ['-c', ceph.conf, 'tell', 'osd.0', 'config', 'set', 'osd_client_watch_timeout', String(WATCH_TIMEOUT_S)], { env: ceph.env, timeoutMs: 30_000 });
 if (tell.code !== 0) throw new Error(`ceph tell osd.0 config set: ${tell.stderr}`);
 
-async function daemon(t: Tap.Test) {
-  const dir = tempDir(t);
-  const qmpSock = path.join(dir, 'qmp.sock');
-  const d = await startDaemon(t, { dir, args: ['--qmp', `unix:${qmpSock}`, '--log-level', 'warn'], env: { CEPH_CONF: '' } });
-  const w = await QmpWire.connect(qmpSock);
-  t.teardown(() => w.close());
-  return { d, w };
-}
 
 function rbdNode(node: string, image: string, extra: Record<string, unknown> = {}) {
   return { driver: 'rbd', 'node-name': node, pool: 'rbd', image, conf: ceph.conf, ...extra };
@@ -38,7 +28,7 @@ function rbdNode(node: string, image: string, extra: Record<string, unknown> = {
 
 /** Daemon A writes 0x5a over the first MiB and 0xa5 at 3 MiB through NBD and flushes; then it is killed with SIGKILL. */
 async function writeThenDie(t: Tap.Test, image: string) {
-  const a = await daemon(t);
+  const a = await startRbdDaemon(t);
   await a.w.ok('blockdev-add', rbdNode('a', image));
   await a.w.ok('block-export-add', { type: 'nbd', id: 'a', 'node-name': 'a', name: 'a', writable: true });
   const wr = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0xa5 3M 64k', '-c', 'flush', a.d.uri('a')]);
@@ -56,7 +46,7 @@ async function readBack(t: Tap.Test, d: { uri(name: string): string }, name: str
 t.test('a second daemon is refused; after kill -9 of the first, x-break-lock=on takes over at once', async (t) => {
   await ceph.rbdOk(['create', '--size', '8M', 'rbd/tk1']);
   const a = await writeThenDie(t, 'tk1');
-  const b = await daemon(t);
+  const b = await startRbdDaemon(t);
 
   const held = JSON.parse(await ceph.rbdOk(['lock', 'ls', '--format', 'json', 'rbd/tk1'])) as Array<{ address: string }>;
   const refused = await b.w.cmd('blockdev-add', rbdNode('b', 'tk1'));
@@ -85,7 +75,7 @@ t.test('a second daemon is refused; after kill -9 of the first, x-break-lock=on 
 t.test('after kill -9 of the holder, a plain blockdev-add takes over once its watch expires', async (t) => {
   await ceph.rbdOk(['create', '--size', '8M', 'rbd/tk2']);
   const a = await writeThenDie(t, 'tk2');
-  const b = await daemon(t);
+  const b = await startRbdDaemon(t);
   t.match((await b.w.cmd('blockdev-add', rbdNode('b', 'tk2'))).error?.desc, /exclusive lock on RBD image 'rbd\/tk2'/, 'refused while A lives');
   await a.d.stop('SIGKILL');
   // librbd asks the holder to release and, while its watch lasts, waits; then it breaks the
@@ -109,7 +99,7 @@ async function deadPort(): Promise<number> {
 }
 
 t.test('a monitor that does not answer fails the open within x-connect-timeout', async (t) => {
-  const { w } = await daemon(t);
+  const { w } = await startRbdDaemon(t);
   const port = await deadPort();
   const started = Date.now();
   const r = await w.cmd('blockdev-add', {
@@ -128,10 +118,10 @@ t.test('a monitor that does not answer fails the open within x-connect-timeout',
 
 t.test('x-break-lock=on against a holder that is alive fences it: its writes fail, the new writer’s stand', async (t) => {
   await ceph.rbdOk(['create', '--size', '8M', 'rbd/tk3']);
-  const a = await daemon(t);
+  const a = await startRbdDaemon(t);
   await a.w.ok('blockdev-add', rbdNode('a', 'tk3'));
   await a.w.ok('block-export-add', { type: 'nbd', id: 'a', 'node-name': 'a', name: 'a', writable: true });
-  const b = await daemon(t);
+  const b = await startRbdDaemon(t);
   await b.w.ok('blockdev-add', rbdNode('b', 'tk3', { 'x-break-lock': true }));
   await b.w.ok('block-export-add', { type: 'nbd', id: 'b', 'node-name': 'b', name: 'b', writable: true });
   const wb = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x66 0 64k', '-c', 'flush', b.d.uri('b')]);

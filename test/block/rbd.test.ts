@@ -6,8 +6,7 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { type CephCluster, startCeph } from '../helpers/ceph.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { type CephCluster, startCeph, startRbdDaemon } from '../helpers/ceph.js';
 import { QmpWire } from '../helpers/qmp.js';
 import { VDISK, patternBuffer, requireTools, run, tempDir } from '../helpers/tools.js';
 
@@ -16,15 +15,6 @@ const MiB = 1024 * 1024;
 requireTools(t, 'qemu-img', 'qemu-io', 'nbdcopy');
 const ceph: CephCluster = await startCeph(t);
 
-/** A daemon with a QMP socket and an NBD server; exports are added by each test. */
-async function daemon(t: Tap.Test) {
-  const dir = tempDir(t);
-  const qmpSock = path.join(dir, 'qmp.sock');
-  const d = await startDaemon(t, { dir, args: ['--qmp', `unix:${qmpSock}`, '--log-level', 'warn'], env: { CEPH_CONF: '' } });
-  const w = await QmpWire.connect(qmpSock);
-  t.teardown(() => w.close());
-  return { d, w, dir };
-}
 
 /** blockdev-add of an rbd node (and its NBD export, writable unless the node is read-only). */
 async function addRbd(w: QmpWire, node: string, image: string, extra: Record<string, unknown> = {}, writable = true): Promise<void> {
@@ -45,7 +35,7 @@ async function rbdExport(t: Tap.Test, image: string): Promise<Buffer> {
 
 t.test('writes through vdisk are what rbd export and QEMU read', async (t) => {
   await ceph.rbdOk(['create', '--size', '32M', 'rbd/w1']);
-  const { d, w } = await daemon(t);
+  const { d, w } = await startRbdDaemon(t);
   // discard=unmap: discards reach librbd (the whole object at 20M goes).
   await addRbd(w, 'w1', 'w1', { discard: 'unmap' });
   const uri = d.uri('w1');
@@ -81,7 +71,7 @@ t.test('an image made by rbd import reads the same through vdisk', async (t) => 
   data.fill(0, 20 * MiB, 21 * MiB);
   fs.writeFileSync(src, data);
   await ceph.rbdOk(['import', '--no-progress', src, 'rbd/imp1']);
-  const { d, w } = await daemon(t);
+  const { d, w } = await startRbdDaemon(t);
   await addRbd(w, 'imp1', 'imp1', {}, false);
   const back = path.join(dir, 'back.raw');
   const r = await run('nbdcopy', [d.uri('imp1'), back]);
@@ -107,7 +97,7 @@ t.test('block status over NBD (qemu-img map) is rbd diff', async (t) => {
   // Written by QEMU's rbd driver, so the layout is not vdisk's own doing.
   const wr = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 64k', '-c', 'write -P 2 6M 1M', '-c', 'write -P 3 13M 5M', '-c', 'write -P 4 63M 1M', qemuRbd('map1')], { env: ceph.env });
   t.equal(wr.code, 0, wr.stderr);
-  const { d, w } = await daemon(t);
+  const { d, w } = await startRbdDaemon(t);
   await addRbd(w, 'map1', 'map1');
   const diff = JSON.parse(await ceph.rbdOk(['diff', '--format', 'json', 'rbd/map1'])) as Array<{ offset: number; length: number; exists: string }>;
   const fromRbd = merge(diff.filter((x) => x.exists === 'true').map((x) => [x.offset, x.offset + x.length]));
@@ -129,7 +119,7 @@ t.test('block status over NBD (qemu-img map) is rbd diff', async (t) => {
 
 t.test('block_resize resizes the RBD image', async (t) => {
   await ceph.rbdOk(['create', '--size', '8M', 'rbd/rs1']);
-  const { w } = await daemon(t);
+  const { w } = await startRbdDaemon(t);
   // Not exported: an export holds the size its clients were told.
   await w.ok('blockdev-add', { driver: 'rbd', 'node-name': 'rs1', pool: 'rbd', image: 'rs1', conf: ceph.conf });
   await w.ok('block_resize', { 'node-name': 'rs1', size: 24 * MiB });
@@ -144,7 +134,7 @@ t.test('block_resize resizes the RBD image', async (t) => {
 
 t.test('a second writer is refused while vdisk holds the exclusive lock', async (t) => {
   await ceph.rbdOk(['create', '--size', '8M', 'rbd/lk1']);
-  const { w } = await daemon(t);
+  const { w } = await startRbdDaemon(t);
   await addRbd(w, 'lk1', 'lk1');
   const locks = JSON.parse(await ceph.rbdOk(['lock', 'ls', '--format', 'json', 'rbd/lk1'])) as unknown[];
   t.equal(locks.length, 1, 'rbd lock ls shows the lock vdisk took');
@@ -177,7 +167,7 @@ t.test('a snapshot opens read-only and keeps its content', async (t) => {
   const second = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 0 1M', qemuRbd('sn1')], { env: ceph.env });
   t.equal(second.code, 0, second.stderr);
 
-  const { d, w } = await daemon(t);
+  const { d, w } = await startRbdDaemon(t);
   await w.ok('blockdev-add', { driver: 'rbd', 'node-name': 'snap', pool: 'rbd', image: 'sn1', snapshot: 's1', conf: ceph.conf });
   const nodes = (await w.ok('query-named-block-nodes')) as Array<{ 'node-name': string; ro: boolean }>;
   t.equal(nodes.find((n) => n['node-name'] === 'snap')!.ro, true, 'the snapshot node is read-only');
@@ -197,7 +187,7 @@ t.test('connection options: user, key-secret, auth-client-required, server; a mi
   const key = /key = (\S+)/.exec(keyring)![1];
   // The monitor's msgr1 port: a bare host:port in mon_host means that protocol.
   const port = /v1:127\.0\.0\.1:(\d+)/.exec(fs.readFileSync(ceph.conf, 'utf8'))![1];
-  const { w } = await daemon(t);
+  const { w } = await startRbdDaemon(t);
   await w.ok('object-add', { 'qom-type': 'secret', id: 'cephkey', data: key, format: 'base64' });
   // No conf file: the monitor from `server`, the key from the secret (the daemon has no CEPH_CONF).
   await w.ok('blockdev-add', {
@@ -217,7 +207,7 @@ async function rbdInfo(image: string): Promise<{ size: number; object_size: numb
 }
 
 t.test('blockdev-create driver=rbd: size and object size as rbd info and qemu-img info see them', async (t) => {
-  const { w } = await daemon(t);
+  const { w } = await startRbdDaemon(t);
   const done = async (id: string) => {
     await w.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && m.data?.id === id && m.data?.status === 'concluded');
     const job = ((await w.ok('query-jobs')) as Array<Record<string, unknown>>).find((j) => j.id === id)!;

@@ -5,6 +5,8 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { type DaemonHandle, startDaemon } from './daemon.js';
+import { QmpWire } from './qmp.js';
 import { ROOT, requireTools, run, tempDir } from './tools.js';
 
 export interface CephCluster {
@@ -101,4 +103,17 @@ export async function startRgw(cluster: CephCluster, https?: { cert: string; key
     secretKey: read('secret-key'),
     startSeconds: (Date.now() - began) / 1000,
   };
+}
+
+/**
+ * A `vdisk serve` with a QMP socket and an NBD server for the RBD tests. CEPH_CONF is
+ * emptied so the nodes reach the cluster only through the options a test gives them.
+ */
+export async function startRbdDaemon(t: TestLike): Promise<{ d: DaemonHandle; w: QmpWire; dir: string }> {
+  const dir = tempDir(t);
+  const qmpSock = path.join(dir, 'qmp.sock');
+  const d = await startDaemon(t, { dir, args: ['--qmp', `unix:${qmpSock}`, '--log-level', 'warn'], env: { CEPH_CONF: '' } });
+  const w = await QmpWire.connect(qmpSock);
+  t.teardown(() => w.close());
+  return { d, w, dir };
 }

@@ -304,6 +304,22 @@ static int diff_cb(uint64_t off, size_t len, int exists, void *arg) {
   return 0;
 }
 
+/* The exclusive lock's owners into w->owners / w->n_owners. Nobody holding the lock
+ * (ENOENT) is an answer, an empty list, not an error. */
+static int get_lock_owners(RbdImage *img, Work *w) {
+  rbd_lock_mode_t mode;
+  size_t max = 8;
+  w->n_owners = 0;
+  w->owners = calloc(max, sizeof(char *));
+  if (!w->owners) return -ENOMEM;
+  w->stage = "rbd_lock_get_owners";
+  int r = rbd_lock_get_owners(img->image, &mode, w->owners, &max);
+  if (r == -ENOENT) return 0;
+  if (r < 0) return r;
+  w->n_owners = max;
+  return r;
+}
+
 static void execute(napi_env env, void *data) {
   Work *w = data;
   RbdImage *img = w->img;
@@ -340,26 +356,11 @@ static void execute(napi_env env, void *data) {
     w->ret = rbd_lock_release(img->image);
     w->stage = "rbd_lock_release";
     break;
-  case W_LOCK_BREAK: {
+  case W_LOCK_BREAK:
     /* Breaking a lock that is held: librbd blocklists the holder's client first
      * (rbd_blocklist_on_break_lock, on by default), so a holder that is only slow, not dead,
      * cannot write after the break. The owners come back for the caller's log. */
-    rbd_lock_mode_t mode;
-    size_t max = 8;
-    w->owners = calloc(max, sizeof(char *));
-    if (!w->owners) {
-      w->ret = -ENOMEM;
-      break;
-    }
-    w->ret = rbd_lock_get_owners(img->image, &mode, w->owners, &max);
-    w->stage = "rbd_lock_get_owners";
-    if (w->ret == -ENOENT) {
-      /* Nobody holds it (any more): nothing to break. */
-      w->ret = 0;
-      break;
-    }
-    if (w->ret < 0) break;
-    w->n_owners = max;
+    w->ret = get_lock_owners(img, w);
     for (size_t i = 0; i < w->n_owners && w->ret >= 0; i++) {
       w->ret = rbd_lock_break(img->image, RBD_LOCK_MODE_EXCLUSIVE, w->owners[i]);
       w->stage = "rbd_lock_break";
@@ -367,25 +368,9 @@ static void execute(napi_env env, void *data) {
       if (w->ret == -ENOENT) w->ret = 0;
     }
     break;
-  }
-  case W_LOCK_OWNERS: {
-    rbd_lock_mode_t mode;
-    size_t max = 8;
-    w->owners = calloc(max, sizeof(char *));
-    if (!w->owners) {
-      w->ret = -ENOMEM;
-      break;
-    }
-    w->ret = rbd_lock_get_owners(img->image, &mode, w->owners, &max);
-    w->stage = "rbd_lock_get_owners";
-    /* ENOENT: nobody holds the lock; that is an answer (an empty list), not an error. */
-    if (w->ret == -ENOENT) {
-      w->ret = 0;
-      max = 0;
-    }
-    w->n_owners = w->ret >= 0 ? max : 0;
+  case W_LOCK_OWNERS:
+    w->ret = get_lock_owners(img, w);
     break;
-  }
   }
 }
 
